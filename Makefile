@@ -1,0 +1,36 @@
+# Two commands a newcomer needs (see README.md):
+#   make test    set up .venv on a fresh machine and run the CPU test suite
+#   make bench   run the layer benchmark
+# Variables: PYTEST_ARGS (extra pytest arguments, e.g. -m "not multiprocess"),
+# REQUIRE_TESTS=1 (CI: a selection that collects no test fails instead of passing loudly).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
+
+.PHONY: setup test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, on its own: on CPU machines a local CPU wheel satisfies the pin.
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+test: setup
+	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then \
+	  echo "NOTE: pytest collected no tests for PYTEST_ARGS='$(PYTEST_ARGS)' (exit 5): nothing was tested."; \
+	  if [ "$(REQUIRE_TESTS)" = "1" ]; then exit 1; else exit 0; fi; \
+	fi; exit $$rc
+
+bench: setup
+	$(PY) benchmarks/bench_layer.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,164 @@
+"""Model configuration: megatron-core's TransformerConfig plus the HyperMoE sizes.
+
+One dataclass drives the whole model. ``moe_type`` picks the MLP of every layer:
+
+- ``hypermoe``: megatron-core's MoE layer plus the HyperExpert (this project);
+- ``moe``: megatron-core's own MoE layer, the same model without the hyper path;
+- ``dense``: megatron-core's dense MLP.
+
+Sizes use the paper's names in comments (r, d_g, d_e, d_p, d_h, d_l) and Megatron-style names as
+fields, matching the ``--hyper-*`` command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+MOE_TYPES = ("hypermoe", "moe", "dense")
+HYPER_EXPERT_IMPLS = ("auto", "grouped", "factored", "naive")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message is one line naming the fix."""
+
+
+@dataclass
+class HyperMoEConfig(TransformerConfig):
+    moe_type: str = "hypermoe"
+
+    hyper_adapter_dim: int = 64  # r: HyperExpert bottleneck
+    hyper_hidden_size: int = 128  # d_g: hypernetwork hidden size
+    hyper_expert_embedding_dim: int = 128  # d_e: per-layer expert embedding
+    hyper_selection_hidden_size: int = 128  # d_p: selection MLP hidden size
+    hyper_selection_output_size: int = 128  # d_h: selection MLP output size
+    hyper_layer_embedding_dim: int = 10  # d_l: layer embedding in the shared hypernetwork
+
+    # How the HyperExpert is computed. "auto" picks "grouped" (one generated HyperExpert per
+    # distinct selected set, applied as a grouped matmul) unless distinct sets exceed
+    # hyper_factored_min_sets_fraction of the tokens, then "factored". "naive" is the paper's
+    # per-token form, kept as the reference the fast forms are tested against.
+    hyper_expert_impl: str = "auto"
+    hyper_factored_min_sets_fraction: float = 0.5
+
+    def __post_init__(self):
+        self._validate_hypermoe_fields()
+        super().__post_init__()
+
+    def _validate_hypermoe_fields(self):
+        if self.moe_type not in MOE_TYPES:
+            raise ConfigError(f"moe_type={self.moe_type!r} is not one of {', '.join(MOE_TYPES)}")
+        if self.moe_type == "dense":
+            if self.num_moe_experts is not None:
+                raise ConfigError(
+                    "moe_type='dense' takes no experts: drop num_moe_experts or use moe_type='moe'"
+                )
+            return
+        if self.num_moe_experts is None or self.num_moe_experts < 1:
+            raise ConfigError(
+                f"moe_type={self.moe_type!r} needs num_moe_experts >= 1 "
+                f"(got {self.num_moe_experts})"
+            )
+        if not 1 <= self.moe_router_topk <= self.num_moe_experts:
+            raise ConfigError(
+                f"moe_router_topk={self.moe_router_topk} must be between 1 and "
+                f"num_moe_experts={self.num_moe_experts}"
+            )
+        if self.moe_type != "hypermoe":
+            return
+        for name in (
+            "hyper_adapter_dim",
+            "hyper_hidden_size",
+            "hyper_expert_embedding_dim",
+            "hyper_selection_hidden_size",
+            "hyper_selection_output_size",
+            "hyper_layer_embedding_dim",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        if self.hyper_expert_impl not in HYPER_EXPERT_IMPLS:
+            raise ConfigError(
+                f"hyper_expert_impl={self.hyper_expert_impl!r} is not one of "
+                f"{', '.join(HYPER_EXPERT_IMPLS)}"
+            )
+        if not 0.0 < self.hyper_factored_min_sets_fraction <= 1.0:
+            raise ConfigError(
+                f"hyper_factored_min_sets_fraction={self.hyper_factored_min_sets_fraction} "
+                "must be in (0, 1]"
+            )
+
+
+def default_architecture() -> dict:
+    """RMSNorm, SwiGLU, no linear biases: a `moe` model maps one-to-one onto Mixtral.
+
+    RoPE is a GPTModel argument, not a TransformerConfig field; see ``build_gpt_model``.
+    """
+    return dict(
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=1e-2,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+
+
+def make_config(moe_type: str = "hypermoe", **overrides) -> HyperMoEConfig:
+    """Build a validated config with this project's default architecture.
+
+    ``moe_ffn_hidden_size`` defaults to ``ffn_hidden_size``; the expert count is dropped for
+    ``dense`` so one set of overrides builds all three variants.
+    """
+    fields = default_architecture()
+    fields.update(overrides)
+    if moe_type == "dense":
+        fields.pop("num_moe_experts", None)
+        fields.pop("moe_ffn_hidden_size", None)
+    else:
+        fields.setdefault("moe_ffn_hidden_size", fields.get("ffn_hidden_size"))
+        # Top-1 gates need softmax over all experts before top-k (Switch style): a softmax over
+        # the single selected logit would be 1 and give the router no gradient.
+        fields.setdefault("moe_router_pre_softmax", fields.get("moe_router_topk", 2) == 1)
+    return HyperMoEConfig(moe_type=moe_type, **fields)
+
+
+def num_hypermoe_parameters(config: HyperMoEConfig, num_hypermoe_layers: Optional[int] = None):
+    """Parameters HyperMoE adds on top of the plain MoE model, from the sizes alone.
+
+    Returns (per_layer, shared): per_layer is the selection path each HyperMoE layer owns
+    (expert embeddings and selection MLP); shared is the one hypernetwork.
+    """
+    E = config.num_moe_experts
+    d = config.hidden_size
+    r = config.hyper_adapter_dim
+    d_g = config.hyper_hidden_size
+    d_e = config.hyper_expert_embedding_dim
+    d_p = config.hyper_selection_hidden_size
+    d_h = config.hyper_selection_output_size
+    d_l = config.hyper_layer_embedding_dim
+    L = config.num_layers if num_hypermoe_layers is None else num_hypermoe_layers
+    per_layer = E * d_e + (d_e * d_p + d_p) + (d_p * d_h + d_h)
+    shared = (
+        L * d_l  # layer embedding
+        + (d_h + d_l) * d_g + d_g  # fc
+        + d_g * d * r + d * r  # down-weight head
+        + d_g * r + r  # down-bias head
+        + d_g * r * d + r * d  # up-weight head
+        + d_g * d + d  # up-bias head
+    )
+    return per_layer, shared

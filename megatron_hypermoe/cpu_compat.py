@@ -1,0 +1,218 @@
+"""Make megatron-core 0.16.1 run on a machine without CUDA (CPU tensors, gloo collectives).
+
+megatron-core assumes CUDA in six places that a CPU-only model touches. Each patch below is the
+narrowest change that makes that place work on the CPU; nothing here changes behaviour when CUDA is
+available, because :func:`apply_cpu_patches` refuses to run then. The patches are written against
+megatron-core 0.16.1 exactly and refuse any other version, since they replace private functions.
+
+1. ``torch.cuda.current_device()`` is used as a *device* for new tensors (global memory buffer,
+   router, tensor-parallel layers, mappings): return ``torch.device("cpu")``.
+2. The model-parallel RNG tracker stores CUDA generator states: keep CPU generator states.
+3. ``moe_utils`` refers to ``te_general_gemm``, defined only with Transformer Engine: define None.
+4. The all-to-all dispatcher creates a CUDA stream and copies split sizes device-to-host on it:
+   skip the stream, turn the split tensors into numpy arrays.
+5. MoE with tensor parallelism needs sequence parallelism, which the torch norm wrapper refuses:
+   allow it, and all-reduce the norm's gradients over the tensor-parallel group (each rank only
+   saw its slice of the sequence).
+6. gloo cannot ``all_gather`` tensors of different sizes (``_gather_along_first_dim`` with split
+   sizes, used with expert tensor parallelism): pad to the largest, gather, trim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+SUPPORTED_MEGATRON_CORE_VERSION = "0.16.1"
+
+_applied = False
+
+
+def megatron_core_version() -> str:
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def cpu_patches_applied() -> bool:
+    return _applied
+
+
+def apply_cpu_patches() -> bool:
+    """Apply all six patches once. Returns True if they are (now) applied, False with CUDA."""
+    global _applied
+    if _applied:
+        return True
+    if torch.cuda.is_available():
+        return False
+    version = megatron_core_version()
+    if version != SUPPORTED_MEGATRON_CORE_VERSION:
+        raise RuntimeError(
+            f"megatron_hypermoe's CPU patches are written for megatron-core=="
+            f"{SUPPORTED_MEGATRON_CORE_VERSION}, found {version}: "
+            f"pip install megatron-core=={SUPPORTED_MEGATRON_CORE_VERSION}"
+        )
+    _patch_current_device()
+    _patch_rng_tracker()
+    _patch_te_general_gemm()
+    _patch_alltoall_dispatcher()
+    _patch_torch_norm_sequence_parallel()
+    _patch_uneven_all_gather()
+    _applied = True
+    return True
+
+
+# 1 ------------------------------------------------------------------------------------------------
+def _cpu_current_device():
+    return torch.device("cpu")
+
+
+def _patch_current_device():
+    torch.cuda.current_device = _cpu_current_device
+
+
+# 2 ------------------------------------------------------------------------------------------------
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _make_cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """The same named, seeded streams as megatron's tracker, kept as CPU generator states."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+
+    return CpuRNGStatesTracker
+
+
+def _patch_rng_tracker():
+    from megatron.core.tensor_parallel import random as mp_random
+
+    mp_random._get_cuda_rng_state = _cpu_get_rng_state
+    mp_random._set_cuda_rng_state = _cpu_set_rng_state
+    # initialize_rng_tracker looks the class up by this module-level name.
+    mp_random.CudaRNGStatesTracker = _make_cpu_rng_tracker_class()
+    mp_random.initialize_rng_tracker(force_reset=True)
+
+
+# 3 ------------------------------------------------------------------------------------------------
+def _patch_te_general_gemm():
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+# 4 ------------------------------------------------------------------------------------------------
+def _to_numpy_if_tensor(value):
+    return value.numpy() if torch.is_tensor(value) else value
+
+
+def _cpu_maybe_dtoh_and_synchronize(self, point, tokens_per_expert=None):
+    # Same bookkeeping as the CUDA version, minus the side stream and the event.
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        self.input_splits = _to_numpy_if_tensor(self.input_splits)
+        self.output_splits = _to_numpy_if_tensor(self.output_splits)
+        self.output_splits_tp = _to_numpy_if_tensor(self.output_splits_tp)
+    return tokens_per_expert
+
+
+def _patch_alltoall_dispatcher():
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    # __init__ creates the shared stream only while this class attribute is None.
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "cpu: no stream"
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _cpu_maybe_dtoh_and_synchronize
+
+
+# 5 ------------------------------------------------------------------------------------------------
+def _allreduce_grad_over_tp(grad: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if torch.distributed.get_world_size(group) > 1:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)
+    return grad
+
+
+def _patch_torch_norm_sequence_parallel():
+    from megatron.core.transformer import torch_norm
+
+    original_new = torch_norm.WrappedTorchNorm.__new__
+    if getattr(original_new, "_hypermoe_cpu_patch", False):
+        return
+
+    @functools.wraps(original_new)
+    def new_allowing_sequence_parallel(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, *args, **kwargs)
+        # Build with sequence_parallel hidden from the assertion, then restore it.
+        config.sequence_parallel = False
+        try:
+            norm = original_new(cls, config, *args, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for param in norm.parameters():
+            param.sequence_parallel = True
+            param.register_hook(_allreduce_grad_over_tp)
+        return norm
+
+    new_allowing_sequence_parallel._hypermoe_cpu_patch = True
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(new_allowing_sequence_parallel)
+
+
+# 6 ------------------------------------------------------------------------------------------------
+def _gather_uneven_along_first_dim(input_, group, output_split_sizes):
+    """All-gather first-dim slices of different sizes with same-size collectives (gloo)."""
+    largest = max(output_split_sizes)
+    padded = input_.new_zeros((largest,) + tuple(input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    gathered = input_.new_empty((largest * len(output_split_sizes),) + tuple(input_.shape[1:]))
+    torch.distributed.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
+    slices = [gathered[i * largest : i * largest + n] for i, n in enumerate(output_split_sizes)]
+    return torch.cat(slices, dim=0)
+
+
+def _patch_uneven_all_gather():
+    from megatron.core.tensor_parallel import mappings
+
+    original = mappings._gather_along_first_dim
+    if getattr(original, "_hypermoe_cpu_patch", False):
+        return
+
+    @functools.wraps(original)
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        return _gather_uneven_along_first_dim(input_, group, list(output_split_sizes))
+
+    gather_along_first_dim._hypermoe_cpu_patch = True
+    mappings._gather_along_first_dim = gather_along_first_dim

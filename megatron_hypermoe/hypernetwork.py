@@ -1,0 +1,117 @@
+"""The two learned pieces of HyperMoE's side path.
+
+``ExpertSelectionEmbedding`` (one per HyperMoE layer): expert embeddings Emb_l [E, d_e] and the
+selection MLP d_e -> d_p -> d_h. It turns "which experts did this token NOT select" into z.
+
+``HyperNetwork`` (ONE per model, shared by every HyperMoE layer): the layer embedding table and the
+network that maps concat(z, LayerEmb[l]) to a hidden code h [d_g]; four linear heads read the
+HyperExpert's weights off h. The heads are exposed as modules, not only as a "generate" call,
+because the fast forms in :mod:`megatron_hypermoe.hyper_expert` contract with their weights
+directly instead of generating per-token matrices.
+
+Initialisation: the four heads use the paper's "hyperfanin" uniform init scaled by 1e-3 with zero
+biases, so the HyperExpert output starts near zero and HyperMoE starts as the plain MoE. Every
+other weight uses megatron's ``config.init_method`` (normal, std ``init_method_std``), biases zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megatron_hypermoe.config import HyperMoEConfig
+
+HYPERFANIN_SCALE = 1e-3
+
+
+def _linear(in_features: int, out_features: int, config: HyperMoEConfig) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=True, dtype=config.params_dtype)
+    with torch.no_grad():
+        config.init_method(layer.weight)
+        layer.bias.zero_()
+    return layer
+
+
+def _hyperfanin_(layer: nn.Linear, bound_fan_in: int) -> None:
+    bound = HYPERFANIN_SCALE * math.sqrt(3.0 / bound_fan_in)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound)
+        layer.bias.zero_()
+
+
+class ExpertSelectionEmbedding(nn.Module):
+    """Per-layer: z = fc2(relu(fc1(s))), s = sum of the unselected experts' embeddings."""
+
+    def __init__(self, config: HyperMoEConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(
+            config.num_moe_experts, config.hyper_expert_embedding_dim, dtype=config.params_dtype
+        )
+        with torch.no_grad():
+            config.init_method(self.embedding.weight)
+        self.fc1 = _linear(
+            config.hyper_expert_embedding_dim, config.hyper_selection_hidden_size, config
+        )
+        self.fc2 = _linear(
+            config.hyper_selection_hidden_size, config.hyper_selection_output_size, config
+        )
+
+    def selection_embedding(self, routing_map: torch.Tensor) -> torch.Tensor:
+        """s = (1 - routing_map) @ Emb_l for a [N, E] boolean map of selected experts."""
+        unselected = (~routing_map).to(self.embedding.weight.dtype)
+        return unselected @ self.embedding.weight
+
+    def forward(self, routing_map: torch.Tensor) -> torch.Tensor:
+        s = self.selection_embedding(routing_map)
+        return self.fc2(torch.relu(self.fc1(s)))
+
+
+class HyperNetwork(nn.Module):
+    """Shared by all HyperMoE layers: (z, layer index) -> hidden code h, plus four weight heads.
+
+    Head layout (the Hugging Face export keeps it): ``down_weight`` has d*r outputs viewed as
+    W_down [d, r]; ``up_weight`` has r*d outputs viewed as W_up [r, d]; ``down_bias`` [r];
+    ``up_bias`` [d].
+    """
+
+    def __init__(self, config: HyperMoEConfig):
+        super().__init__()
+        d = config.hidden_size
+        r = config.hyper_adapter_dim
+        d_g = config.hyper_hidden_size
+        d_h = config.hyper_selection_output_size
+        d_l = config.hyper_layer_embedding_dim
+        self.hidden_size = d
+        self.adapter_dim = r
+
+        self.layer_embedding = nn.Embedding(config.num_layers, d_l, dtype=config.params_dtype)
+        with torch.no_grad():
+            config.init_method(self.layer_embedding.weight)
+        self.fc = _linear(d_h + d_l, d_g, config)
+
+        self.down_weight = nn.Linear(d_g, d * r, dtype=config.params_dtype)
+        self.down_bias = nn.Linear(d_g, r, dtype=config.params_dtype)
+        self.up_weight = nn.Linear(d_g, r * d, dtype=config.params_dtype)
+        self.up_bias = nn.Linear(d_g, d, dtype=config.params_dtype)
+        _hyperfanin_(self.down_weight, d_g * d)
+        _hyperfanin_(self.up_weight, d_g * r)
+        _hyperfanin_(self.down_bias, d_g)
+        _hyperfanin_(self.up_bias, d_g)
+
+    def hidden(self, z: torch.Tensor, layer_index: int) -> torch.Tensor:
+        """h = relu(fc(concat(z, LayerEmb[layer_index]))) for z [N, d_h] -> [N, d_g]."""
+        layer = self.layer_embedding.weight[layer_index].expand(z.shape[0], -1)
+        return torch.relu(self.fc(torch.cat([z, layer], dim=-1)))
+
+    def generate(self, h: torch.Tensor):
+        """Materialise HyperExperts for codes h [N, d_g]: W_down [N,d,r], b_down [N,r],
+        W_up [N,r,d], b_up [N,d]. Only for few codes (distinct sets) or the naive reference."""
+        n, d, r = h.shape[0], self.hidden_size, self.adapter_dim
+        return (
+            self.down_weight(h).view(n, d, r),
+            self.down_bias(h),
+            self.up_weight(h).view(n, r, d),
+            self.up_bias(h),
+        )

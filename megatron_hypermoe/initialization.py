@@ -1,0 +1,102 @@
+"""Initialise every parameter from its GLOBAL identity, so one seed gives one model in any layout.
+
+megatron-core draws weights from per-rank RNG streams, so the same seed gives different models
+under different tensor/expert-parallel layouts. Here each parameter is drawn whole from a
+generator seeded by (seed, global name), where the global name numbers experts by global expert
+id, and then the local shard is cut out. EP=2 and EP=1 runs therefore start from identical
+weights, which is what makes layout-equivalence checks (and layout comparisons by users) possible.
+
+The distributions follow megatron's defaults: normal(0, init_method_std) for weights,
+normal(0, init_method_std / sqrt(2 * num_layers)) for the output projections of attention and
+MLP, ones for norm weights, zeros for biases; the HyperNetwork's four heads keep the paper's
+hyperfanin init.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_hypermoe.config import HyperMoEConfig
+from megatron_hypermoe.hypernetwork import HYPERFANIN_SCALE
+
+_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
+_HYPERNET_HEAD = re.compile(r"hypernetwork\.(down_weight|down_bias|up_weight|up_bias)\.weight$")
+_OUTPUT_PROJECTION = re.compile(r"(linear_proj|linear_fc2)\.weight$")
+
+
+def global_parameter_name(name: str, num_local_experts: int, ep_rank: int) -> str:
+    """Rename local expert i on EP rank p to global expert p * num_local_experts + i."""
+
+    def to_global(match):
+        return f".local_experts.{ep_rank * num_local_experts + int(match.group(1))}."
+
+    return _LOCAL_EXPERT.sub(to_global, name)
+
+
+def _name_seed(seed: int, global_name: str) -> int:
+    return zlib.crc32(f"{seed}:{global_name}".encode()) & 0x7FFFFFFF
+
+
+def _full_shape(param: torch.nn.Parameter, tp_size: int):
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp_size
+    return shape
+
+
+def _draw(global_name: str, shape, config: HyperMoEConfig, generator) -> torch.Tensor:
+    if global_name.endswith(".bias"):
+        return torch.zeros(shape)
+    if "layernorm" in global_name or global_name.endswith("norm.weight"):
+        return torch.ones(shape)
+    head = _HYPERNET_HEAD.search(global_name)
+    if head:
+        fan = {
+            "down_weight": config.hyper_hidden_size * config.hidden_size,
+            "up_weight": config.hyper_hidden_size * config.hyper_adapter_dim,
+            "down_bias": config.hyper_hidden_size,
+            "up_bias": config.hyper_hidden_size,
+        }[head.group(1)]
+        bound = HYPERFANIN_SCALE * math.sqrt(3.0 / fan)
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+    std = config.init_method_std
+    if _OUTPUT_PROJECTION.search(global_name):
+        std = std / math.sqrt(2.0 * config.num_layers)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def _local_shard(full: torch.Tensor, param, tp_size: int, tp_rank: int, gated: bool, name: str):
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return full
+    dim = param.partition_dim
+    if gated and name.endswith("linear_fc1.weight"):
+        # SwiGLU fc1 is [gate; up]; each rank holds [gate_shard; up_shard].
+        halves = torch.chunk(full, 2, dim=dim)
+        return torch.cat([torch.chunk(h, tp_size, dim=dim)[tp_rank] for h in halves], dim=dim)
+    return torch.chunk(full, tp_size, dim=dim)[tp_rank]
+
+
+@torch.no_grad()
+def initialize_from_global_names(model: torch.nn.Module, config: HyperMoEConfig, seed: int):
+    """Overwrite every parameter of ``model`` from (seed, global name); layout-independent."""
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    ep_size = parallel_state.get_expert_model_parallel_world_size()
+    num_local_experts = (config.num_moe_experts or ep_size) // ep_size
+    for name, param in model.named_parameters():
+        global_name = global_parameter_name(name, num_local_experts, ep_rank)
+        is_expert = not getattr(param, "allreduce", True)
+        if is_expert:
+            tp_size = parallel_state.get_expert_tensor_parallel_world_size()
+            tp_rank = parallel_state.get_expert_tensor_parallel_rank()
+        else:
+            tp_size = parallel_state.get_tensor_model_parallel_world_size()
+            tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        generator = torch.Generator().manual_seed(_name_seed(seed, global_name))
+        full = _draw(global_name, _full_shape(param, tp_size), config, generator)
+        shard = _local_shard(full, param, tp_size, tp_rank, config.gated_linear_unit, name)
+        param.copy_(shard.to(param.dtype))

@@ -1,0 +1,96 @@
+"""GPT models with HyperMoE, MoE or dense MLPs, built from megatron-core's layer specs.
+
+``get_layer_spec(config)`` returns megatron-core's local (torch-only) GPT layer spec with the MLP
+chosen by ``config.moe_type``; for ``hypermoe`` it swaps megatron's MoELayer for HyperMoELayer and
+leaves every other submodule alone. ``build_gpt_model`` builds the GPTModel (RoPE positions) and,
+for ``hypermoe``, the one shared hypernetwork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+import torch
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_hypermoe.config import HyperMoEConfig
+from megatron_hypermoe.hypermoe_layer import HyperMoELayer
+from megatron_hypermoe.hypernetwork import HyperNetwork
+
+
+def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
+    num_experts = None if config.moe_type == "dense" else config.num_moe_experts
+    spec = get_gpt_layer_local_spec(
+        num_experts=num_experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=config.qk_layernorm,
+        normalization=config.normalization,
+    )
+    if config.moe_type != "hypermoe":
+        return spec
+    mlp = dataclasses.replace(spec.submodules.mlp, module=HyperMoELayer)
+    return dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp)
+    )
+
+
+class HyperMoEGPTModel(GPTModel):
+    """GPTModel that owns the hypernetwork shared by all its HyperMoE layers."""
+
+    def __init__(self, config: HyperMoEConfig, **gpt_kwargs):
+        super().__init__(config=config, **gpt_kwargs)
+        self.hypernetwork = HyperNetwork(config)
+        for layer in self.hypermoe_layers():
+            layer.attach_hypernetwork(self.hypernetwork)
+
+    def hypermoe_layers(self):
+        return [m for m in self.modules() if isinstance(m, HyperMoELayer)]
+
+
+class _DropUnknownMlpWarning(logging.Filter):
+    # TransformerLayer warns "Unknown MLP type" for any MoELayer subclass and then builds it with
+    # the default process groups, which is what we want: silence only that line.
+    def filter(self, record):
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+@contextlib.contextmanager
+def _quiet_unknown_mlp_warning():
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    log_filter = _DropUnknownMlpWarning()
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)
+
+
+def build_gpt_model(config: HyperMoEConfig, vocab_size: int, max_sequence_length: int,
+                    **gpt_kwargs) -> GPTModel:
+    """Build the model for ``config.moe_type``. Needs megatron's parallel state initialised."""
+    kwargs = dict(
+        transformer_layer_spec=get_layer_spec(config),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length,
+        position_embedding_type="rope",
+        share_embeddings_and_output_weights=False,
+    )
+    kwargs.update(gpt_kwargs)
+    if config.moe_type == "hypermoe":
+        with _quiet_unknown_mlp_warning():
+            return HyperMoEGPTModel(config, **kwargs)
+    return GPTModel(config=config, **kwargs)
+
+
+def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:
+    """megatron's [1, 1, s, s] boolean mask, True where attention is NOT allowed.
+
+    Pass it explicitly: without a mask megatron-core builds its default on "cuda".
+    """
+    ones = torch.ones(seq_length, seq_length, dtype=torch.bool, device=device)
+    return torch.triu(ones, diagonal=1).view(1, 1, seq_length, seq_length)

@@ -1,0 +1,67 @@
+"""Start torch.distributed and megatron-core's parallel state, on GPU (NCCL) or CPU (gloo).
+
+Works for plain ``python`` (one process, no launcher), ``torchrun`` and the ``deepspeed``
+launcher, which all describe the job through RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_hypermoe.cpu_compat import apply_cpu_patches
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize_distributed(tensor_model_parallel_size: int = 1,
+                           expert_model_parallel_size: int = 1,
+                           seed: int = 1234) -> None:
+    """Initialise the process group (if needed), megatron's parallel groups and RNG streams."""
+    apply_cpu_patches()
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            init_method = "env://"
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        else:
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+            rank, world_size = 0, 1
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
+        )
+    world_size = dist.get_world_size()
+    model_parallel = tensor_model_parallel_size * expert_model_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor-model-parallel size "
+            f"{tensor_model_parallel_size} x expert-model-parallel size "
+            f"{expert_model_parallel_size}: change the process count or the parallel sizes"
+        )
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

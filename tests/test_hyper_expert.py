@@ -1,0 +1,209 @@
+"""The HyperExpert computation on its own: selection embedding, fast forms vs the paper's form."""
+
+import itertools
+
+import pytest
+import torch
+
+from megatron_hypermoe.hyper_expert import distinct_selected_sets, hyper_expert_output
+from megatron_hypermoe.hypernetwork import ExpertSelectionEmbedding, HyperNetwork
+from tests.model_factory import tiny_config
+
+
+def random_routing_map(num_tokens, num_experts, topk, generator, num_patterns=None):
+    """[T, E] boolean map with exactly topk experts per token; optionally drawn from a few
+    patterns so that only num_patterns distinct sets occur."""
+    scores = torch.rand(num_patterns or num_tokens, num_experts, generator=generator)
+    chosen = scores.topk(topk, dim=1).indices
+    patterns = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, chosen, True)
+    if num_patterns is None:
+        return patterns
+    pick = torch.randint(0, num_patterns, (num_tokens,), generator=generator)
+    return patterns[pick]
+
+
+def hyper_parts(num_experts, topk, hidden=24, seed=0, randomize_heads=True):
+    torch.manual_seed(seed)
+    config = tiny_config(
+        num_moe_experts=num_experts, moe_router_topk=topk, hidden_size=hidden,
+        num_attention_heads=4, params_dtype=torch.float32,
+    )
+    selection = ExpertSelectionEmbedding(config)
+    hypernet = HyperNetwork(config)
+    if randomize_heads:
+        # The 1e-3 hyperfanin init makes y_hyper ~0; compare the forms at a scale that tests them.
+        with torch.no_grad():
+            for p in hypernet.parameters():
+                p.normal_(0, 0.3)
+            for p in selection.parameters():
+                p.normal_(0, 0.3)
+    return config, selection, hypernet
+
+
+def output_and_grads(impl, x, routing_map, selection, hypernet, layer_index=1):
+    x = x.clone().requires_grad_(True)
+    modules = [selection, hypernet]
+    for module in modules:
+        module.zero_grad(set_to_none=True)
+    y = hyper_expert_output(x, routing_map, selection, hypernet, layer_index, impl=impl)
+    weights = torch.linspace(-1, 1, y.numel()).view_as(y)  # a loss that weighs every output
+    (y * weights).sum().backward()
+    grads = {"x": x.grad.clone()}
+    for prefix, module in zip(("selection", "hypernet"), modules):
+        for name, p in module.named_parameters():
+            grads[f"{prefix}.{name}"] = p.grad.clone()
+    return y.detach(), grads
+
+
+def assert_close_relative(actual, expected, rtol=1e-5, what=""):
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol}"
+
+
+# Invariant 3 --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("num_experts,topk", [(4, 1), (6, 2), (5, 5)])
+def test_selection_embedding_is_sum_over_unselected_experts(num_experts, topk):
+    _, selection, _ = hyper_parts(num_experts, topk)
+    routing_map = random_routing_map(20, num_experts, topk, torch.Generator().manual_seed(3))
+    s = selection.selection_embedding(routing_map)
+    emb = selection.embedding.weight
+    for t in range(routing_map.shape[0]):
+        brute = torch.zeros(emb.shape[1])
+        for j in range(num_experts):
+            if not routing_map[t, j]:
+                brute = brute + emb[j]
+        torch.testing.assert_close(s[t], brute, rtol=1e-6, atol=1e-6)
+    if topk == num_experts:
+        assert torch.count_nonzero(s) == 0
+
+
+def test_top1_selection_embedding_is_total_minus_selected():
+    _, selection, _ = hyper_parts(8, 1)
+    routing_map = random_routing_map(16, 8, 1, torch.Generator().manual_seed(1))
+    emb = selection.embedding.weight
+    expected = emb.sum(0) - emb[routing_map.float().argmax(1)]
+    torch.testing.assert_close(selection.selection_embedding(routing_map), expected)
+
+
+def test_distinct_selected_sets_reconstructs_routing_map():
+    generator = torch.Generator().manual_seed(0)
+    for num_experts in (4, 70):  # bit-key path and the unique-rows path
+        routing_map = random_routing_map(50, num_experts, 2, generator, num_patterns=7)
+        sets, inverse = distinct_selected_sets(routing_map)
+        assert torch.equal(sets[inverse], routing_map)
+        assert sets.shape[0] == len({tuple(r.tolist()) for r in routing_map})
+
+
+# Invariant 4 --------------------------------------------------------------------------------------
+CASES = {
+    # name: (experts, topk, tokens, distinct patterns or None for "every token its own draw")
+    "top1-few-sets": (8, 1, 64, 3),
+    "top1-all-sets": (8, 1, 64, None),
+    "top2-few-sets": (8, 2, 64, 5),
+    "top2-many-sets": (16, 2, 48, None),
+    "top4-many-sets": (16, 4, 40, None),
+}
+
+
+@pytest.mark.parametrize("impl", ["grouped", "factored", "auto"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_forms_equal_naive_outputs_and_every_gradient(impl, case):
+    num_experts, topk, tokens, patterns = CASES[case]
+    _, selection, hypernet = hyper_parts(num_experts, topk)
+    generator = torch.Generator().manual_seed(11)
+    routing_map = random_routing_map(tokens, num_experts, topk, generator, patterns)
+    x = torch.randn(tokens, 24, generator=generator)
+
+    y_ref, grads_ref = output_and_grads("naive", x, routing_map, selection, hypernet)
+    y, grads = output_and_grads(impl, x, routing_map, selection, hypernet)
+
+    assert y_ref.abs().max() > 1e-2, "test scale too small to compare anything"
+    assert_close_relative(y, y_ref, what="output")
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert grads_ref[name].abs().max() > 0 or name.startswith("selection.embedding"), name
+        assert_close_relative(grads[name], grads_ref[name], what=f"grad {name}")
+
+
+def test_auto_picks_grouped_for_few_sets_and_factored_for_many(monkeypatch):
+    import megatron_hypermoe.hyper_expert as he
+
+    _, selection, hypernet = hyper_parts(16, 4)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 24, generator=generator)
+    used = []
+    monkeypatch.setattr(he, "_apply_grouped", lambda *a: used.append("grouped") or a[0])
+    monkeypatch.setattr(he, "_apply_factored", lambda *a: used.append("factored") or a[0])
+    few = random_routing_map(40, 16, 4, generator, num_patterns=3)
+    many = random_routing_map(40, 16, 4, generator)
+    he.hyper_expert_output(x, few, selection, hypernet, 0, impl="auto")
+    he.hyper_expert_output(x, many, selection, hypernet, 0, impl="auto")
+    assert used == ["grouped", "factored"]
+
+
+# Invariant 7 --------------------------------------------------------------------------------------
+def test_same_selected_set_in_two_layers_gives_different_hyperexperts():
+    config, selection, hypernet = hyper_parts(4, 1, randomize_heads=False)
+    routing_map = torch.tensor([[True, False, False, False]])
+    z = selection(routing_map)  # the same per-layer selection output in both layers
+    w0 = hypernet.generate(hypernet.hidden(z, 0))
+    w1 = hypernet.generate(hypernet.hidden(z, 1))
+    assert not torch.equal(w0[0], w1[0])
+    assert not torch.equal(w0[2], w1[2])
+    # ...and only because of the layer embedding: equal rows give equal HyperExperts.
+    with torch.no_grad():
+        hypernet.layer_embedding.weight[1] = hypernet.layer_embedding.weight[0]
+    w1_same = hypernet.generate(hypernet.hidden(z, 1))
+    for a, b in zip(w0, w1_same):
+        assert torch.equal(a, b)
+
+
+# Invariant 6 (the shared hypernetwork's gradient sums over layers) --------------------------------
+def test_shared_hypernetwork_gradient_is_sum_over_layers():
+    config, selection0, hypernet = hyper_parts(6, 2)
+    _, selection1, _ = hyper_parts(6, 2, seed=1)
+    generator = torch.Generator().manual_seed(5)
+    maps = [random_routing_map(30, 6, 2, generator) for _ in range(2)]
+    xs = [torch.randn(30, 24, generator=generator) for _ in range(2)]
+    selections = [selection0, selection1]
+
+    def grads(layers):
+        hypernet.zero_grad(set_to_none=True)
+        total = sum(
+            hyper_expert_output(xs[l], maps[l], selections[l], hypernet, l).square().sum()
+            for l in layers
+        )
+        total.backward()
+        return {n: p.grad.clone() for n, p in hypernet.named_parameters()}
+
+    both, only0, only1 = grads([0, 1]), grads([0]), grads([1])
+    for name in both:
+        torch.testing.assert_close(both[name], only0[name] + only1[name], rtol=1e-5, atol=1e-7)
+    # Each layer touches only its own row of the layer embedding.
+    assert only0["layer_embedding.weight"][1].abs().max() == 0
+    assert only1["layer_embedding.weight"][0].abs().max() == 0
+
+
+def test_expert_embedding_rows_get_gradient_only_when_unselected_by_some_token():
+    _, selection, hypernet = hyper_parts(5, 2)
+    # Expert 0 is selected by every token; expert 4 by none; 1..3 by some.
+    routing_map = torch.zeros(12, 5, dtype=torch.bool)
+    routing_map[:, 0] = True
+    for t in range(12):
+        routing_map[t, 1 + t % 3] = True
+    x = torch.randn(12, 24)
+    hyper_expert_output(x, routing_map, selection, hypernet, 0, impl="grouped").sum().backward()
+    row_grad = selection.embedding.weight.grad.abs().sum(1)
+    assert row_grad[0] == 0
+    assert all(row_grad[j] > 0 for j in range(1, 5))
+
+
+@pytest.mark.parametrize("num_experts,topk", list(itertools.product([4], [1, 2])))
+def test_hyperfanin_init_makes_hyper_output_tiny(num_experts, topk):
+    _, selection, hypernet = hyper_parts(num_experts, topk, randomize_heads=False)
+    routing_map = random_routing_map(32, num_experts, topk, torch.Generator().manual_seed(0))
+    x = torch.randn(32, 24)
+    y = hyper_expert_output(x, routing_map, selection, hypernet, 0)
+    assert y.abs().max() < 1e-3 * x.abs().max()
+    assert y.abs().max() > 0
