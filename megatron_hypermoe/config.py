@@ -126,14 +126,15 @@ def make_config(moe_type: str = "hypermoe", **overrides) -> HyperMoEConfig:
     """
     fields = default_architecture()
     fields.update(overrides)
+    # Top-1 gates need softmax over all experts before top-k (Switch style): a softmax over the
+    # single selected logit would be 1 and give the router no gradient. (megatron-core checks
+    # this even for dense models.)
+    fields.setdefault("moe_router_pre_softmax", fields.get("moe_router_topk", 2) == 1)
     if moe_type == "dense":
         fields.pop("num_moe_experts", None)
         fields.pop("moe_ffn_hidden_size", None)
     else:
         fields.setdefault("moe_ffn_hidden_size", fields.get("ffn_hidden_size"))
-        # Top-1 gates need softmax over all experts before top-k (Switch style): a softmax over
-        # the single selected logit would be 1 and give the router no gradient.
-        fields.setdefault("moe_router_pre_softmax", fields.get("moe_router_topk", 2) == 1)
     return HyperMoEConfig(moe_type=moe_type, **fields)
 
 

@@ -1,0 +1,46 @@
+"""HyperMoEConfig validates on construction with one-line errors."""
+
+import pytest
+
+from megatron_hypermoe.config import ConfigError, HyperMoEConfig, make_config
+from tests.model_factory import TINY
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(moe_router_topk=5), r"moe_router_topk=5 must be between 1 and num_moe_experts=4"),
+    (dict(moe_router_topk=0), r"moe_router_topk=0 must be between 1"),
+    (dict(hyper_adapter_dim=0), r"hyper_adapter_dim=0 must be a positive integer"),
+    (dict(hyper_hidden_size=-3), r"hyper_hidden_size=-3 must be a positive integer"),
+    (dict(hyper_layer_embedding_dim=2.5), r"hyper_layer_embedding_dim=2.5 must be a positive"),
+    (dict(hyper_expert_impl="fast"), r"hyper_expert_impl='fast' is not one of auto, grouped"),
+    (dict(hyper_factored_min_sets_fraction=0), r"must be in \(0, 1\]"),
+])
+def test_bad_hypermoe_values_give_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        make_config("hypermoe", **{**TINY, **overrides})
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_moe_type_and_missing_experts():
+    with pytest.raises(ConfigError, match="moe_type='switch' is not one of hypermoe, moe, dense"):
+        make_config("switch", **TINY)
+    with pytest.raises(ConfigError, match="needs num_moe_experts >= 1"):
+        HyperMoEConfig(moe_type="moe", num_layers=2, hidden_size=32, num_attention_heads=4)
+    with pytest.raises(ConfigError, match="dense' takes no experts"):
+        HyperMoEConfig(moe_type="dense", num_layers=2, hidden_size=32, num_attention_heads=4,
+                       num_moe_experts=4)
+
+
+def test_paper_defaults_and_variants():
+    config = make_config("hypermoe", num_layers=2, hidden_size=32, num_attention_heads=4,
+                         ffn_hidden_size=64, num_moe_experts=8, moe_router_topk=1)
+    sizes = (config.hyper_adapter_dim, config.hyper_hidden_size,
+             config.hyper_expert_embedding_dim, config.hyper_selection_hidden_size,
+             config.hyper_selection_output_size, config.hyper_layer_embedding_dim)
+    assert sizes == (64, 128, 128, 128, 128, 10)
+    assert config.moe_router_pre_softmax  # top-1 routes Switch-style
+    assert config.moe_ffn_hidden_size == 64
+    # The hyper sizes are not checked for the variants that do not use them.
+    assert make_config("moe", **{**TINY, "hyper_adapter_dim": 0}).moe_type == "moe"
+    dense = make_config("dense", **TINY)
+    assert dense.num_moe_experts is None and dense.moe_ffn_hidden_size is None

@@ -1,0 +1,124 @@
+"""Each of the six megatron-core CPU patches, and the guards around them."""
+
+import pytest
+import torch
+
+import megatron_hypermoe.cpu_compat as cpu_compat
+from tests.conftest import run_torchrun
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+
+def test_patches_are_applied_on_this_cpu_machine():
+    assert not torch.cuda.is_available()
+    assert cpu_compat.cpu_patches_applied()
+
+
+def test_refuses_another_megatron_core_version(monkeypatch):
+    from megatron.core import package_info
+
+    monkeypatch.setattr(cpu_compat, "_applied", False)
+    monkeypatch.setattr(package_info, "__version__", "0.17.0")
+    with pytest.raises(RuntimeError, match=r"megatron-core==0\.16\.1.*found 0\.17\.0"):
+        cpu_compat.apply_cpu_patches()
+
+
+def test_does_nothing_when_cuda_is_available(monkeypatch):
+    monkeypatch.setattr(cpu_compat, "_applied", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_compat.apply_cpu_patches() is False
+    assert not cpu_compat.cpu_patches_applied()
+
+
+# 1
+def test_current_device_is_cpu_for_megatron_buffers():
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    assert torch.cuda.current_device() == torch.device("cpu")
+    buffer = GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "test")
+    assert buffer.device.type == "cpu"
+
+
+# 2
+def test_rng_tracker_forks_reproducible_cpu_streams_and_restores_the_default():
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(123)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    torch.manual_seed(0)
+    outer_expected = torch.rand(4)
+    torch.manual_seed(0)
+    with tracker.fork():
+        forked_first = torch.rand(4)
+    outer = torch.rand(4)
+    with tracker.fork():
+        forked_second = torch.rand(4)
+    assert torch.equal(outer, outer_expected), "fork must not disturb the default stream"
+    assert not torch.equal(forked_first, forked_second), "fork must advance its own stream"
+    tensor_parallel.model_parallel_cuda_manual_seed(123)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        assert torch.equal(torch.rand(4), forked_first), "same seed, same stream"
+    torch.manual_seed(1234)
+
+
+def test_activation_checkpointing_replays_dropout_identically():
+    # megatron's checkpoint() saves and restores RNG state through the patched functions.
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(5)
+    x = torch.randn(64, requires_grad=True)
+
+    def dropped(t):
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            return torch.nn.functional.dropout(t, p=0.5, training=True) * t
+
+    torch.manual_seed(3)
+    tensor_parallel.model_parallel_cuda_manual_seed(5)
+    direct = dropped(x)
+    direct.sum().backward()
+    grad_direct = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(3)
+    tensor_parallel.model_parallel_cuda_manual_seed(5)
+    checkpointed = tensor_parallel.checkpoint(dropped, False, x)
+    checkpointed.sum().backward()
+    assert torch.equal(direct, checkpointed)
+    assert torch.equal(grad_direct, x.grad)
+    torch.manual_seed(1234)
+
+
+# 3
+def test_router_gating_linear_runs_without_transformer_engine():
+    from megatron.core.transformer.moe import moe_utils
+
+    assert moe_utils.te_general_gemm is None
+    inp = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(3, 8, requires_grad=True)
+    out = moe_utils.router_gating_linear(inp, weight, None, torch.float32)
+    torch.testing.assert_close(out, inp @ weight.t())
+    out.sum().backward()
+    assert inp.grad is not None and weight.grad is not None
+
+
+# 4
+def test_alltoall_dispatcher_builds_without_cuda_stream_and_runs():
+    # Its EP=2 split handling (numpy splits) runs in test_parallel_equivalence.
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    from tests.model_factory import batch, lm_loss, tiny_model
+
+    assert isinstance(MoEAlltoAllTokenDispatcher.cuda_dtoh_stream, str)
+
+    model, _ = tiny_model("moe", moe_router_topk=2, moe_token_dispatcher_type="alltoall")
+    loss = lm_loss(model, *batch())
+    loss.backward()
+    dispatcher = model.decoder.layers[0].mlp.token_dispatcher
+    assert type(dispatcher).__name__ == "MoEAlltoAllTokenDispatcher"
+    assert torch.isfinite(loss)
+
+
+# 5 and 6
+@pytest.mark.multiprocess
+def test_sequence_parallel_norm_and_uneven_all_gather_over_two_ranks():
+    output = run_torchrun(2, "tp_collectives.py")
+    assert output.count("tp collectives OK") == 2
