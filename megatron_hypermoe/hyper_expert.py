@@ -70,18 +70,58 @@ def hyper_expert_output(x, routing_map, selection: ExpertSelectionEmbedding,
 
 
 def _apply_grouped(x, inverse, w_down, b_down, w_up, b_up):
-    """Token t uses HyperExpert inverse[t]: sort tokens by set, one matmul pair per set."""
-    num_sets = w_down.shape[0]
-    if num_sets == 1:
+    """Token t uses HyperExpert inverse[t]: one matmul pair per distinct set."""
+    if w_down.shape[0] == 1:
         return torch.relu(x @ w_down[0] + b_down[0]) @ w_up[0] + b_up[0]
+    return GroupedHyperExpert.apply(x, inverse, w_down, b_down, w_up, b_up)
+
+
+class GroupedHyperExpert(torch.autograd.Function):
+    """y[t] = relu(x[t] W_down[g] + b_down[g]) W_up[g] + b_up[g] with g = inverse[t].
+
+    Written out by hand so that backward keeps only x (which the MoE path saves anyway), the
+    bottleneck activations [T, r] and the generated weights: autograd would also keep the
+    set-sorted copy of x, about as large as x itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x, inverse, w_down, b_down, w_up, b_up):
+        order, counts = _sort_by_set(inverse, w_down.shape[0])
+        a_chunks, y_chunks = [], []
+        for g, x_g in enumerate(torch.split(x[order], counts)):
+            a_g = torch.relu(torch.addmm(b_down[g], x_g, w_down[g]))
+            a_chunks.append(a_g)
+            y_chunks.append(torch.addmm(b_up[g], a_g, w_up[g]))
+        y = torch.empty_like(x).index_copy_(0, order, torch.cat(y_chunks))
+        ctx.counts = counts
+        ctx.save_for_backward(x, order, torch.cat(a_chunks), w_down, w_up)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, order, a_sorted, w_down, w_up = ctx.saved_tensors
+        counts = ctx.counts
+        grad_w_down, grad_w_up = torch.zeros_like(w_down), torch.zeros_like(w_up)
+        grad_b_down = w_down.new_zeros(w_down.shape[0], w_down.shape[2])
+        grad_b_up = w_up.new_zeros(w_up.shape[0], w_up.shape[2])
+        grad_x_chunks = []
+        chunks = zip(torch.split(x[order], counts), torch.split(grad_y[order], counts),
+                     torch.split(a_sorted, counts))
+        for g, (x_g, grad_y_g, a_g) in enumerate(chunks):
+            grad_w_up[g] = a_g.t() @ grad_y_g
+            grad_b_up[g] = grad_y_g.sum(0)
+            grad_pre = (grad_y_g @ w_up[g].t()) * (a_g > 0)
+            grad_w_down[g] = x_g.t() @ grad_pre
+            grad_b_down[g] = grad_pre.sum(0)
+            grad_x_chunks.append(grad_pre @ w_down[g].t())
+        grad_x = torch.empty_like(x).index_copy_(0, order, torch.cat(grad_x_chunks))
+        return grad_x, None, grad_w_down, grad_b_down, grad_w_up, grad_b_up
+
+
+def _sort_by_set(inverse, num_sets):
     order = torch.argsort(inverse, stable=True)
     counts = torch.bincount(inverse, minlength=num_sets).tolist()
-    outputs = [
-        torch.relu(x_g @ w_down[g] + b_down[g]) @ w_up[g] + b_up[g]
-        for g, x_g in enumerate(torch.split(x[order], counts))
-    ]
-    y_sorted = torch.cat(outputs)
-    return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
+    return order, counts
 
 
 def _apply_factored(x, h, hypernet: HyperNetwork):
@@ -91,13 +131,14 @@ def _apply_factored(x, h, hypernet: HyperNetwork):
     r = hypernet.adapter_dim
     d_g = h.shape[1]
 
-    # x W_down(h): down_weight.weight is [d*r, d_g], row i*r+j -> entry (i, j) of W_down.
-    x_a = (x @ hypernet.down_weight.weight.view(d, r * d_g)).view(num_tokens, r, d_g)
-    pre = torch.bmm(x_a, h.unsqueeze(2)).squeeze(2)
+    # x W_down(h) = sum_g h_g (x A_g): down_weight.weight is [d_g, d*r], output i*r+j -> (i, j).
+    a_down = hypernet.down_weight.weight.view(d_g, d, r).transpose(0, 1).reshape(d, d_g * r)
+    x_a = (x @ a_down).view(num_tokens, d_g, r)
+    pre = torch.bmm(h.unsqueeze(1), x_a).squeeze(1)
     pre = pre + x @ hypernet.down_weight.bias.view(d, r) + hypernet.down_bias(h)
     a = torch.relu(pre)  # [T, r]
 
-    # a W_up(h): up_weight.weight is [r*d, d_g], row i*d+j -> entry (i, j) of W_up.
-    a_up = hypernet.up_weight.weight.view(r, d, d_g).transpose(1, 2).reshape(r * d_g, d)
-    a_outer_h = (a.unsqueeze(2) * h.unsqueeze(1)).reshape(num_tokens, r * d_g)
-    return a_outer_h @ a_up + a @ hypernet.up_weight.bias.view(r, d) + hypernet.up_bias(h)
+    # a W_up(h) = sum_g h_g (a B_g): up_weight.weight is [d_g, r*d], viewed [(g, i), j].
+    h_outer_a = (h.unsqueeze(2) * a.unsqueeze(1)).reshape(num_tokens, d_g * r)
+    y = h_outer_a @ hypernet.up_weight.weight.view(d_g * r, d)
+    return y + a @ hypernet.up_weight.bias.view(r, d) + hypernet.up_bias(h)

@@ -34,11 +34,24 @@ def _linear(in_features: int, out_features: int, config: HyperMoEConfig) -> nn.L
     return layer
 
 
-def _hyperfanin_(layer: nn.Linear, bound_fan_in: int) -> None:
-    bound = HYPERFANIN_SCALE * math.sqrt(3.0 / bound_fan_in)
-    with torch.no_grad():
-        layer.weight.uniform_(-bound, bound)
-        layer.bias.zero_()
+class HyperHead(nn.Module):
+    """A linear head h -> h @ weight + bias whose weight is stored [in, out], not nn.Linear's
+    [out, in]: out is huge (d*r) and the batch tiny (one row per distinct selected set), and in
+    this layout the weight gradient h^T @ grad is a plain row-major product (2-5x faster on CPU
+    than the transposed one nn.Linear needs)."""
+
+    def __init__(self, in_features: int, out_features: int, bound_fan_in: int,
+                 config: HyperMoEConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features,
+                                               dtype=config.params_dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=config.params_dtype))
+        bound = HYPERFANIN_SCALE * math.sqrt(3.0 / bound_fan_in)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, h, self.weight)
 
 
 class ExpertSelectionEmbedding(nn.Module):
@@ -71,9 +84,10 @@ class ExpertSelectionEmbedding(nn.Module):
 class HyperNetwork(nn.Module):
     """Shared by all HyperMoE layers: (z, layer index) -> hidden code h, plus four weight heads.
 
-    Head layout (the Hugging Face export keeps it): ``down_weight`` has d*r outputs viewed as
-    W_down [d, r]; ``up_weight`` has r*d outputs viewed as W_up [r, d]; ``down_bias`` [r];
-    ``up_bias`` [d].
+    Head layout: ``down_weight`` has d*r outputs viewed as W_down [d, r] (output i*r+j is entry
+    (i, j)); ``up_weight`` has r*d outputs viewed as W_up [r, d]; ``down_bias`` [r]; ``up_bias``
+    [d]. Head weights are stored [d_g, outputs] (see HyperHead); the Hugging Face export
+    transposes them to nn.Linear's [outputs, d_g].
     """
 
     def __init__(self, config: HyperMoEConfig):
@@ -91,14 +105,10 @@ class HyperNetwork(nn.Module):
             config.init_method(self.layer_embedding.weight)
         self.fc = _linear(d_h + d_l, d_g, config)
 
-        self.down_weight = nn.Linear(d_g, d * r, dtype=config.params_dtype)
-        self.down_bias = nn.Linear(d_g, r, dtype=config.params_dtype)
-        self.up_weight = nn.Linear(d_g, r * d, dtype=config.params_dtype)
-        self.up_bias = nn.Linear(d_g, d, dtype=config.params_dtype)
-        _hyperfanin_(self.down_weight, d_g * d)
-        _hyperfanin_(self.up_weight, d_g * r)
-        _hyperfanin_(self.down_bias, d_g)
-        _hyperfanin_(self.up_bias, d_g)
+        self.down_weight = HyperHead(d_g, d * r, d_g * d, config)
+        self.down_bias = HyperHead(d_g, r, d_g, config)
+        self.up_weight = HyperHead(d_g, r * d, d_g * r, config)
+        self.up_bias = HyperHead(d_g, d, d_g, config)
 
     def hidden(self, z: torch.Tensor, layer_index: int) -> torch.Tensor:
         """h = relu(fc(concat(z, LayerEmb[layer_index]))) for z [N, d_h] -> [N, d_g]."""

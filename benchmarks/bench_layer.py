@@ -1,0 +1,191 @@
+"""Forward+backward time and activation memory of one MoE layer: HyperMoE (fast, factored, naive)
+against megatron-core's own MoE layer, measured in one run with the same router and experts.
+
+    python benchmarks/bench_layer.py            # table
+    python benchmarks/bench_layer.py --json     # table, then one JSON line (last line)
+
+Activation memory is the bytes autograd saves for backward (parameters excluded), measured with
+saved-tensor hooks, so it is exact and the same on CPU and GPU; on CUDA the peak allocated memory
+is reported as well. Timings are medians over interleaved repetitions: ratios from one run are
+what to compare, these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_hypermoe.config import make_config  # noqa: E402
+from megatron_hypermoe.model import build_gpt_model  # noqa: E402
+from megatron_hypermoe.parallel import destroy_distributed, initialize_distributed  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, ffn_hidden_size=128, num_moe_experts=4, tokens=256,
+                 hyper=dict(hyper_adapter_dim=8, hyper_hidden_size=16,
+                            hyper_expert_embedding_dim=16, hyper_selection_hidden_size=16,
+                            hyper_selection_output_size=16, hyper_layer_embedding_dim=4)),
+    # GPT-2 small's MLP as 8 experts, paper-default hyper sizes (64/128/128/128,128/10).
+    "gpt2": dict(hidden_size=768, ffn_hidden_size=3072, num_moe_experts=8, tokens=2048,
+                 hyper=dict()),
+}
+VARIANTS = ("moe", "hypermoe", "hypermoe-factored", "hypermoe-naive")
+
+
+def build_layers(shape: dict, topk: int, device: torch.device):
+    """The MoE layer and a HyperMoE layer with the same router and expert weights."""
+    common = dict(num_layers=1, hidden_size=shape["hidden_size"],
+                  ffn_hidden_size=shape["ffn_hidden_size"], num_attention_heads=4,
+                  num_moe_experts=shape["num_moe_experts"], moe_router_topk=topk,
+                  moe_aux_loss_coeff=1e-2)
+    moe_model = build_gpt_model(make_config("moe", **common), vocab_size=128,
+                                max_sequence_length=16)
+    hyper_model = build_gpt_model(make_config("hypermoe", **common, **shape["hyper"]),
+                                  vocab_size=128, max_sequence_length=16)
+    hyper_model.load_state_dict(moe_model.state_dict(), strict=False)
+    moe_layer = moe_model.decoder.layers[0].mlp.to(device)
+    hyper_model.hypernetwork.to(device)
+    hyper_layer = hyper_model.decoder.layers[0].mlp.to(device)
+    return moe_layer, hyper_layer, hyper_model
+
+
+class SavedActivationBytes:
+    """Bytes of non-parameter tensors autograd keeps for backward, counted once per storage."""
+
+    def __init__(self, parameters):
+        self.param_storages = {p.untyped_storage().data_ptr() for p in parameters}
+        self.storages = {}
+
+    def pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.param_storages:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def total(self):
+        return sum(self.storages.values())
+
+
+def run_once(layer, x, grad_out, params):
+    counter = SavedActivationBytes(params)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        out, _ = layer(x)
+    out.backward(grad_out)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base if x.is_cuda else None
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    return elapsed, counter.total, peak
+
+
+def bench_case(shape_name, topk, repeats, device):
+    shape = SHAPES[shape_name]
+    moe_layer, hyper_layer, hyper_model = build_layers(shape, topk, device)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape["tokens"], 1, shape["hidden_size"], generator=generator).to(device)
+    x.requires_grad_(True)
+    grad_out = torch.randn(x.shape, generator=generator).to(device)
+    impl_of = {"hypermoe": "auto", "hypermoe-factored": "factored", "hypermoe-naive": "naive"}
+    hyper_params = list(hyper_layer.parameters()) + list(hyper_model.hypernetwork.parameters())
+
+    def run(variant):
+        if variant == "moe":
+            return run_once(moe_layer, x, grad_out, list(moe_layer.parameters()))
+        hyper_layer.config.hyper_expert_impl = impl_of[variant]
+        return run_once(hyper_layer, x, grad_out, hyper_params)
+
+    for variant in VARIANTS:  # warm-up
+        run(variant)
+    times = {v: [] for v in VARIANTS}
+    memory = {}
+    for _ in range(repeats):  # interleaved, so drift hits every variant alike
+        for variant in VARIANTS:
+            elapsed, saved, peak = run(variant)
+            times[variant].append(elapsed)
+            memory[variant] = (saved, peak)
+    rows = []
+    for variant in VARIANTS:
+        rows.append(dict(shape=shape_name, topk=topk, variant=variant,
+                         ms=1000 * statistics.median(times[variant]),
+                         saved_mb=memory[variant][0] / 2**20,
+                         peak_mb=None if memory[variant][1] is None
+                         else memory[variant][1] / 2**20))
+    return rows
+
+
+def summarize(rows):
+    def row(shape, topk, variant):
+        return next(r for r in rows
+                    if (r["shape"], r["topk"], r["variant"]) == (shape, topk, variant))
+
+    gpt2_topks = sorted({r["topk"] for r in rows if r["shape"] == "gpt2"})
+    over_moe, naive_over_fast, extra_mem = [], [], []
+    for topk in gpt2_topks:
+        moe, fast = row("gpt2", topk, "moe"), row("gpt2", topk, "hypermoe")
+        naive = row("gpt2", topk, "hypermoe-naive")
+        over_moe.append(fast["ms"] / moe["ms"])
+        naive_over_fast.append(naive["ms"] / fast["ms"])
+        extra_mem.append(fast["saved_mb"] / moe["saved_mb"] - 1.0)
+    return dict(
+        hypermoe_over_moe_time=max(over_moe),
+        naive_over_fast_time=min(naive_over_fast),
+        hypermoe_extra_memory_fraction=max(extra_mem),
+        cases=[f"gpt2-top{k}" for k in gpt2_topks],
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as last line")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shapes", default="tiny,gpt2")
+    parser.add_argument("--topk", default="1,2")
+    args = parser.parse_args()
+
+    initialize_distributed(seed=0)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    rows = []
+    for shape_name in args.shapes.split(","):
+        for topk in (int(k) for k in args.topk.split(",")):
+            print(f"# {shape_name} top-{topk} ...", file=sys.stderr, flush=True)
+            rows.extend(bench_case(shape_name, topk, args.repeats, device))
+
+    print(f"device: {device} ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"{'shape':6} {'top':>3} {'variant':18} {'fwd+bwd ms':>11} {'x moe':>6} "
+          f"{'saved MB':>9} {'x moe':>6}" + (" peak MB" if device.type == "cuda" else ""))
+    for r in rows:
+        moe = next(m for m in rows if (m["shape"], m["topk"], m["variant"])
+                   == (r["shape"], r["topk"], "moe"))
+        line = (f"{r['shape']:6} {r['topk']:>3} {r['variant']:18} {r['ms']:11.1f} "
+                f"{r['ms'] / moe['ms']:6.2f} {r['saved_mb']:9.1f} "
+                f"{r['saved_mb'] / moe['saved_mb']:6.2f}")
+        if r["peak_mb"] is not None:
+            line += f" {r['peak_mb']:8.1f}"
+        print(line)
+    destroy_distributed()
+    if args.json and any(r["shape"] == "gpt2" for r in rows):
+        summary = summarize(rows)
+        summary["device"] = str(device)
+        summary["rows"] = rows
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
