@@ -1,5 +1,6 @@
 # Two commands a newcomer needs (see README.md):
 #   make test    set up .venv on a fresh machine and run the CPU test suite
+#   make test-gpu the CUDA tests (on a machine with a GPU)
 #   make bench   run the layer benchmark
 # Variables: PYTEST_ARGS (extra pytest arguments, e.g. -m "not multiprocess"),
 # REQUIRE_TESTS=1 (CI: a selection that collects no test fails instead of passing loudly).
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: setup test bench clean
+.PHONY: setup test test-gpu bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,12 +23,16 @@ $(VENV)/.installed: requirements.txt
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# The CPU suite hides any GPU, so it tests the same code paths on every machine.
 test: setup
-	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then \
 	  echo "NOTE: pytest collected no tests for PYTEST_ARGS='$(PYTEST_ARGS)' (exit 5): nothing was tested."; \
 	  if [ "$(REQUIRE_TESTS)" = "1" ]; then exit 1; else exit 0; fi; \
 	fi; exit $$rc
+
+test-gpu: setup
+	$(PY) -m pytest -m gpu tests/test_gpu.py
 
 bench: setup
 	$(PY) benchmarks/bench_layer.py

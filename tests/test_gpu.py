@@ -1,0 +1,39 @@
+"""CUDA paths: run with `make test-gpu` on a machine with a GPU; skipped without CUDA."""
+
+import pytest
+import torch
+
+from tests.test_hyper_expert import CASES, hyper_parts, output_and_grads, random_routing_map
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_forms_equal_naive_on_cuda(case, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    num_experts, topk, tokens, patterns = CASES[case]
+    _, selection, hypernet = hyper_parts(num_experts, topk)
+    selection, hypernet = selection.cuda(), hypernet.cuda()
+    generator = torch.Generator().manual_seed(11)
+    routing_map = random_routing_map(tokens, num_experts, topk, generator, patterns).cuda()
+    x = torch.randn(tokens, 24, generator=generator).cuda()
+    y_ref, grads_ref = output_and_grads("naive", x, routing_map, selection, hypernet)
+    for impl in ("grouped", "factored"):
+        y, grads = output_and_grads(impl, x, routing_map, selection, hypernet)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+        for name in grads_ref:
+            torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_hypermoe_gpt_forward_backward_on_cuda(megatron_single_process):
+    from tests.model_factory import batch, lm_loss, tiny_model
+
+    model, _ = tiny_model("hypermoe", moe_router_topk=2, bf16=True,
+                          params_dtype=torch.bfloat16)
+    model = model.cuda()
+    tokens, position_ids, labels = (t.cuda() for t in batch())
+    loss = lm_loss(model, tokens, position_ids, labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.hypernetwork.fc.weight.grad.abs().sum() > 0
+    assert model.hypernetwork.fc.weight.dtype == torch.bfloat16
