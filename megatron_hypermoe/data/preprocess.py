@@ -1,0 +1,240 @@
+"""Raw text -> megatron-core mmap IndexedDataset (PREFIX_<key>_document.bin/.idx).
+
+The command line and output match Megatron-LM's tools/preprocess_data.py; see
+``tools/preprocess_data.py --help``. Beside the .bin/.idx pair a small JSON sidecar
+(PREFIX_<key>_document.tokenizer.json) records which tokenizer wrote the ids, so training refuses
+a dataset made with another tokenizer.
+
+Output appears atomically: everything is written under temporary names and renamed at the end,
+so an interrupted or failed run leaves no half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from itertools import islice
+from typing import Dict, Iterable, Iterator, List, Sequence
+
+import numpy as np
+
+from megatron_hypermoe.data.corpus import TEXT_SAMPLE_BY, DataError, ReadStats, iter_documents
+from megatron_hypermoe.data.tokenizer import (add_tokenizer_args, build_tokenizer,
+                                              tokenizer_fingerprint, validate_tokenizer_args)
+
+CHUNK_DOCUMENTS = 64
+
+
+def output_prefix_for_key(output_prefix: str, key: str) -> str:
+    return f"{output_prefix}_{key}_document"
+
+
+def sidecar_path(dataset_prefix: str) -> str:
+    return dataset_prefix + ".tokenizer.json"
+
+
+def output_files(output_prefix: str, json_keys: Sequence[str]) -> List[str]:
+    files = []
+    for key in json_keys:
+        prefix = output_prefix_for_key(output_prefix, key)
+        files += [prefix + ".bin", prefix + ".idx", sidecar_path(prefix)]
+    return files
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Tokenize a corpus into megatron-core indexed datasets.")
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", nargs="+", required=True,
+                       help="files, globs or directories (jsonl, json, parquet, csv, txt), or a "
+                            "Hugging Face dataset name when the hub is reachable")
+    group.add_argument("--json-keys", nargs="+", default=["text"],
+                       help="fields to tokenize; one output dataset per key")
+    group.add_argument("--text-sample-by", choices=TEXT_SAMPLE_BY, default="document",
+                       help="what one document is in a plain-text file")
+    group.add_argument("--skip-bad-lines", action="store_true",
+                       help="skip malformed JSON lines and count them instead of failing")
+    add_tokenizer_args(parser)
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-prefix", required=True)
+    group.add_argument("--append-eod", action="store_true",
+                       help="append the end-of-document token to every document")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace an existing dataset with the same prefix")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1)
+    group.add_argument("--log-interval", type=int, default=1000,
+                       help="documents between progress log lines when stderr is not a tty")
+    return parser
+
+
+# Tokenization, in the main process or in a worker pool ----------------------------------------
+_worker_tokenizer = None
+_worker_append_eod = False
+
+
+def _init_worker(tokenizer_args: dict, append_eod: bool):
+    global _worker_tokenizer, _worker_append_eod
+    _worker_tokenizer = build_tokenizer(argparse.Namespace(**tokenizer_args))
+    _worker_append_eod = append_eod
+
+
+def _tokenize_chunk(chunk: List[Dict[str, str]]) -> List[Dict[str, np.ndarray]]:
+    results = []
+    for fields in chunk:
+        encoded = {}
+        for key, text in fields.items():
+            ids = _worker_tokenizer.tokenize(text) if text.strip() else []
+            if ids and _worker_append_eod:
+                ids = list(ids) + [_worker_tokenizer.eod]
+            encoded[key] = np.asarray(ids, dtype=np.int64)
+        results.append(encoded)
+    return results
+
+
+def _chunks(documents: Iterable, size: int) -> Iterator[List[Dict[str, str]]]:
+    iterator = iter(documents)
+    while True:
+        chunk = [doc.fields for doc in islice(iterator, size)]
+        if not chunk:
+            return
+        yield chunk
+
+
+def _tokenized(documents, tokenizer_args: dict, append_eod: bool, workers: int):
+    chunks = _chunks(documents, CHUNK_DOCUMENTS)
+    if workers <= 1:
+        _init_worker(tokenizer_args, append_eod)
+        for chunk in chunks:
+            yield from _tokenize_chunk(chunk)
+        return
+    with multiprocessing.get_context("fork").Pool(
+        workers, initializer=_init_worker, initargs=(tokenizer_args, append_eod)
+    ) as pool:
+        # imap keeps input order, so any worker count writes the same bytes.
+        for results in pool.imap(_tokenize_chunk, chunks):
+            yield from results
+
+
+class _Progress:
+    def __init__(self, log_interval: int):
+        self.start = time.time()
+        self.log_interval = log_interval
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(unit=" docs", file=sys.stderr)
+
+    def update(self, documents: int, tokens: int):
+        elapsed = max(time.time() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            if documents % 100 == 0:
+                self.bar.set_postfix(tokens_per_s=f"{tokens / elapsed:,.0f}")
+        elif documents % self.log_interval == 0:
+            print(f"processed {documents:,} documents, {tokens:,} tokens "
+                  f"({documents / elapsed:,.1f} docs/s, {tokens / elapsed:,.0f} tokens/s)",
+                  file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def preprocess(args) -> dict:
+    """Run the conversion; returns a summary. Raises DataError on bad input."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    validate_tokenizer_args(args)
+    if args.workers < 1:
+        raise DataError(f"--workers {args.workers} must be at least 1")
+    finals = output_files(args.output_prefix, args.json_keys)
+    existing = [path for path in finals if os.path.exists(path)]
+    if existing and not args.overwrite:
+        raise DataError(f"{existing[0]} already exists; pass --overwrite to replace it or "
+                        "choose another --output-prefix")
+    directory = os.path.dirname(os.path.abspath(args.output_prefix))
+    if not os.path.isdir(directory):
+        raise DataError(f"output directory {directory} does not exist; create it first")
+
+    tokenizer = build_tokenizer(args)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    tokenizer_args = {k: getattr(args, k) for k in
+                      ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")}
+    suffix = f".tmp-{os.getpid()}"
+    temporaries = {path: path + suffix for path in finals}
+    prefixes = {key: output_prefix_for_key(args.output_prefix, key) for key in args.json_keys}
+    stats = ReadStats()
+    empty = {key: 0 for key in args.json_keys}
+    written = {key: 0 for key in args.json_keys}
+    tokens = 0
+    builders = {}
+    progress = _Progress(args.log_interval)
+    try:
+        builders = {key: IndexedDatasetBuilder(temporaries[prefix + ".bin"], dtype=dtype)
+                    for key, prefix in prefixes.items()}
+        documents = iter_documents(args.input, args.json_keys, args.skip_bad_lines,
+                                   args.text_sample_by, stats)
+        for index, encoded in enumerate(
+                _tokenized(documents, tokenizer_args, args.append_eod, args.workers), start=1):
+            for key, ids in encoded.items():
+                if ids.size == 0:
+                    empty[key] += 1
+                    continue
+                builders[key].add_document(ids, [ids.size])
+                written[key] += 1
+                tokens += int(ids.size)
+            progress.update(index, tokens)
+        if stats.documents == 0:
+            raise DataError(f"no documents found in {' '.join(args.input)}; check --input")
+        for key, prefix in prefixes.items():
+            if written[key] == 0:
+                raise DataError(f"every document's {key!r} field is empty; check --json-keys")
+            builders[key].finalize(temporaries[prefix + ".idx"])
+            with open(temporaries[sidecar_path(prefix)], "w") as handle:
+                json.dump(dict(tokenizer_fingerprint(args, tokenizer), json_key=key,
+                               append_eod=bool(args.append_eod)), handle, indent=1)
+        for key, prefix in prefixes.items():  # .idx last: a reader needs both
+            for path in (prefix + ".bin", sidecar_path(prefix), prefix + ".idx"):
+                os.replace(temporaries[path], path)
+    except BaseException:
+        for builder in builders.values():
+            if not builder.data_file.closed:
+                builder.data_file.close()
+        for path in temporaries.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    finally:
+        progress.close()
+    return dict(documents=stats.documents, written=written, empty_documents=empty,
+                skipped_bad_lines=stats.skipped_bad_lines,
+                bad_line_examples=stats.bad_line_examples, tokens=tokens,
+                outputs=list(prefixes.values()), dtype=np.dtype(dtype).name,
+                seconds=time.time() - progress.start)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = preprocess(args)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+    for key, prefix in zip(args.json_keys, summary["outputs"]):
+        print(f"wrote {summary['written'][key]:,} documents ({summary['dtype']}) to "
+              f"{prefix}.bin/.idx; skipped {summary['empty_documents'][key]:,} empty")
+    print(f"{summary['tokens']:,} tokens in {summary['seconds']:.1f} s "
+          f"({summary['tokens'] / max(summary['seconds'], 1e-9):,.0f} tokens/s)")
+    if summary["skipped_bad_lines"]:
+        print(f"skipped {summary['skipped_bad_lines']:,} malformed lines (--skip-bad-lines), "
+              f"e.g. {', '.join(summary['bad_line_examples'])}")
+    return 0

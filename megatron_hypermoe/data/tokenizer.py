@@ -1,0 +1,130 @@
+"""Tokenizer flags and construction, shared by preprocessing, training and the tools.
+
+The same flags build the same tokenizer everywhere (Megatron-LM's names: --tokenizer-type,
+--tokenizer-model, --vocab-file, --merge-file), through megatron-core's own ``build_tokenizer``.
+``tokenizer_fingerprint`` identifies a tokenizer by content, so a dataset preprocessed with one
+tokenizer is refused when training with another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from typing import Optional
+
+from megatron_hypermoe.data.corpus import DataError
+
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer")
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, required=False,
+                       help="SentencePieceTokenizer (--tokenizer-model FILE.model), "
+                            "HuggingFaceTokenizer (--tokenizer-model DIR), "
+                            "GPT2BPETokenizer (--vocab-file and --merge-file)")
+    group.add_argument("--tokenizer-model", help="SentencePiece .model file or HF tokenizer dir")
+    group.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
+    group.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
+    return parser
+
+
+def _require(value: Optional[str], flag: str, tokenizer_type: str, kind: str = "file"):
+    if not value:
+        raise DataError(f"--tokenizer-type {tokenizer_type} needs {flag}")
+    exists = os.path.isdir(value) if kind == "dir" else os.path.isfile(value)
+    if not exists:
+        raise DataError(f"{flag} {value} is not an existing {kind}")
+
+
+def validate_tokenizer_args(args) -> None:
+    kind = args.tokenizer_type
+    if kind is None:
+        raise DataError("--tokenizer-type is required: one of " + ", ".join(TOKENIZER_TYPES))
+    if kind == "SentencePieceTokenizer":
+        _require(args.tokenizer_model, "--tokenizer-model", kind)
+    elif kind == "HuggingFaceTokenizer":
+        _require(args.tokenizer_model, "--tokenizer-model", kind, kind="dir")
+    elif kind == "GPT2BPETokenizer":
+        _require(args.vocab_file, "--vocab-file", kind)
+        _require(args.merge_file, "--merge-file", kind)
+
+
+def build_tokenizer(args):
+    """megatron-core's tokenizer for these flags (it has .tokenize, .detokenize, .eod,
+    .vocab_size)."""
+    from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer as mcore_build
+
+    validate_tokenizer_args(args)
+    if args.tokenizer_type == "GPT2BPETokenizer":
+        return _build_gpt2_bpe(args, mcore_build)
+    megatron_args = _megatron_tokenizer_args(args.tokenizer_type, args.tokenizer_model,
+                                             args.vocab_file, args.merge_file)
+    if args.tokenizer_type == "HuggingFaceTokenizer":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never ask the hub
+    return mcore_build(megatron_args)
+
+
+def _build_gpt2_bpe(args, mcore_build):
+    # megatron-core 0.16.1's GPT2BPETokenizer fetches the "gpt2" config from the Hugging Face
+    # Hub even when given vocab and merges (and passes the merges under a misspelt keyword).
+    # Build the same byte-level BPE locally and hand it to megatron's HuggingFaceTokenizer.
+    import tempfile
+
+    from transformers import GPT2Tokenizer
+
+    hf_tokenizer = GPT2Tokenizer(vocab=args.vocab_file, merges=args.merge_file)
+    with tempfile.TemporaryDirectory() as directory:
+        hf_tokenizer.save_pretrained(directory)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return mcore_build(_megatron_tokenizer_args("HuggingFaceTokenizer", directory))
+
+
+def _megatron_tokenizer_args(tokenizer_type, tokenizer_model, vocab_file=None, merge_file=None):
+    """The namespace megatron-core's build_tokenizer reads (Megatron-LM's argument names)."""
+    return argparse.Namespace(
+        tokenizer_type=tokenizer_type,
+        tokenizer_model=tokenizer_model,
+        vocab_file=vocab_file,
+        merge_file=merge_file,
+        tokenizer_special_tokens=None,
+        tokenizer_hf_use_fast=True,
+        tokenizer_hf_include_special_tokens=False,
+        trust_remote_code=False,
+        tokenizer_sentencepiece_legacy=False,
+        tokenizer_metadata=None,
+        tiktoken_pattern=None,
+        tiktoken_num_special_tokens=1000,
+        vocab_size=None,
+    )
+
+
+def _hash_files(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(args, tokenizer) -> dict:
+    """What identifies the tokenizer a dataset was written with."""
+    if args.tokenizer_type == "SentencePieceTokenizer":
+        files = [args.tokenizer_model]
+    elif args.tokenizer_type == "GPT2BPETokenizer":
+        files = [args.vocab_file, args.merge_file]
+    else:
+        files = sorted(
+            os.path.join(args.tokenizer_model, name)
+            for name in os.listdir(args.tokenizer_model)
+            if name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model",
+                        "tokenizer_config.json", "special_tokens_map.json")
+        )
+    return {
+        "tokenizer_type": args.tokenizer_type,
+        "vocab_size": int(tokenizer.vocab_size),
+        "eod": int(tokenizer.eod),
+        "sha256": _hash_files(files),
+    }

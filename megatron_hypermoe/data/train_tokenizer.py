@@ -1,0 +1,132 @@
+"""Train a SentencePiece tokenizer on the same inputs preprocess_data accepts.
+
+The model keeps text exactly: identity normalisation, no whitespace collapsing, newline as its
+own symbol and byte fallback, so ``detokenize(tokenize(text)) == text`` for any UTF-8 text.
+Documents are fed to the trainer paragraph by paragraph (SentencePiece wants sentence-sized
+pieces). Output PREFIX.model / PREFIX.vocab appears atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from megatron_hypermoe.data.corpus import TEXT_SAMPLE_BY, DataError, iter_documents
+
+MAX_PIECE_CHARS = 8192
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a SentencePiece tokenizer.")
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="files, globs or directories, as for preprocess_data.py")
+    parser.add_argument("--json-keys", nargs="+", default=["text"])
+    parser.add_argument("--text-sample-by", choices=TEXT_SAMPLE_BY, default="document")
+    parser.add_argument("--skip-bad-lines", action="store_true")
+    parser.add_argument("--vocab-size", type=int, required=True)
+    parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab")
+    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    parser.add_argument("--character-coverage", type=float, default=1.0)
+    parser.add_argument("--input-sentence-size", type=int, default=2_000_000,
+                        help="paragraphs sampled for training on large corpora (0: all)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _pieces(text: str):
+    """Paragraphs, cut to at most MAX_PIECE_CHARS characters on line boundaries."""
+    for paragraph in text.split("\n\n"):
+        if not paragraph.strip():
+            continue
+        while len(paragraph) > MAX_PIECE_CHARS:
+            cut = paragraph.rfind("\n", 0, MAX_PIECE_CHARS)
+            cut = cut if cut > 0 else MAX_PIECE_CHARS
+            yield paragraph[:cut]
+            paragraph = paragraph[cut:]
+        yield paragraph
+
+
+def _record_final_prefix(model_path: str, final_prefix: str) -> None:
+    """The model embeds its trainer options, including the (temporary) output prefix: store the
+    final one instead, so the same flags and data give a byte-identical file."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    with open(model_path, "rb") as handle:
+        model.ParseFromString(handle.read())
+    model.trainer_spec.model_prefix = os.path.basename(final_prefix)
+    with open(model_path, "wb") as handle:
+        handle.write(model.SerializeToString())
+
+
+def train_tokenizer(args) -> str:
+    import sentencepiece as spm
+
+    if args.vocab_size < 16:
+        raise DataError(f"--vocab-size {args.vocab_size} is too small; use at least 16")
+    outputs = [args.model_prefix + ".model", args.model_prefix + ".vocab"]
+    existing = [path for path in outputs if os.path.exists(path)]
+    if existing and not args.overwrite:
+        raise DataError(f"{existing[0]} already exists; pass --overwrite or choose another "
+                        "--model-prefix")
+    directory = os.path.dirname(os.path.abspath(args.model_prefix))
+    if not os.path.isdir(directory):
+        raise DataError(f"output directory {directory} does not exist; create it first")
+
+    count = 0
+
+    def sentences():
+        nonlocal count
+        for document in iter_documents(args.input, args.json_keys, args.skip_bad_lines,
+                                       args.text_sample_by):
+            for text in document.fields.values():
+                for piece in _pieces(text):
+                    count += 1
+                    yield piece
+
+    spm.set_random_generator_seed(args.seed)  # sampling and shuffling: same flags, same model
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        scratch_prefix = os.path.join(scratch, "tokenizer")
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=sentences(),
+                model_prefix=scratch_prefix,
+                vocab_size=args.vocab_size,
+                model_type=args.model_type,
+                character_coverage=args.character_coverage,
+                input_sentence_size=args.input_sentence_size,
+                shuffle_input_sentence=True,
+                seed_sentencepiece_size=1_000_000,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                split_digits=True,
+                byte_fallback=True,
+                user_defined_symbols=["\n"],
+                max_sentence_length=4 * MAX_PIECE_CHARS,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+            )
+        except RuntimeError as error:
+            if count == 0:
+                raise DataError(f"no text found in {' '.join(args.input)}; check --input "
+                                "and --json-keys") from None
+            message = str(error).strip().splitlines()[-1]
+            raise DataError(f"SentencePiece training failed: {message}") from None
+        _record_final_prefix(scratch_prefix + ".model", args.model_prefix)
+        for suffix in (".vocab", ".model"):  # .model last: it is what users load
+            os.replace(scratch_prefix + suffix, args.model_prefix + suffix)
+    return args.model_prefix + ".model"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        path = train_tokenizer(args)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {path} (vocab size {args.vocab_size})")
+    return 0
