@@ -27,6 +27,7 @@ class HyperMoELayer(MoELayer):
         self.selection = ExpertSelectionEmbedding(config)
         self.__dict__["_hypernetwork"] = None  # not a submodule: the model owns it
         self._routed = None
+        self.last_hyper_output_rms = None  # for logging: RMS of y_hyper in the last forward
 
     def attach_hypernetwork(self, hypernetwork: HyperNetwork) -> None:
         self.__dict__["_hypernetwork"] = hypernetwork
@@ -49,7 +50,9 @@ class HyperMoELayer(MoELayer):
         output = super().postprocess(output, shared_expert_output)
         hidden_states, routing_map = self._routed
         self._routed = None
-        return output + self.hyper_expert(hidden_states, routing_map).view_as(output)
+        y_hyper = self.hyper_expert(hidden_states, routing_map)
+        self.last_hyper_output_rms = y_hyper.detach().float().pow(2).mean().sqrt()
+        return output + y_hyper.view_as(output)
 
     def hyper_expert(self, hidden_states: torch.Tensor, routing_map: torch.Tensor):
         """y_hyper for [..., hidden] inputs and their [tokens, experts] routing map."""

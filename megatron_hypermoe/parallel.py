@@ -32,17 +32,17 @@ def initialize_distributed(tensor_model_parallel_size: int = 1,
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            init_method = "env://"
-            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        else:
-            init_method = f"tcp://127.0.0.1:{free_port()}"
-            rank, world_size = 0, 1
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            # Plain `python`: a one-process job, described the way launchers describe it
+            # (DeepSpeed reads LOCAL_RANK too).
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            init_method=init_method,
-            rank=rank,
-            world_size=world_size,
+            init_method="env://",
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
         )
     world_size = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * expert_model_parallel_size

@@ -15,7 +15,8 @@ from typing import Optional
 
 from megatron_hypermoe.data.corpus import DataError
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer")
+TOKENIZER_TYPES = (
+    "SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
 
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -23,10 +24,12 @@ def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, required=False,
                        help="SentencePieceTokenizer (--tokenizer-model FILE.model), "
                             "HuggingFaceTokenizer (--tokenizer-model DIR), "
-                            "GPT2BPETokenizer (--vocab-file and --merge-file)")
+                            "GPT2BPETokenizer (--vocab-file and --merge-file), "
+                            "NullTokenizer (--vocab-size; ids only, for --mock-data)")
     group.add_argument("--tokenizer-model", help="SentencePiece .model file or HF tokenizer dir")
     group.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
     group.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
+    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer's vocabulary")
     return parser
 
 
@@ -49,6 +52,8 @@ def validate_tokenizer_args(args) -> None:
     elif kind == "GPT2BPETokenizer":
         _require(args.vocab_file, "--vocab-file", kind)
         _require(args.merge_file, "--merge-file", kind)
+    elif kind == "NullTokenizer" and not getattr(args, "vocab_size", None):
+        raise DataError("--tokenizer-type NullTokenizer needs --vocab-size")
 
 
 def build_tokenizer(args):
@@ -61,6 +66,7 @@ def build_tokenizer(args):
         return _build_gpt2_bpe(args, mcore_build)
     megatron_args = _megatron_tokenizer_args(args.tokenizer_type, args.tokenizer_model,
                                              args.vocab_file, args.merge_file)
+    megatron_args.vocab_size = getattr(args, "vocab_size", None)
     if args.tokenizer_type == "HuggingFaceTokenizer":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never ask the hub
     return mcore_build(megatron_args)
@@ -111,7 +117,9 @@ def _hash_files(paths) -> str:
 
 def tokenizer_fingerprint(args, tokenizer) -> dict:
     """What identifies the tokenizer a dataset was written with."""
-    if args.tokenizer_type == "SentencePieceTokenizer":
+    if args.tokenizer_type == "NullTokenizer":
+        files = []
+    elif args.tokenizer_type == "SentencePieceTokenizer":
         files = [args.tokenizer_model]
     elif args.tokenizer_type == "GPT2BPETokenizer":
         files = [args.vocab_file, args.merge_file]

@@ -1,0 +1,195 @@
+"""Command-line arguments of pretrain_gpt_hypermoe.py, named as in Megatron-LM.
+
+``parse_args`` also derives what Megatron derives (gradient accumulation from the batch sizes,
+the data-parallel size) and rejects inconsistent combinations with one-line errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_hypermoe.config import HYPER_EXPERT_IMPLS, MOE_TYPES
+from megatron_hypermoe.data.corpus import TEXT_SAMPLE_BY  # noqa: F401  (re-exported for tools)
+from megatron_hypermoe.data.tokenizer import add_tokenizer_args
+
+
+class ArgumentError(ValueError):
+    """Inconsistent flags; the message is one line naming the fix."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Pretrain a HyperMoE / MoE / dense GPT.",
+                                     allow_abbrev=False)
+    g = parser.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=4)
+    g.add_argument("--hidden-size", type=int, default=256)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="default --seq-length")
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = parser.add_argument_group("mixture of experts")
+    g.add_argument("--moe-type", choices=MOE_TYPES, default="hypermoe")
+    g.add_argument("--num-experts", type=int, default=8)
+    g.add_argument("--moe-router-topk", type=int, default=1)
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-token-dispatcher-type", choices=("alltoall", "allgather"),
+                   default="alltoall")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+
+    g = parser.add_argument_group("HyperMoE (paper defaults)")
+    g.add_argument("--hyper-adapter-dim", type=int, default=64, help="r")
+    g.add_argument("--hyper-hidden-size", type=int, default=128, help="d_g")
+    g.add_argument("--hyper-expert-embedding-dim", type=int, default=128, help="d_e")
+    g.add_argument("--hyper-selection-hidden-size", type=int, default=128, help="d_p")
+    g.add_argument("--hyper-selection-output-size", type=int, default=128, help="d_h")
+    g.add_argument("--hyper-layer-embedding-dim", type=int, default=10, help="d_l")
+    g.add_argument("--hyper-expert-impl", choices=HYPER_EXPERT_IMPLS, default="auto")
+
+    g = parser.add_argument_group("batch and optimisation")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default micro-batch x data-parallel size (no accumulation)")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-tokens", type=int, default=None,
+                   help="alternative to --train-iters: iterations = tokens / (global batch x seq)")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"),
+                   default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true", help="bf16 training (GPU)")
+    g.add_argument("--fp16", action="store_true", help="fp16 training with loss scaling (GPU)")
+    g.add_argument("--max-consecutive-skipped-iters", type=int, default=10,
+                   help="stop when this many steps in a row have a non-finite loss/gradient")
+    g.add_argument("--inject-nan-loss-at", type=int, nargs="+", default=None,
+                   help="fault injection: make the loss NaN at these iterations (tests the "
+                        "skip logic)")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="PREFIX... or WEIGHT PREFIX WEIGHT PREFIX...")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    add_tokenizer_args(parser)
+
+    g = parser.add_argument_group("DeepSpeed")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="accepted for Megatron-DeepSpeed compatibility: the engine is always "
+                        "DeepSpeed")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   default=None, help="DeepSpeed JSON config; must agree with the flags")
+    g.add_argument("--zero-stage", type=int, default=1, choices=(1, 2, 3),
+                   help="1 or 2 for MoE; stage 0 is not offered: its optimizer has no "
+                        "inf/NaN step skipping")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher")
+
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only; start at iteration 0 with fresh optimizer")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="exit (after saving) once the iteration is a multiple of this")
+
+    g = parser.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--eval-only", action="store_true", help="evaluate --load and exit")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None, help="JSON lines of every logged value")
+    g.add_argument("--generate-tokens", type=int, default=0,
+                   help="at the end, print a sample of this many tokens")
+    g.add_argument("--generate-prompt", default="\n")
+    return parser
+
+
+def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    finalize_args(args, world_size)
+    return args
+
+
+def finalize_args(args, world_size: int) -> None:
+    """Derived values and cross-flag checks (Megatron's validate_args)."""
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.bf16 and args.fp16:
+        raise ArgumentError("--bf16 and --fp16 are exclusive: pick one")
+    model_parallel = args.tensor_model_parallel_size * args.expert_model_parallel_size
+    if world_size % args.tensor_model_parallel_size:
+        raise ArgumentError(f"world size {world_size} is not divisible by "
+                            f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    if args.moe_type == "dense" and args.expert_model_parallel_size > 1:
+        raise ArgumentError("--expert-model-parallel-size > 1 needs --moe-type moe or hypermoe")
+    if args.moe_type != "dense" and args.num_experts % args.expert_model_parallel_size:
+        raise ArgumentError(f"--num-experts {args.num_experts} is not divisible by "
+                            f"--expert-model-parallel-size {args.expert_model_parallel_size}")
+    if world_size % model_parallel:
+        raise ArgumentError(f"world size {world_size} is not divisible by TP x EP = "
+                            f"{model_parallel}")
+    if args.zero_stage == 3 and args.moe_type != "dense":
+        raise ArgumentError("ZeRO stage 3 does not support MoE layers (DeepSpeed partitions "
+                            "expert parameters only with stages 1 and 2): use --zero-stage 2")
+    if args.expert_model_parallel_size > 1 or args.tensor_model_parallel_size > 1:
+        raise ArgumentError("expert and tensor parallelism under DeepSpeed are not wired into "
+                            "this trainer yet: use --expert-model-parallel-size 1 "
+                            "--tensor-model-parallel-size 1")
+    args.world_size = world_size
+    args.data_parallel_size = world_size // args.tensor_model_parallel_size
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        raise ArgumentError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                            f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
+                            f"{args.data_parallel_size}")
+    args.gradient_accumulation_steps = args.global_batch_size // per_step
+    if args.train_iters is None and args.train_tokens is None and not args.eval_only:
+        raise ArgumentError("give --train-iters or --train-tokens")
+    if args.train_iters is not None and args.train_tokens is not None:
+        raise ArgumentError("--train-iters and --train-tokens are exclusive: pick one")
+    if args.train_tokens is not None:
+        args.train_iters = max(1, args.train_tokens // (args.global_batch_size * args.seq_length))
+    if args.train_iters is None:
+        args.train_iters = 0
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.eval_only and not args.load:
+        raise ArgumentError("--eval-only needs --load CHECKPOINT_DIR")
+    if not args.mock_data and not args.data_path:
+        raise ArgumentError("no training data: pass --data-path PREFIX... or --mock-data")
+    if args.tokenizer_type is None:
+        if not args.mock_data:
+            raise ArgumentError("--tokenizer-type is required with --data-path")
+        args.tokenizer_type = "NullTokenizer"
+        args.vocab_size = args.vocab_size or 1024
+    if args.save_interval is not None and not args.save:
+        raise ArgumentError("--save-interval needs --save DIR")
+    for name in ("log_interval", "eval_iters"):
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")

@@ -1,0 +1,280 @@
+"""Checkpoints: DeepSpeed's format plus our metadata, written atomically, loaded safely.
+
+Layout under --save (DeepSpeed's, plus three kinds of files of ours)::
+
+    latest                          the tag of the newest COMPLETE checkpoint (DeepSpeed reads it)
+    latest_checkpointed_iteration.txt   the same as an iteration number (Megatron's file)
+    iter_0000100/
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   (DeepSpeed)
+        hypermoe_checkpoint.json    arguments, iteration, consumed samples, model shape
+        rng_rank_00000.safetensors  every RNG state of that rank (python, numpy, torch, CUDA,
+                                    megatron's model-parallel streams)
+
+Atomic: every rank writes into ``iter_N.partial/``; after a barrier rank 0 renames it to
+``iter_N/`` and only then moves ``latest`` (write-to-temp then rename). A crash at any point
+leaves ``latest`` on the previous complete checkpoint.
+
+Safe: our files are JSON and safetensors. DeepSpeed's .pt files are read through a checkpoint
+engine that unpickles with ``weights_only=True`` and allows only DeepSpeed's three plain record
+classes, so a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+CHECKPOINT_FORMAT = "megatron-hypermoe-checkpoint"
+CHECKPOINT_VERSION = 1
+META_FILE = "hypermoe_checkpoint.json"
+LATEST_FILE = "latest"
+MEGATRON_LATEST_FILE = "latest_checkpointed_iteration.txt"
+
+# Model fields a checkpoint must match; --finetune may not change them either.
+SHAPE_FIELDS = (
+    "moe_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+    "num_query_groups", "num_experts", "moe_router_topk", "padded_vocab_size",
+    "max_position_embeddings", "hyper_adapter_dim", "hyper_hidden_size",
+    "hyper_expert_embedding_dim", "hyper_selection_hidden_size", "hyper_selection_output_size",
+    "hyper_layer_embedding_dim",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one line naming the problem."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    skipped_iterations: int = 0
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+# RNG state ----------------------------------------------------------------------------------------
+def _rng_path(directory: str, rank: int) -> str:
+    return os.path.join(directory, f"rng_rank_{rank:05d}.safetensors")
+
+
+def save_rng_state(directory: str) -> None:
+    from megatron.core import tensor_parallel
+    from safetensors.torch import save_file
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        tensors[f"tracker/{name}"] = state.cpu() if torch.is_tensor(state) else \
+            torch.tensor(state)
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss = random.getstate()
+    metadata = {
+        "python_random": json.dumps([version, list(internal), gauss]),
+        "numpy": json.dumps([kind, int(position), int(has_gauss), float(cached)]),
+    }
+    save_file(tensors, _rng_path(directory, _rank()), metadata=metadata)
+
+
+def load_rng_state(directory: str) -> bool:
+    """Restore this rank's RNG states; False if the checkpoint has none for this rank."""
+    from megatron.core import tensor_parallel
+    from safetensors import safe_open
+
+    path = _rng_path(directory, _rank())
+    if not os.path.isfile(path):
+        return False
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+    tracker_states = {k.split("/", 1)[1]: v for k, v in tensors.items()
+                      if k.startswith("tracker/")}
+    if tracker_states:
+        tensor_parallel.get_cuda_rng_tracker().set_states(tracker_states)
+    kind, position, has_gauss, cached = json.loads(metadata["numpy"])
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), position,
+                         has_gauss, cached))
+    version, internal, gauss = json.loads(metadata["python_random"])
+    random.setstate((version, tuple(internal), gauss))
+    return True
+
+
+# Safe loading of DeepSpeed's files ----------------------------------------------------------------
+def _deepspeed_record_classes():
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def make_safe_checkpoint_engine(config_params=None):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        """DeepSpeed's torch engine, loading with weights_only=True."""
+
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(_deepspeed_record_classes()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except FileNotFoundError:
+                raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is "
+                                      "incomplete") from None
+            except Exception as error:
+                reason = str(error).strip().splitlines()
+                unsupported = [line for line in reason if "Unsupported global" in line]
+                detail = unsupported[0].strip() if unsupported else type(error).__name__
+                raise CheckpointError(f"refusing to load {path}: it holds more than tensors "
+                                      f"and DeepSpeed's plain records ({detail[:160]})") from None
+
+    return WeightsOnlyCheckpointEngine(config_params)
+
+
+def use_safe_checkpoint_engine(engine) -> None:
+    engine.checkpoint_engine = make_safe_checkpoint_engine(engine._config)
+
+
+# Save ---------------------------------------------------------------------------------------------
+def model_shape(args) -> dict:
+    return {field: getattr(args, field, None) for field in SHAPE_FIELDS}
+
+
+def _jsonable_args(args) -> dict:
+    out = {}
+    for key, value in vars(args).items():
+        if isinstance(value, (str, int, float, bool, type(None))):
+            out[key] = value
+        elif isinstance(value, (list, tuple)) and all(
+                isinstance(v, (str, int, float, bool)) for v in value):
+            out[key] = list(value)
+    return out
+
+
+def save_checkpoint(engine, args, state: TrainState) -> str:
+    """Save on every rank (collective). Returns the final checkpoint directory."""
+    tag = tag_for(state.iteration)
+    partial_tag = tag + ".partial"
+    final_dir = os.path.join(args.save, tag)
+    partial_dir = os.path.join(args.save, partial_tag)
+    if _rank() == 0:
+        os.makedirs(args.save, exist_ok=True)
+        if os.path.isdir(partial_dir):
+            shutil.rmtree(partial_dir)  # left by a crash during an earlier save
+    _barrier()
+    engine.save_checkpoint(args.save, tag=partial_tag, client_state={}, save_latest=False)
+    save_rng_state(partial_dir)
+    if _rank() == 0:
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "tag": tag,
+            "train_state": dataclasses.asdict(state),
+            "model": model_shape(args),
+            "world_size": args.world_size,
+            "data_parallel_size": args.data_parallel_size,
+            "args": _jsonable_args(args),
+        }
+        _atomic_write_text(os.path.join(partial_dir, META_FILE), json.dumps(meta, indent=1))
+    _barrier()
+    if _rank() == 0:
+        if os.path.isdir(final_dir):
+            shutil.rmtree(final_dir)
+        os.replace(partial_dir, final_dir)
+        _atomic_write_text(os.path.join(args.save, LATEST_FILE), tag)
+        _atomic_write_text(os.path.join(args.save, MEGATRON_LATEST_FILE), str(state.iteration))
+    _barrier()
+    return final_dir
+
+
+# Load ---------------------------------------------------------------------------------------------
+def read_latest(load_dir: str) -> tuple:
+    """(tag, metadata) of the newest complete checkpoint under load_dir."""
+    latest = os.path.join(load_dir, LATEST_FILE)
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"--load {load_dir} does not exist")
+    if not os.path.isfile(latest):
+        raise CheckpointError(f"--load {load_dir} is not a checkpoint directory (no "
+                              f"'{LATEST_FILE}' file); point it at a --save directory")
+    with open(latest) as handle:
+        tag = handle.read().strip()
+    meta_path = os.path.join(load_dir, tag, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"--load {load_dir}: checkpoint {tag} has no {META_FILE}; it was "
+                              "not written by this trainer or is incomplete")
+    with open(meta_path) as handle:
+        try:
+            meta = json.load(handle)
+        except json.JSONDecodeError:
+            raise CheckpointError(f"{meta_path} is not valid JSON") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{meta_path} is not a {CHECKPOINT_FORMAT} file")
+    return tag, meta
+
+
+def check_model_shape(meta: dict, args) -> None:
+    saved, current = meta.get("model", {}), model_shape(args)
+    for field in SHAPE_FIELDS:
+        if field in saved and saved[field] != current[field]:
+            flag = "--" + field.replace("_", "-")
+            raise CheckpointError(f"checkpoint has {field}={saved[field]!r} but the flags give "
+                                  f"{current[field]!r}: pass {flag} {saved[field]} or load "
+                                  "another checkpoint")
+
+
+def load_checkpoint(engine, args) -> TrainState:
+    """Restore weights, optimizer, RNG and the train state (collective)."""
+    tag, meta = read_latest(args.load)
+    check_model_shape(meta, args)
+    load_optimizer = not (args.finetune or args.no_load_optim)
+    use_safe_checkpoint_engine(engine)
+    path, _ = engine.load_checkpoint(args.load, tag=tag, load_optimizer_states=load_optimizer,
+                                     load_lr_scheduler_states=False,
+                                     load_module_only=not load_optimizer)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {args.load}")
+    if args.finetune:
+        return TrainState()
+    if not args.no_load_rng:
+        load_rng_state(os.path.join(args.load, tag))
+    return TrainState(**meta["train_state"])
+
+
+def latest_iteration(load_dir: Optional[str]) -> Optional[int]:
+    if not load_dir or not os.path.isfile(os.path.join(load_dir, LATEST_FILE)):
+        return None
+    _, meta = read_latest(load_dir)
+    return meta["train_state"]["iteration"]
