@@ -1,4 +1,5 @@
 # Two commands a newcomer needs (see README.md):
+#   make demo    set up .venv on a fresh machine and run the tiny CPU pretraining demo
 #   make test    set up .venv on a fresh machine and run the CPU test suite
 #   make test-gpu the CUDA tests (on a machine with a GPU)
 #   make bench   run the layer benchmark
@@ -11,7 +12,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: setup test test-gpu bench clean
+.PHONY: setup demo test test-gpu bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,9 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -r requirements.txt
 	touch $@
+
+demo: setup
+	bash examples/pretrain_tiny_cpu.sh
 
 # The CPU suite hides any GPU, so it tests the same code paths on every machine.
 test: setup

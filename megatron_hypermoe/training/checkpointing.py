@@ -274,6 +274,7 @@ def load_checkpoint(engine, args) -> TrainState:
 
 
 def latest_iteration(load_dir: Optional[str]) -> Optional[int]:
+    """The newest complete checkpoint's iteration, or None if load_dir has none (yet)."""
     if not load_dir or not os.path.isfile(os.path.join(load_dir, LATEST_FILE)):
         return None
     _, meta = read_latest(load_dir)

@@ -28,7 +28,8 @@ from megatron_hypermoe.model import build_gpt_model, causal_attention_mask
 from megatron_hypermoe.parallel import initialize_distributed
 from megatron_hypermoe.training.arguments import ArgumentError, parse_args
 from megatron_hypermoe.training.checkpointing import (CheckpointError, TrainState,
-                                                      load_checkpoint, save_checkpoint)
+                                                      latest_iteration, load_checkpoint,
+                                                      save_checkpoint)
 from megatron_hypermoe.training.ds_config import DeepSpeedConfigError, resolve_config
 from megatron_hypermoe.training.flops import training_flops_per_iteration
 from megatron_hypermoe.training.lr_schedule import learning_rate
@@ -126,7 +127,10 @@ class Trainer:
             model=model.to(self.device), optimizer=optimizer, config=resolve_config(args))
         self.model = self.engine.module
         self.state = TrainState()
-        if args.load:
+        if args.load and args.load == args.save and latest_iteration(args.load) is None:
+            # The usual cluster setup (--save D --load D): the first launch finds nothing yet.
+            print_rank0(f"no checkpoint in {args.load} yet: starting from iteration 0")
+        elif args.load:
             self.state = load_checkpoint(self.engine, args)
             print_rank0(f"loaded {args.load} at iteration {self.state.iteration}")
         self.build_data()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One node, 8 GPUs: data parallel with DeepSpeed ZeRO-2 in bf16, GPT-2-small-sized HyperMoE
+# (12 layers, hidden 768, 8 experts, top-1; paper-default hyper sizes).
+# Usage: DATA_PREFIX=/data/corpus_text_document TOKENIZER=/data/tok.model \
+#        bash examples/pretrain_hypermoe_1node.sh [extra flags]
+# Expert parallelism (--expert-model-parallel-size) under DeepSpeed arrives with the
+# parallelism work; this script uses EP=1 and ZeRO to spread the optimizer state.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${DATA_PREFIX:?set DATA_PREFIX to a preprocessed dataset prefix}"
+: "${TOKENIZER:?set TOKENIZER to the SentencePiece model used to preprocess it}"
+RUN=${RUN:-runs/hypermoe_1node}
+NUM_GPUS=${NUM_GPUS:-8}
+
+deepspeed --num_gpus "$NUM_GPUS" pretrain_gpt_hypermoe.py \
+  --deepspeed --deepspeed_config examples/ds_config_zero2.json --zero-stage 2 --bf16 \
+  --moe-type hypermoe --num-experts 8 --moe-router-topk 1 --moe-aux-loss-coeff 1e-2 \
+  --num-layers 12 --hidden-size 768 --ffn-hidden-size 3072 --num-attention-heads 12 \
+  --seq-length 1024 --max-position-embeddings 1024 \
+  --micro-batch-size 4 --global-batch-size 256 --clip-grad 1.0 \
+  --train-iters 50000 --lr 6e-4 --min-lr 6e-5 --lr-warmup-iters 2000 --lr-decay-style cosine \
+  --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 \
+  --data-path "$DATA_PREFIX" --split 969,30,1 --data-cache-path "$RUN/index-cache" \
+  --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER" \
+  --log-interval 10 --eval-interval 1000 --eval-iters 50 \
+  --save "$RUN/checkpoints" --load "$RUN/checkpoints" --save-interval 1000 \
+  --tensorboard-dir "$RUN/tensorboard" --metrics-file "$RUN/metrics.jsonl" \
+  "$@"

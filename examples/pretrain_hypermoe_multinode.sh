@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Several nodes with the deepspeed launcher and a hostfile ("host slots=N" per line), e.g.
+#   node-a slots=8
+#   node-b slots=8
+# Usage: HOSTFILE=hostfile DATA_PREFIX=... TOKENIZER=... bash examples/pretrain_hypermoe_multinode.sh
+# Every node needs the same checkout, .venv and data paths. The global batch is split over all
+# ranks (data parallel, ZeRO-2); `--load` of the same --save directory resumes after preemption
+# (SIGTERM makes the trainer save and exit 0).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${HOSTFILE:?set HOSTFILE to a DeepSpeed hostfile}"
+: "${DATA_PREFIX:?set DATA_PREFIX to a preprocessed dataset prefix}"
+: "${TOKENIZER:?set TOKENIZER to the SentencePiece model used to preprocess it}"
+RUN=${RUN:-runs/hypermoe_multinode}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+deepspeed --hostfile "$HOSTFILE" --master_port "$MASTER_PORT" pretrain_gpt_hypermoe.py \
+  --deepspeed --deepspeed_config examples/ds_config_zero2.json --zero-stage 2 --bf16 \
+  --moe-type hypermoe --num-experts 8 --moe-router-topk 1 \
+  --num-layers 12 --hidden-size 768 --ffn-hidden-size 3072 --num-attention-heads 12 \
+  --seq-length 1024 --micro-batch-size 4 --global-batch-size 256 --clip-grad 1.0 \
+  --train-iters 100000 --lr 6e-4 --min-lr 6e-5 --lr-warmup-iters 2000 --lr-decay-style cosine \
+  --weight-decay 0.1 \
+  --data-path "$DATA_PREFIX" --split 969,30,1 --data-cache-path "$RUN/index-cache" \
+  --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER" \
+  --log-interval 10 --eval-interval 1000 --eval-iters 50 \
+  --save "$RUN/checkpoints" --load "$RUN/checkpoints" --save-interval 1000 \
+  --tensorboard-dir "$RUN/tensorboard" --metrics-file "$RUN/metrics.jsonl" \
+  "$@"

@@ -1,0 +1,270 @@
+"""pretrain_gpt_hypermoe.py end to end on CPU: runs, resume exactness, checkpoints, logging."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from megatron_hypermoe.data import preprocess, train_tokenizer
+from megatron_hypermoe.parallel import free_port
+from tests.conftest import REPO_ROOT
+from tests.test_data_pipeline import make_documents, write_jsonl
+
+TINY_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+              "--num-attention-heads", "4", "--seq-length", "32", "--num-experts", "4",
+              "--moe-router-topk", "2", "--hyper-adapter-dim", "8", "--hyper-hidden-size", "16",
+              "--hyper-expert-embedding-dim", "16", "--hyper-selection-hidden-size", "16",
+              "--hyper-selection-output-size", "16", "--micro-batch-size", "2",
+              "--lr", "1e-3", "--log-interval", "1", "--seed", "7"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    corpus = write_jsonl(root / "corpus.jsonl", make_documents(300, seed=5))
+    assert train_tokenizer.main(["--input", corpus, "--vocab-size", "400",
+                                 "--model-prefix", str(root / "sp")]) == 0
+    assert preprocess.main(["--input", corpus, "--output-prefix", str(root / "ds"),
+                            "--tokenizer-type", "SentencePieceTokenizer",
+                            "--tokenizer-model", str(root / "sp.model"), "--append-eod"]) == 0
+    return ["--data-path", str(root / "ds_text_document"), "--split", "90,10,0",
+            "--tokenizer-type", "SentencePieceTokenizer",
+            "--tokenizer-model", str(root / "sp.model"),
+            "--data-cache-path", str(root / "cache")]
+
+
+def pretrain_command(nproc):
+    if nproc == 1:
+        return [sys.executable, str(REPO_ROOT / "pretrain_gpt_hypermoe.py")]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", str(REPO_ROOT / "pretrain_gpt_hypermoe.py")]
+
+
+def environment():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT),
+                DS_ACCELERATOR="cpu")
+
+
+def pretrain(*flags, nproc=1, timeout=240, expect=0):
+    result = subprocess.run(pretrain_command(nproc) + list(flags), env=environment(),
+                            capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    if result.returncode != expect:
+        clues = [line for line in output.splitlines()
+                 if any(w in line for w in ("Error", "error:", "terminate", "Abort", "what()"))]
+        raise AssertionError(f"exit {result.returncode}; clues:\n" + "\n".join(clues[:40])
+                             + f"\n---- tail ----\n{output[-4000:]}")
+    return output
+
+
+def read_metrics(path):
+    lines = [json.loads(line) for line in open(path)]
+    return ([r for r in lines if "lm_loss" in r], [r for r in lines if "val_loss" in r])
+
+
+def tensorboard_tags(directory):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(directory))
+    accumulator.Reload()
+    return set(accumulator.Tags()["scalars"])
+
+
+def error_line(output):
+    return [line for line in output.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.parametrize("moe_type", ["hypermoe", "moe", "dense"])
+def test_single_process_run_writes_documented_metrics(moe_type, dataset, tmp_path):
+    metrics, tb = tmp_path / "metrics.jsonl", tmp_path / "tb"
+    output = pretrain(*TINY_MODEL, *dataset, "--moe-type", moe_type, "--train-iters", "4",
+                      "--eval-interval", "2", "--eval-iters", "2", "--metrics-file", str(metrics),
+                      "--tensorboard-dir", str(tb))
+    assert "lm loss" in output and "tokens/s" in output and "TFLOP/s/device" in output
+    train, valid = read_metrics(metrics)
+    assert [r["iteration"] for r in train] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(r["lm_loss"])) for r in train)
+    assert [r["iteration"] for r in valid] == [2, 4]
+    assert all(abs(r["val_ppl"] - __import__("math").exp(r["val_loss"])) < 1e-6 * r["val_ppl"]
+               for r in valid)
+    tags = tensorboard_tags(tb)
+    expected = {"lm loss", "learning-rate", "grad-norm", "iteration-time", "tokens-per-second",
+                "TFLOPs-per-device", "lm loss validation", "lm loss validation ppl"}
+    if moe_type != "dense":
+        expected |= {"load_balancing_loss", "moe/layer_0_max_over_mean_load",
+                     "moe/layer_1_expert_3_load"}
+        assert len(train[0]["expert_load"]) == 2 and len(train[0]["expert_load"][0]) == 4
+        assert abs(sum(train[0]["expert_load"][0]) - 1.0) < 1e-6
+        assert "aux_loss" in train[0]
+    if moe_type == "hypermoe":
+        expected |= {"hypermoe/layer_0_hyper_output_rms"}
+        assert len(train[0]["hyper_output_rms"]) == 2
+    assert expected <= tags, expected - tags
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("moe_type", ["hypermoe", "moe", "dense"])
+def test_two_process_data_parallel_run(moe_type, dataset, tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    output = pretrain(*TINY_MODEL, *dataset, "--moe-type", moe_type, "--train-iters", "3",
+                      "--global-batch-size", "8", "--zero-stage", "2",
+                      "--metrics-file", str(metrics), nproc=2)
+    assert "2 rank(s), global batch 8 (2 micro-batch(es) of 2 per rank)" in output
+    train, _ = read_metrics(metrics)
+    assert [r["iteration"] for r in train] == [1, 2, 3]  # rank 0 alone writes
+
+
+@pytest.mark.parametrize("zero_stage", ["1", "2"])
+def test_resumed_run_matches_uninterrupted_run_exactly(zero_stage, dataset, tmp_path):
+    common = [*TINY_MODEL, *dataset, "--train-iters", "6", "--global-batch-size", "4",
+              "--zero-stage", zero_stage, "--lr-warmup-iters", "2"]
+    pretrain(*common, "--metrics-file", str(tmp_path / "full.jsonl"))
+    pretrain(*common, "--save", str(tmp_path / "ckpt"), "--exit-interval", "3",
+             "--metrics-file", str(tmp_path / "resumed.jsonl"))
+    assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000003"
+    output = pretrain(*common, "--load", str(tmp_path / "ckpt"),
+                      "--metrics-file", str(tmp_path / "resumed.jsonl"))
+    assert "loaded" in output and "at iteration 3" in output
+    full, _ = read_metrics(tmp_path / "full.jsonl")
+    resumed, _ = read_metrics(tmp_path / "resumed.jsonl")
+    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, resumed):
+        assert a["lm_loss"] == b["lm_loss"], (a["iteration"], a["lm_loss"], b["lm_loss"])
+        assert a["grad_norm"] == b["grad_norm"]
+        assert a["lr"] == b["lr"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(dataset, tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    command = pretrain_command(1) + [*TINY_MODEL, *dataset, "--train-iters", "100000",
+                                     "--save", str(tmp_path / "ckpt"),
+                                     "--metrics-file", str(metrics)]
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n")
+                                          >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "exiting at iteration" in output and "SIGTERM" in output
+    iteration = int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
+    assert iteration >= 2
+    assert (tmp_path / "ckpt" / f"iter_{iteration:07d}" / "hypermoe_checkpoint.json").exists()
+    assert not [p for p in os.listdir(tmp_path / "ckpt") if p.endswith(".partial")]
+
+
+def test_checkpoint_with_other_shape_is_refused_naming_the_field(dataset, tmp_path):
+    pretrain(*TINY_MODEL, *dataset, "--train-iters", "1", "--save", str(tmp_path / "ckpt"))
+    flags = [f if f != "64" else "32" for f in TINY_MODEL]  # --hidden-size 32
+    output = pretrain(*flags, *dataset, "--train-iters", "2", "--load", str(tmp_path / "ckpt"),
+                      expect=1)
+    assert error_line(output) == ["error: checkpoint has hidden_size=64 but the flags give 32: "
+                                  "pass --hidden-size 64 or load another checkpoint"]
+
+
+def test_load_refuses_a_directory_that_is_not_a_checkpoint(dataset, tmp_path):
+    (tmp_path / "empty").mkdir()
+    output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "1", "--load",
+                      str(tmp_path / "empty"), expect=1)
+    assert "is not a checkpoint directory (no 'latest' file)" in error_line(output)[0]
+
+
+def test_tampered_checkpoint_file_is_not_unpickled(dataset, tmp_path):
+    pretrain(*TINY_MODEL, *dataset, "--train-iters", "1", "--save", str(tmp_path / "ckpt"))
+    model_file = tmp_path / "ckpt" / "iter_0000001" / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "pwned"
+    # A pickle that would create a file if unpickled without weights_only.
+    torch.save({"module": _Exploit(str(marker))}, model_file)
+    output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "2", "--load",
+                      str(tmp_path / "ckpt"), expect=1)
+    assert "refusing to load" in error_line(output)[0]
+    assert not marker.exists()
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "is not valid JSON (line 1, column 2)"),
+    ('{"train_micro_batch_size_per_gpu": 3}', "says --micro-batch-size = 3 but the flags say 2"),
+    ('{"optimizer": {"type": "Adam"}}', "sets an optimizer/scheduler"),
+])
+def test_bad_deepspeed_config_is_refused(content, message, dataset, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(content)
+    output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "1", "--deepspeed",
+                      "--deepspeed_config", str(config), expect=1)
+    assert len(error_line(output)) == 1 and message in error_line(output)[0]
+
+
+def test_matching_deepspeed_config_file_is_used(dataset, tmp_path):
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2,
+                                  "zero_optimization": {"stage": 2,
+                                                        "reduce_bucket_size": 500000}}))
+    output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "1", "--zero-stage", "2",
+                      "--deepspeed", "--deepspeed_config", str(config))
+    assert "ZeRO stage 2" in output
+
+
+def test_nan_loss_skips_the_step_and_too_many_stop_the_run(dataset, tmp_path):
+    common = [*TINY_MODEL, *dataset, "--train-iters", "1", "--weight-decay", "0.1"]
+    pretrain(*common, "--inject-nan-loss-at", "1", "--save", str(tmp_path / "skipped"),
+             "--metrics-file", str(tmp_path / "m.jsonl"))
+    train, _ = read_metrics(tmp_path / "m.jsonl")
+    assert train[0]["skipped_iterations"] == 1
+    # A skipped step leaves the weights as a zero learning rate does (AdamW moves nothing).
+    pretrain(*common, "--lr", "0", "--save", str(tmp_path / "lr0"))
+    skipped = _load_module(tmp_path / "skipped")
+    reference = _load_module(tmp_path / "lr0")
+    assert skipped.keys() == reference.keys()
+    assert all(torch.equal(skipped[k], reference[k]) for k in reference)
+
+    output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "10", "--inject-nan-loss-at",
+                      "2", "3", "4", "--max-consecutive-skipped-iters", "3", expect=1)
+    assert "3 iterations in a row had a non-finite loss or gradient (last at iteration 4)" \
+        in error_line(output)[0]
+
+
+def _load_module(checkpoint_dir):
+    from megatron_hypermoe.training.checkpointing import _deepspeed_record_classes
+
+    with torch.serialization.safe_globals(_deepspeed_record_classes()):
+        states = torch.load(checkpoint_dir / "iter_0000001" / "mp_rank_00_model_states.pt",
+                            weights_only=True)
+    return {k: v for k, v in states["module"].items() if torch.is_tensor(v)}
+
+
+def test_eval_only_and_finetune(dataset, tmp_path):
+    pretrain(*TINY_MODEL, *dataset, "--train-iters", "2", "--save", str(tmp_path / "ckpt"))
+    output = pretrain(*TINY_MODEL, *dataset, "--eval-only", "--load", str(tmp_path / "ckpt"),
+                      "--eval-iters", "2", "--metrics-file", str(tmp_path / "eval.jsonl"))
+    assert "validation at iteration 2" in output
+    _, valid = read_metrics(tmp_path / "eval.jsonl")
+    assert len(valid) == 1 and valid[0]["iteration"] == 2
+    output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "1", "--finetune", "--load",
+                      str(tmp_path / "ckpt"), "--metrics-file", str(tmp_path / "ft.jsonl"))
+    train, _ = read_metrics(tmp_path / "ft.jsonl")
+    assert [r["iteration"] for r in train] == [1]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--global-batch-size", "3"], "--global-batch-size 3 is not divisible by --micro-batch-size"),
+    (["--moe-type", "moe", "--zero-stage", "3"], "ZeRO stage 3 does not support MoE layers"),
+    (["--bf16", "--fp16"], "--bf16 and --fp16 are exclusive"),
+])
+def test_inconsistent_flags_give_one_line_errors(flags, message, dataset):
+    output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "1", *flags, expect=1)
+    assert message in error_line(output)[0]
