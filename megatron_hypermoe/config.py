@@ -12,7 +12,6 @@ fields, matching the ``--hyper-*`` command-line flags.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 

@@ -12,6 +12,7 @@ import os
 import sys
 
 from megatron_hypermoe.data.corpus import DataError
+from megatron_hypermoe.data.outputs import check_output_paths
 from megatron_hypermoe.data.preprocess import sidecar_path
 
 
@@ -48,10 +49,7 @@ def merge(inputs, output_prefix, overwrite=False) -> int:
 
     prefixes = find_shards(inputs)
     finals = [output_prefix + ".bin", output_prefix + ".idx", sidecar_path(output_prefix)]
-    existing = [p for p in finals if os.path.exists(p)]
-    if existing and not overwrite:
-        raise DataError(f"{existing[0]} already exists; pass --overwrite or choose another "
-                        "--output-prefix")
+    check_output_paths(finals, overwrite, output_prefix, "--output-prefix")
     records = [_tokenizer_record(p) for p in prefixes]
     if any(r != records[0] for r in records):
         raise DataError("shards were written with different tokenizers (see their "

@@ -23,6 +23,7 @@ from typing import Dict, Iterable, Iterator, List, Sequence
 import numpy as np
 
 from megatron_hypermoe.data.corpus import TEXT_SAMPLE_BY, DataError, ReadStats, iter_documents
+from megatron_hypermoe.data.outputs import check_output_paths
 from megatron_hypermoe.data.tokenizer import (add_tokenizer_args, build_tokenizer,
                                               tokenizer_fingerprint, validate_tokenizer_args)
 
@@ -154,13 +155,7 @@ def preprocess(args) -> dict:
     if args.workers < 1:
         raise DataError(f"--workers {args.workers} must be at least 1")
     finals = output_files(args.output_prefix, args.json_keys)
-    existing = [path for path in finals if os.path.exists(path)]
-    if existing and not args.overwrite:
-        raise DataError(f"{existing[0]} already exists; pass --overwrite to replace it or "
-                        "choose another --output-prefix")
-    directory = os.path.dirname(os.path.abspath(args.output_prefix))
-    if not os.path.isdir(directory):
-        raise DataError(f"output directory {directory} does not exist; create it first")
+    check_output_paths(finals, args.overwrite, args.output_prefix, "--output-prefix")
 
     tokenizer = build_tokenizer(args)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)

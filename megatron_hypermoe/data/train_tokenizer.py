@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 from megatron_hypermoe.data.corpus import TEXT_SAMPLE_BY, DataError, iter_documents
+from megatron_hypermoe.data.outputs import check_output_paths
 
 MAX_PIECE_CHARS = 8192
 
@@ -68,13 +69,8 @@ def train_tokenizer(args) -> str:
     if args.vocab_size < 16:
         raise DataError(f"--vocab-size {args.vocab_size} is too small; use at least 16")
     outputs = [args.model_prefix + ".model", args.model_prefix + ".vocab"]
-    existing = [path for path in outputs if os.path.exists(path)]
-    if existing and not args.overwrite:
-        raise DataError(f"{existing[0]} already exists; pass --overwrite or choose another "
-                        "--model-prefix")
+    check_output_paths(outputs, args.overwrite, args.model_prefix, "--model-prefix")
     directory = os.path.dirname(os.path.abspath(args.model_prefix))
-    if not os.path.isdir(directory):
-        raise DataError(f"output directory {directory} does not exist; create it first")
 
     count = 0
 

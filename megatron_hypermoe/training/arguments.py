@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 
 from megatron_hypermoe.config import HYPER_EXPERT_IMPLS, MOE_TYPES
-from megatron_hypermoe.data.corpus import TEXT_SAMPLE_BY  # noqa: F401  (re-exported for tools)
 from megatron_hypermoe.data.tokenizer import add_tokenizer_args
 
 
