@@ -25,7 +25,7 @@ from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerpr
 from megatron_hypermoe.generation import generate_ids
 from megatron_hypermoe.initialization import initialize_from_global_names
 from megatron_hypermoe.model import build_gpt_model, causal_attention_mask
-from megatron_hypermoe.parallel import initialize_distributed
+from megatron_hypermoe.parallel import destroy_distributed, initialize_distributed
 from megatron_hypermoe.training.arguments import ArgumentError, parse_args
 from megatron_hypermoe.training.checkpointing import (CheckpointError, TrainState,
                                                       latest_iteration, load_checkpoint,
@@ -378,6 +378,8 @@ def main(argv=None) -> int:
         trainer.setup()
         if args.eval_only:
             trainer.log_evaluation(trainer.evaluate())
+            dist.barrier()
+            destroy_distributed()
             return 0
         finished = trainer.train()
         if finished:
@@ -391,6 +393,10 @@ def main(argv=None) -> int:
                 print_rank0("---- generated sample ----")
                 print_rank0(sample)
                 print_rank0("--------------------------")
+        # Leave together: a rank that exits while its peer is still inside a gloo collective
+        # makes the peer abort.
+        dist.barrier()
+        destroy_distributed()
         return 0
     except USER_ERRORS + (TrainingStopped,) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
