@@ -1,12 +1,14 @@
 """Training throughput of hypermoe, moe and dense at one small config, in one run.
 
-    python benchmarks/bench_train.py [--json] [--iters 40] [--rounds 2]
+    python benchmarks/bench_train.py [--json] [--steps 20]
 
-Each variant trains with pretrain_gpt_hypermoe.py on mock data (one process; the same shape,
-batch and seed), several rounds interleaved so drift hits every variant alike. Step time is the
-median of the logged ms/iteration after the first log interval (warm-up). Achieved training
-FLOP/s (the trainer's count: top-k experts and the HyperExpert included) is compared with this
-machine's measured fp32 matmul FLOP/s (a 2048^3 torch.mm, best of 10), stated in the output.
+The three variants are built in ONE process as the trainer builds them (megatron-core model,
+DeepSpeed ZeRO-1 engine, mock data; same shape, batch and seed) and their training iterations
+are interleaved, so machine drift hits every variant alike: separate processes run one after
+another differed by up to 15% between rounds here. Step time is the median iteration time after
+3 warm-up iterations. Achieved training FLOP/s (the trainer's count: top-k experts and the
+HyperExpert included) is compared with this machine's measured fp32 matmul FLOP/s (a 2048^3
+torch.mm, best of 10), stated in the output.
 """
 
 from __future__ import annotations
@@ -15,19 +17,23 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from megatron_hypermoe.training.arguments import parse_args  # noqa: E402
+from megatron_hypermoe.training.trainer import Trainer  # noqa: E402
+
 VARIANTS = ("hypermoe", "moe", "dense")
 CONFIG = ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "512",
           "--num-attention-heads", "4", "--seq-length", "256", "--micro-batch-size", "4",
           "--num-experts", "8", "--moe-router-topk", "1", "--mock-data", "--vocab-size", "4096",
-          "--lr", "3e-4", "--seed", "1"]
+          "--lr", "3e-4", "--seed", "1", "--train-iters", "1000"]
 
 
 def matmul_flops(n=2048, repeats=10) -> float:
@@ -41,52 +47,49 @@ def matmul_flops(n=2048, repeats=10) -> float:
     return 2 * n**3 / best
 
 
-def run_variant(variant, iters, log_interval, scratch):
-    metrics = os.path.join(scratch, f"{variant}-{time.time_ns()}.jsonl")
-    command = [sys.executable, os.path.join(ROOT, "pretrain_gpt_hypermoe.py"), *CONFIG,
-               "--moe-type", variant, "--train-iters", str(iters),
-               "--log-interval", str(log_interval), "--metrics-file", metrics]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"{variant} failed:\n{result.stderr[-3000:]}")
-    records = [json.loads(line) for line in open(metrics) if '"lm_loss"' in line]
-    return records[1:]  # the first interval includes warm-up
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--iters", type=int, default=40)
-    parser.add_argument("--log-interval", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
 
     peak = matmul_flops()
-    records = {v: [] for v in VARIANTS}
-    with tempfile.TemporaryDirectory() as scratch:
-        for round_index in range(args.rounds):
-            for variant in VARIANTS:
-                print(f"# round {round_index + 1}: {variant}", file=sys.stderr, flush=True)
-                records[variant] += run_variant(variant, args.iters, args.log_interval,
-                                                scratch)
+    trainers, batches = {}, {}
+    for variant in VARIANTS:
+        trainer = Trainer(parse_args(CONFIG + ["--moe-type", variant]))
+        trainer.setup()
+        trainers[variant], batches[variant] = trainer, iter(trainer.train_loader())
+    times = {v: [] for v in VARIANTS}
+    for step in range(args.steps + 3):
+        for variant in VARIANTS:
+            start = time.perf_counter()
+            trainers[variant].train_step(batches[variant])
+            if step >= 3:
+                times[variant].append(time.perf_counter() - start)
+        print(f"# step {step + 1}/{args.steps + 3}", file=sys.stderr, flush=True)
     summary = {}
-    for variant, rows in records.items():
+    for variant, trainer in trainers.items():
+        seconds = statistics.median(times[variant])
+        run = trainer.args
         summary[variant] = dict(
-            ms_per_iter=statistics.median(r["ms_per_iter"] for r in rows),
-            tokens_per_s=statistics.median(r["tokens_per_s"] for r in rows),
-            tflops=statistics.median(r["tflops_per_device"] for r in rows),
+            ms_per_iter=1000 * seconds,
+            tokens_per_s=run.global_batch_size * run.seq_length / seconds,
+            gflops=trainer.flops_per_iteration / seconds / 1e9,
+            parameters=sum(p.numel() for p in trainer.model.parameters()),
         )
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}; fp32 matmul (2048^3 mm): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'variant':9} {'ms/iter':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'of matmul':>10}")
+    print(f"{'variant':9} {'params':>8} {'ms/iter':>9} {'tokens/s':>10} {'GFLOP/s':>9} "
+          f"{'of matmul':>10}")
     for variant, row in summary.items():
-        print(f"{variant:9} {row['ms_per_iter']:9.1f} {row['tokens_per_s']:10,.0f} "
-              f"{row['tflops'] * 1e3:9.1f} {row['tflops'] * 1e12 / peak:10.1%}")
+        print(f"{variant:9} {row['parameters'] / 1e6:7.2f}M {row['ms_per_iter']:9.1f} "
+              f"{row['tokens_per_s']:10,.0f} {row['gflops']:9.1f} "
+              f"{row['gflops'] * 1e9 / peak:10.1%}")
     if args.json:
         print(json.dumps(dict(
             hypermoe_over_moe_step_time=summary["hypermoe"]["ms_per_iter"]
             / summary["moe"]["ms_per_iter"],
-            flops_fraction_of_matmul_peak=summary["hypermoe"]["tflops"] * 1e12 / peak,
+            flops_fraction_of_matmul_peak=summary["hypermoe"]["gflops"] * 1e9 / peak,
             matmul_gflops=peak / 1e9,
             variants=summary,
         )))
