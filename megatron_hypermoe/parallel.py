@@ -32,17 +32,25 @@ def initialize_distributed(tensor_model_parallel_size: int = 1,
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            # Plain `python`: a one-process job, described the way launchers describe it
-            # (DeepSpeed reads LOCAL_RANK too).
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                  "MASTER_PORT"))
+        if launched:
+            init_method = "env://"
+            rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        elif int(os.environ.get("WORLD_SIZE", "1")) != 1:
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: launch "
+                               "with torchrun or deepspeed")
+        else:
+            # Plain `python`: a one-process job on a free local port. Nothing but LOCAL_RANK
+            # (which DeepSpeed insists on) goes into the environment, so child processes
+            # started later do not inherit this job's rendezvous.
+            init_method, rank, world_size = f"tcp://127.0.0.1:{free_port()}", 0, 1
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
-            init_method="env://",
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
         )
     world_size = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * expert_model_parallel_size

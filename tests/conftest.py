@@ -28,11 +28,22 @@ def megatron_single_process():
     destroy_distributed()
 
 
+RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT")
+
+
+def child_environment(**extra) -> dict:
+    """os.environ for a child job: never inherit this process's distributed rendezvous."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **extra)
+    return env
+
+
 def run_torchrun(nproc: int, worker: str, *args: str, timeout: int = 120) -> str:
     """Run tests/workers/<worker> under torchrun with gloo; fail with its output if it fails."""
     from megatron_hypermoe.parallel import free_port
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    env = child_environment()
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc_per_node={nproc}", f"--master_port={free_port()}",

@@ -37,3 +37,22 @@ def test_bf16_hypermoe_gpt_forward_backward_on_cuda(megatron_single_process):
     assert torch.isfinite(loss)
     assert model.hypernetwork.fc.weight.grad.abs().sum() > 0
     assert model.hypernetwork.fc.weight.dtype == torch.bfloat16
+
+
+def test_bf16_training_run_on_cuda(tmp_path):
+    """The trainer end to end on one GPU in bf16 (NCCL, DeepSpeed's CUDA accelerator)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    from tests.test_training import TINY_MODEL
+
+    metrics = tmp_path / "metrics.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "pretrain_gpt_hypermoe.py"), *TINY_MODEL, "--mock-data",
+         "--train-iters", "5", "--bf16", "--zero-stage", "2", "--metrics-file", str(metrics)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = [json.loads(line)["lm_loss"] for line in open(metrics) if "lm_loss" in line]
+    assert len(losses) == 5 and all(loss == loss for loss in losses)  # finite, not NaN

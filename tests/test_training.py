@@ -12,7 +12,7 @@ import torch
 
 from megatron_hypermoe.data import preprocess, train_tokenizer
 from megatron_hypermoe.parallel import free_port
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, child_environment
 from tests.test_data_pipeline import make_documents, write_jsonl
 
 TINY_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
@@ -46,8 +46,7 @@ def pretrain_command(nproc):
 
 
 def environment():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT),
-                DS_ACCELERATOR="cpu")
+    return child_environment(DS_ACCELERATOR="cpu")
 
 
 def pretrain(*flags, nproc=1, timeout=240, expect=0):
