@@ -154,10 +154,9 @@ def finalize_args(args, world_size: int) -> None:
     if args.zero_stage == 3 and args.moe_type != "dense":
         raise ArgumentError("ZeRO stage 3 does not support MoE layers (DeepSpeed partitions "
                             "expert parameters only with stages 1 and 2): use --zero-stage 2")
-    if args.expert_model_parallel_size > 1 or args.tensor_model_parallel_size > 1:
-        raise ArgumentError("expert and tensor parallelism under DeepSpeed are not wired into "
-                            "this trainer yet: use --expert-model-parallel-size 1 "
-                            "--tensor-model-parallel-size 1")
+    if args.tensor_model_parallel_size > 1:
+        raise ArgumentError("tensor parallelism under DeepSpeed is not wired into this trainer "
+                            "yet: use --tensor-model-parallel-size 1")
     args.world_size = world_size
     args.data_parallel_size = world_size // args.tensor_model_parallel_size
     per_step = args.micro_batch_size * args.data_parallel_size

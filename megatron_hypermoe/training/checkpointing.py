@@ -6,6 +6,7 @@ Layout under --save (DeepSpeed's, plus three kinds of files of ours)::
     latest_checkpointed_iteration.txt   the same as an iteration number (Megatron's file)
     iter_0000100/
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   (DeepSpeed)
+        experts_ep_rank_00001.safetensors   with EP > 1: each EP rank's experts by global id
         hypermoe_checkpoint.json    arguments, iteration, consumed samples, model shape
         rng_rank_00000.safetensors  every RNG state of that rank (python, numpy, torch, CUDA,
                                     megatron's model-parallel streams)
@@ -32,19 +33,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_hypermoe.training.expert_parallel import restore_local_experts, save_local_experts
+
 CHECKPOINT_FORMAT = "megatron-hypermoe-checkpoint"
 CHECKPOINT_VERSION = 1
 META_FILE = "hypermoe_checkpoint.json"
 LATEST_FILE = "latest"
 MEGATRON_LATEST_FILE = "latest_checkpointed_iteration.txt"
 
-# Model fields a checkpoint must match; --finetune may not change them either.
+# Fields a checkpoint must match; --finetune may not change them either. The expert-parallel
+# size is one: DeepSpeed's optimizer files hold per-rank expert partitions of that layout.
 SHAPE_FIELDS = (
     "moe_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
     "num_query_groups", "num_experts", "moe_router_topk", "padded_vocab_size",
     "max_position_embeddings", "hyper_adapter_dim", "hyper_hidden_size",
     "hyper_expert_embedding_dim", "hyper_selection_hidden_size", "hyper_selection_output_size",
-    "hyper_layer_embedding_dim",
+    "hyper_layer_embedding_dim", "expert_model_parallel_size",
 )
 
 
@@ -197,6 +201,8 @@ def save_checkpoint(engine, args, state: TrainState) -> str:
     _barrier()
     engine.save_checkpoint(args.save, tag=partial_tag, client_state={}, save_latest=False)
     save_rng_state(partial_dir)
+    if args.expert_model_parallel_size > 1:
+        save_local_experts(engine.module, partial_dir, args.num_experts)
     if _rank() == 0:
         meta = {
             "format": CHECKPOINT_FORMAT,
@@ -266,6 +272,8 @@ def load_checkpoint(engine, args) -> TrainState:
                                      load_module_only=not load_optimizer)
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {args.load}")
+    if args.expert_model_parallel_size > 1:
+        restore_local_experts(engine, os.path.join(args.load, tag), args.num_experts)
     if args.finetune:
         return TrainState()
     if not args.no_load_rng:

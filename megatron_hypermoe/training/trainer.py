@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,9 @@ from megatron_hypermoe.training.checkpointing import (CheckpointError, TrainStat
                                                       latest_iteration, load_checkpoint,
                                                       save_checkpoint)
 from megatron_hypermoe.training.ds_config import DeepSpeedConfigError, resolve_config
+from megatron_hypermoe.training.expert_parallel import (deepspeed_recognises_megatron_moe,
+                                                        register_expert_parallel,
+                                                        split_moe_param_groups)
 from megatron_hypermoe.training.flops import training_flops_per_iteration
 from megatron_hypermoe.training.lr_schedule import learning_rate
 from megatron_hypermoe.training.metrics import (AuxLossesPaused, ExpertLoadCounter,
@@ -69,6 +73,7 @@ def model_config(args):
             num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
             moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
             moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+            expert_model_parallel_size=args.expert_model_parallel_size,
             hyper_adapter_dim=args.hyper_adapter_dim, hyper_hidden_size=args.hyper_hidden_size,
             hyper_expert_embedding_dim=args.hyper_expert_embedding_dim,
             hyper_selection_hidden_size=args.hyper_selection_hidden_size,
@@ -79,14 +84,16 @@ def model_config(args):
     return make_config(args.moe_type, **sizes)
 
 
-def optimizer_param_groups(model, weight_decay: float):
-    """Megatron's rule: no weight decay on biases and norm weights (1-D parameters)."""
+def optimizer_param_groups(model, weight_decay: float, expert_parallel: bool):
+    """Megatron's rule: no weight decay on biases and norm weights (1-D parameters); with
+    expert parallelism, experts in their own groups (DeepSpeed reduces them differently)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim == 1 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return split_moe_param_groups(groups) if expert_parallel else groups
 
 
 def masked_lm_loss(model, batch, device):
@@ -120,11 +127,15 @@ class Trainer:
         model = build_gpt_model(self.config, args.padded_vocab_size,
                                 args.max_position_embeddings)
         initialize_from_global_names(model, self.config, args.seed)
-        optimizer = torch.optim.AdamW(optimizer_param_groups(model, args.weight_decay),
-                                      lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                      eps=args.adam_eps)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model.to(self.device), optimizer=optimizer, config=resolve_config(args))
+        expert_parallel = args.expert_model_parallel_size > 1
+        if expert_parallel:
+            register_expert_parallel(model, args.num_experts, args.expert_model_parallel_size)
+        optimizer = torch.optim.AdamW(
+            optimizer_param_groups(model, args.weight_decay, expert_parallel), lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+        with deepspeed_recognises_megatron_moe() if expert_parallel else nullcontext():
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model.to(self.device), optimizer=optimizer, config=resolve_config(args))
         self.model = self.engine.module
         self.state = TrainState()
         if args.load and args.load == args.save and latest_iteration(args.load) is None:
@@ -139,7 +150,8 @@ class Trainer:
         self.flops_per_iteration = training_flops_per_iteration(args)
         n_params = sum(p.numel() for p in self.model.parameters())
         print_rank0(f"model: {args.moe_type}, {n_params / 1e6:.2f}M parameters, "
-                    f"{args.world_size} rank(s), global batch {args.global_batch_size} "
+                    f"{args.world_size} rank(s), EP {args.expert_model_parallel_size}, "
+                    f"global batch {args.global_batch_size} "
                     f"({args.gradient_accumulation_steps} micro-batch(es) of "
                     f"{args.micro_batch_size} per rank), ZeRO stage {args.zero_stage}")
 
