@@ -29,7 +29,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from megatron_hypermoe.training.arguments import parse_args  # noqa: E402
 from megatron_hypermoe.training.trainer import Trainer  # noqa: E402
 
-VARIANTS = ("hypermoe", "moe", "dense")
+VARIANTS = ("moe", "hypermoe", "dense")
 CONFIG = ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-size", "512",
           "--num-attention-heads", "4", "--seq-length", "256", "--micro-batch-size", "4",
           "--num-experts", "8", "--moe-router-topk", "1", "--mock-data", "--vocab-size", "4096",

@@ -3,18 +3,21 @@
 # (12 layers, hidden 768, 8 experts, top-1; paper-default hyper sizes).
 # Usage: DATA_PREFIX=/data/corpus_text_document TOKENIZER=/data/tok.model \
 #        bash examples/pretrain_hypermoe_1node.sh [extra flags]
-# Expert parallelism (--expert-model-parallel-size) under DeepSpeed arrives with the
-# parallelism work; this script uses EP=1 and ZeRO to spread the optimizer state.
+# Expert parallelism: EP=8 puts one of the 8 experts on each GPU (experts are reduced over their
+# expert-data-parallel group, everything else over all 8 ranks); ZeRO-2 shards optimizer state.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${DATA_PREFIX:?set DATA_PREFIX to a preprocessed dataset prefix}"
 : "${TOKENIZER:?set TOKENIZER to the SentencePiece model used to preprocess it}"
 RUN=${RUN:-runs/hypermoe_1node}
+EP=${EP:-8}
+NUM_EXPERTS=${NUM_EXPERTS:-8}
 NUM_GPUS=${NUM_GPUS:-8}
 
 deepspeed --num_gpus "$NUM_GPUS" pretrain_gpt_hypermoe.py \
   --deepspeed --deepspeed_config examples/ds_config_zero2.json --zero-stage 2 --bf16 \
-  --moe-type hypermoe --num-experts 8 --moe-router-topk 1 --moe-aux-loss-coeff 1e-2 \
+  --moe-type hypermoe --num-experts "$NUM_EXPERTS" --moe-router-topk 1 --moe-aux-loss-coeff 1e-2 \
+  --expert-model-parallel-size "$EP" --moe-token-dispatcher-type alltoall \
   --num-layers 12 --hidden-size 768 --ffn-hidden-size 3072 --num-attention-heads 12 \
   --seq-length 1024 --max-position-embeddings 1024 \
   --micro-batch-size 4 --global-batch-size 256 --clip-grad 1.0 \

@@ -12,11 +12,16 @@ cd "$(dirname "$0")/.."
 : "${DATA_PREFIX:?set DATA_PREFIX to a preprocessed dataset prefix}"
 : "${TOKENIZER:?set TOKENIZER to the SentencePiece model used to preprocess it}"
 RUN=${RUN:-runs/hypermoe_multinode}
+# Expert parallelism across nodes: with 2 nodes x 8 GPUs, EP=16 places one of 16 experts on each
+# GPU, so tokens cross nodes in the all-to-all. EP must divide the expert count and world size.
+EP=${EP:-16}
+NUM_EXPERTS=${NUM_EXPERTS:-16}
 MASTER_PORT=${MASTER_PORT:-29500}
 
 deepspeed --hostfile "$HOSTFILE" --master_port "$MASTER_PORT" pretrain_gpt_hypermoe.py \
   --deepspeed --deepspeed_config examples/ds_config_zero2.json --zero-stage 2 --bf16 \
-  --moe-type hypermoe --num-experts 8 --moe-router-topk 1 \
+  --moe-type hypermoe --num-experts "$NUM_EXPERTS" --moe-router-topk 1 \
+  --expert-model-parallel-size "$EP" --moe-token-dispatcher-type alltoall \
   --num-layers 12 --hidden-size 768 --ffn-hidden-size 3072 --num-attention-heads 12 \
   --seq-length 1024 --micro-batch-size 4 --global-batch-size 256 --clip-grad 1.0 \
   --train-iters 100000 --lr 6e-4 --min-lr 6e-5 --lr-warmup-iters 2000 --lr-decay-style cosine \

@@ -320,3 +320,20 @@ def test_expert_parallel_checkpoint_resumes_exactly(dataset, tmp_path):
                       str(tmp_path / "ckpt"), nproc=2, expect=1)
     assert "checkpoint has expert_model_parallel_size=2 but the flags give 1" in \
         error_line(output)[0]
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_launcher_runs_expert_parallel(tmp_path):
+    """`deepspeed pretrain_gpt_hypermoe.py --deepspeed ...` (the launcher adds --local_rank)."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    metrics = tmp_path / "metrics.jsonl"
+    result = subprocess.run(
+        [launcher, "--num_gpus", "2", "--master_port", str(free_port()),
+         str(REPO_ROOT / "pretrain_gpt_hypermoe.py"), "--deepspeed", "--mock-data",
+         *TINY_MODEL, "--train-iters", "2", "--zero-stage", "2",
+         "--expert-model-parallel-size", "2", "--metrics-file", str(metrics)],
+        env=environment(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "2 rank(s), EP 2" in result.stdout + result.stderr
+    train, _ = read_metrics(metrics)
+    assert [r["iteration"] for r in train] == [1, 2]
