@@ -337,3 +337,20 @@ def test_deepspeed_launcher_runs_expert_parallel(tmp_path):
     assert "2 rank(s), EP 2" in result.stdout + result.stderr
     train, _ = read_metrics(metrics)
     assert [r["iteration"] for r in train] == [1, 2]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("zero_stage", ["1", "2"])
+def test_data_parallel_two_ranks_match_one_process_with_accumulation(zero_stage, dataset,
+                                                                     tmp_path):
+    """Global batch 4: one process accumulating 2 micro-batches == 2 data-parallel ranks."""
+    common = [*TINY_MODEL, *dataset, "--train-iters", "5", "--global-batch-size", "4",
+              "--zero-stage", zero_stage, "--clip-grad", "0.5"]
+    pretrain(*common, "--metrics-file", str(tmp_path / "one.jsonl"))
+    pretrain(*common, "--metrics-file", str(tmp_path / "two.jsonl"), nproc=2)
+    one, _ = read_metrics(tmp_path / "one.jsonl")
+    two, _ = read_metrics(tmp_path / "two.jsonl")
+    assert len(one) == len(two) == 5
+    for a, b in zip(one, two):
+        assert _relative(b["lm_loss"], a["lm_loss"]) < 1e-6, (a, b)
+        assert _relative(b["grad_norm"], a["grad_norm"]) < 1e-5, (a, b)
