@@ -14,25 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from megatron_hypermoe.parallel import free_port  # noqa: E402
+
 CONFIG = ["--moe-type", "hypermoe", "--num-layers", "4", "--hidden-size", "256",
           "--ffn-hidden-size", "512", "--num-attention-heads", "4", "--seq-length", "128",
           "--micro-batch-size", "4", "--global-batch-size", "8", "--num-experts", "8",
           "--moe-router-topk", "2", "--mock-data", "--vocab-size", "4096", "--seed", "1"]
 LAYOUTS = {"ep1_zero1": ("1", "1"), "ep2_zero1": ("2", "1"),
            "ep1_zero2": ("1", "2"), "ep2_zero2": ("2", "2")}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_layout(ep, zero, iters, log_interval, scratch):
