@@ -140,17 +140,27 @@ def test_resumed_run_matches_uninterrupted_run_exactly(zero_stage, dataset, tmp_
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(dataset, tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    command = pretrain_command(1) + [*TINY_MODEL, *dataset, "--train-iters", "100000",
+    # Long enough to be mid-training when the signal comes, short enough that building the
+    # sample index stays quick on a loaded machine.
+    command = pretrain_command(1) + [*TINY_MODEL, *dataset, "--train-iters", "3000",
                                      "--save", str(tmp_path / "ckpt"),
                                      "--metrics-file", str(metrics)]
-    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n")
-                                          >= 2):
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    log = tmp_path / "run.log"  # a file, not a pipe: nothing can block, and a hang shows why
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, env=environment(), stdout=handle,
+                                   stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and not (metrics.exists() and
+                                              metrics.read_text().count("\n") >= 2):
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before it could be signalled"
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise AssertionError("no exit within 240 s of SIGTERM:\n" + log.read_text()[-3000:])
+    output = log.read_text()
     assert process.returncode == 0, output[-3000:]
     assert "exiting at iteration" in output and "SIGTERM" in output
     iteration = int((tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text())
