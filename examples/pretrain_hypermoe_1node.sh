@@ -11,6 +11,11 @@ cd "$(dirname "$0")/.."
 : "${TOKENIZER:?set TOKENIZER to the SentencePiece model used to preprocess it}"
 RUN=${RUN:-runs/hypermoe_1node}
 EP=${EP:-8}
+# Tensor parallelism (keep it inside a node): TP > 1 turns on sequence parallelism, which
+# megatron-core requires for MoE. TP x EP must divide the number of GPUs.
+TP=${TP:-1}
+SEQUENCE_PARALLEL=()
+if [ "$TP" -gt 1 ]; then SEQUENCE_PARALLEL=(--sequence-parallel); fi
 NUM_EXPERTS=${NUM_EXPERTS:-8}
 NUM_GPUS=${NUM_GPUS:-8}
 
@@ -18,6 +23,7 @@ deepspeed --num_gpus "$NUM_GPUS" pretrain_gpt_hypermoe.py \
   --deepspeed --deepspeed_config examples/ds_config_zero2.json --zero-stage 2 --bf16 \
   --moe-type hypermoe --num-experts "$NUM_EXPERTS" --moe-router-topk 1 --moe-aux-loss-coeff 1e-2 \
   --expert-model-parallel-size "$EP" --moe-token-dispatcher-type alltoall \
+  --tensor-model-parallel-size "$TP" "${SEQUENCE_PARALLEL[@]}" \
   --num-layers 12 --hidden-size 768 --ffn-hidden-size 3072 --num-attention-heads 12 \
   --seq-length 1024 --max-position-embeddings 1024 \
   --micro-batch-size 4 --global-batch-size 256 --clip-grad 1.0 \

@@ -15,6 +15,11 @@ RUN=${RUN:-runs/hypermoe_multinode}
 # Expert parallelism across nodes: with 2 nodes x 8 GPUs, EP=16 places one of 16 experts on each
 # GPU, so tokens cross nodes in the all-to-all. EP must divide the expert count and world size.
 EP=${EP:-16}
+# Tensor parallelism (keep it inside a node): TP > 1 turns on sequence parallelism, which
+# megatron-core requires for MoE. TP x EP must divide the number of GPUs.
+TP=${TP:-1}
+SEQUENCE_PARALLEL=()
+if [ "$TP" -gt 1 ]; then SEQUENCE_PARALLEL=(--sequence-parallel); fi
 NUM_EXPERTS=${NUM_EXPERTS:-16}
 MASTER_PORT=${MASTER_PORT:-29500}
 
@@ -22,6 +27,7 @@ deepspeed --hostfile "$HOSTFILE" --master_port "$MASTER_PORT" pretrain_gpt_hyper
   --deepspeed --deepspeed_config examples/ds_config_zero2.json --zero-stage 2 --bf16 \
   --moe-type hypermoe --num-experts "$NUM_EXPERTS" --moe-router-topk 1 \
   --expert-model-parallel-size "$EP" --moe-token-dispatcher-type alltoall \
+  --tensor-model-parallel-size "$TP" "${SEQUENCE_PARALLEL[@]}" \
   --num-layers 12 --hidden-size 768 --ffn-hidden-size 3072 --num-attention-heads 12 \
   --seq-length 1024 --micro-batch-size 4 --global-batch-size 256 --clip-grad 1.0 \
   --train-iters 100000 --lr 6e-4 --min-lr 6e-5 --lr-warmup-iters 2000 --lr-decay-style cosine \

@@ -1,10 +1,23 @@
-"""Text generation from a GPTModel: greedy or nucleus (top-p) sampling, no KV cache."""
+"""Text generation from a GPTModel: greedy or nucleus (top-p) sampling, no KV cache.
+
+Under tensor or expert parallelism every rank of the job calls :func:`generate_ids` with the same
+prompt and seed: the forward is collective, the vocabulary-parallel logits are gathered, and the
+same samples come out on every rank.
+"""
 
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_hypermoe.model import causal_attention_mask
+
+
+def _tensor_parallel_size() -> int:
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
 
 
 @torch.no_grad()
@@ -15,14 +28,21 @@ def generate_ids(model, prompt_ids, max_new_tokens: int, max_sequence_length: in
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    tp_size = _tensor_parallel_size()
     ids = list(prompt_ids)
     new = []
     for _ in range(max_new_tokens):
         window = ids[-max_sequence_length:]
-        tokens = torch.tensor([window], device=device)
-        positions = torch.arange(len(window), device=device).unsqueeze(0)
-        logits = model(tokens, positions, causal_attention_mask(len(window), device))
-        next_logits = logits[0, -1].float()
+        length = len(window)
+        # Sequence parallelism splits the sequence over TP ranks: pad on the right to a
+        # multiple of TP (causal attention keeps the real positions unaffected).
+        padded = window + [window[-1]] * (-length % tp_size)
+        tokens = torch.tensor([padded], device=device)
+        positions = torch.arange(len(padded), device=device).unsqueeze(0)
+        logits = model(tokens, positions, causal_attention_mask(len(padded), device))
+        if tp_size > 1:
+            logits = gather_from_tensor_model_parallel_region(logits)
+        next_logits = logits[0, length - 1].float()
         if vocab_size is not None:  # padded vocabulary rows are not tokens
             next_logits = next_logits[:vocab_size]
         next_id = int(next_logits.argmax()) if greedy else \

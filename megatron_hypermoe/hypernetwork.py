@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from megatron_hypermoe.config import HyperMoEConfig
+from megatron_hypermoe.sequence_parallel import mark_sequence_parallel
 
 HYPERFANIN_SCALE = 1e-3
 
@@ -70,6 +71,8 @@ class ExpertSelectionEmbedding(nn.Module):
         self.fc2 = _linear(
             config.hyper_selection_hidden_size, config.hyper_selection_output_size, config
         )
+        # Runs on each rank's sequence slice (like megatron's router).
+        mark_sequence_parallel(self, config.sequence_parallel)
 
     def selection_embedding(self, routing_map: torch.Tensor) -> torch.Tensor:
         """s = (1 - routing_map) @ Emb_l for a [N, E] boolean map of selected experts."""
@@ -109,6 +112,7 @@ class HyperNetwork(nn.Module):
         self.down_bias = HyperHead(d_g, r, d_g, config)
         self.up_weight = HyperHead(d_g, r * d, d_g * r, config)
         self.up_bias = HyperHead(d_g, d, d_g, config)
+        mark_sequence_parallel(self, config.sequence_parallel)
 
     def hidden(self, z: torch.Tensor, layer_index: int) -> torch.Tensor:
         """h = relu(fc(concat(z, LayerEmb[layer_index]))) for z [N, d_h] -> [N, d_g]."""

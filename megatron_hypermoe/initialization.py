@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 
 from megatron_hypermoe.config import HyperMoEConfig
 from megatron_hypermoe.hypernetwork import HYPERFANIN_SCALE
+from megatron_hypermoe.tensor_sharding import shard
 
 _LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _HYPERNET_HEAD = re.compile(r"hypernetwork\.(down_weight|down_bias|up_weight|up_bias)\.weight$")
@@ -70,17 +71,6 @@ def _draw(global_name: str, shape, config: HyperMoEConfig, generator) -> torch.T
     return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 
-def _local_shard(full: torch.Tensor, param, tp_size: int, tp_rank: int, gated: bool, name: str):
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return full
-    dim = param.partition_dim
-    if gated and name.endswith("linear_fc1.weight"):
-        # SwiGLU fc1 is [gate; up]; each rank holds [gate_shard; up_shard].
-        halves = torch.chunk(full, 2, dim=dim)
-        return torch.cat([torch.chunk(h, tp_size, dim=dim)[tp_rank] for h in halves], dim=dim)
-    return torch.chunk(full, tp_size, dim=dim)[tp_rank]
-
-
 @torch.no_grad()
 def initialize_from_global_names(model: torch.nn.Module, config: HyperMoEConfig, seed: int):
     """Overwrite every parameter of ``model`` from (seed, global name); layout-independent."""
@@ -98,5 +88,6 @@ def initialize_from_global_names(model: torch.nn.Module, config: HyperMoEConfig,
             tp_rank = parallel_state.get_tensor_model_parallel_rank()
         generator = torch.Generator().manual_seed(_name_seed(seed, global_name))
         full = _draw(global_name, _full_shape(param, tp_size), config, generator)
-        shard = _local_shard(full, param, tp_size, tp_rank, config.gated_linear_unit, name)
-        param.copy_(shard.to(param.dtype))
+        dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        local = shard(full, name, dim, tp_size, tp_rank, config.gated_linear_unit)
+        param.copy_(local.to(param.dtype))

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from megatron_hypermoe.cpu_compat import apply_cpu_patches
+from megatron_hypermoe.megatron_compat import apply_patches
 
 
 def free_port() -> int:
@@ -27,7 +27,7 @@ def initialize_distributed(tensor_model_parallel_size: int = 1,
                            expert_model_parallel_size: int = 1,
                            seed: int = 1234) -> None:
     """Initialise the process group (if needed), megatron's parallel groups and RNG streams."""
-    apply_cpu_patches()
+    apply_patches()
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available()
         if use_cuda:

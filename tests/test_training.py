@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,7 +114,8 @@ def test_two_process_data_parallel_run(moe_type, dataset, tmp_path):
     output = pretrain(*TINY_MODEL, *dataset, "--moe-type", moe_type, "--train-iters", "3",
                       "--global-batch-size", "8", "--zero-stage", "2",
                       "--metrics-file", str(metrics), nproc=2)
-    assert "2 rank(s), EP 1, global batch 8 (2 micro-batch(es) of 2 per rank)" in output
+    assert ("2 rank(s), TP 1, EP 1, DP 2, global batch 8 (2 micro-batch(es) of 2 per rank)"
+            in output)
     train, _ = read_metrics(metrics)
     assert [r["iteration"] for r in train] == [1, 2, 3]  # rank 0 alone writes
 
@@ -279,8 +281,74 @@ def test_inconsistent_flags_give_one_line_errors(flags, message, dataset):
     assert message in error_line(output)[0]
 
 
+@pytest.mark.parametrize("flags,world_size,message", [
+    (["--tensor-model-parallel-size", "2"], 2,
+     "MoE layers with --tensor-model-parallel-size > 1 need --sequence-parallel"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "33"], 2,
+     "--seq-length 33 is not divisible by --tensor-model-parallel-size 2"),
+    (["--tensor-model-parallel-size", "3", "--sequence-parallel"], 3,
+     "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--expert-model-parallel-size", "2"], 2, "world size 2 is not divisible by TP x EP = 4"),
+    (["--expert-model-parallel-size", "3"], 3, "--num-experts 4 is not divisible by"),
+    (["--pipeline-model-parallel-size", "2"], 2, "pipeline parallelism is not supported"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel",
+      "--expert-tensor-parallel-size", "1"], 2, "--expert-tensor-parallel-size 1 differs"),
+])
+def test_unsupported_parallel_layouts_are_refused(flags, world_size, message):
+    from megatron_hypermoe.training.arguments import ArgumentError, parse_args
+
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", *flags], world_size)
+
+
 def _relative(a, b):
     return abs(a - b) / max(abs(b), 1e-30)
+
+
+TP_COMMON = ["--train-iters", "3", "--zero-stage", "2", "--clip-grad", "0.5",
+             "--global-batch-size", "4", "--generate-tokens", "12"]
+
+
+def generated_sample(output):
+    lines = output.splitlines()
+    start = lines.index("---- generated sample ----")
+    return "\n".join(lines[start + 1:lines.index("--------------------------", start)])
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(dataset, tmp_path_factory):
+    """The layout every tensor-parallel run must reproduce: one process, global batch 4."""
+    metrics = tmp_path_factory.mktemp("tp_reference") / "one.jsonl"
+    output = pretrain(*TINY_MODEL, *dataset, *TP_COMMON, "--metrics-file", str(metrics))
+    return read_metrics(metrics)[0], generated_sample(output)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("nproc,layout", [
+    (2, ["--tensor-model-parallel-size", "2"]),
+    (4, ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"]),
+], ids=["tp2", "tp2xep2"])
+def test_tensor_parallel_run_matches_single_process_run(nproc, layout, dataset,
+                                                        single_process_reference, tmp_path):
+    """TP=2 (sequence parallel), and TP=2 x EP=2 on 4 ranks, train exactly like one process:
+    same weights from the same seed, same loss, aux loss and clipped global gradient norm at
+    each of 3 optimizer steps, and the same sampled text (generation is collective). Fails if
+    the norms, router or HyperMoE path lose the other sequence slice's gradient, or if the
+    gradient norm double-counts replicated weights."""
+    reference, reference_sample = single_process_reference
+    metrics = tmp_path / "tp.jsonl"
+    output = pretrain(*TINY_MODEL, *dataset, *TP_COMMON, *layout, "--sequence-parallel",
+                      "--metrics-file", str(metrics), nproc=nproc)
+    assert "TP 2 (sequence parallel)" in output
+    assert generated_sample(output) == reference_sample
+    parallel, _ = read_metrics(metrics)
+    assert len(parallel) == len(reference) == 3
+    for a, b in zip(parallel, reference):
+        assert _relative(a["lm_loss"], b["lm_loss"]) < 1e-5, (a, b)
+        assert _relative(a["aux_loss"], b["aux_loss"]) < 1e-5, (a, b)
+        assert _relative(a["grad_norm"], b["grad_norm"]) < 1e-5, (a, b)
+        assert a["grad_norm"] > 0.5  # clipping was active
 
 
 @pytest.mark.multiprocess
@@ -317,7 +385,8 @@ def test_expert_parallel_checkpoint_resumes_exactly(dataset, tmp_path):
              "--metrics-file", str(tmp_path / "resumed.jsonl"), nproc=2)
     saved = tmp_path / "ckpt" / "iter_0000003"
     assert sorted(p.name for p in saved.glob("experts_ep_rank_*.safetensors")) == [
-        "experts_ep_rank_00000.safetensors", "experts_ep_rank_00001.safetensors"]
+        "experts_ep_rank_00000_tp_rank_00.safetensors",
+        "experts_ep_rank_00001_tp_rank_00.safetensors"]
     pretrain(*common, "--load", str(tmp_path / "ckpt"),
              "--metrics-file", str(tmp_path / "resumed.jsonl"), nproc=2)
     full, _ = read_metrics(tmp_path / "full.jsonl")
@@ -344,7 +413,7 @@ def test_deepspeed_launcher_runs_expert_parallel(tmp_path):
          "--expert-model-parallel-size", "2", "--metrics-file", str(metrics)],
         env=environment(), capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    assert "2 rank(s), EP 2" in result.stdout + result.stderr
+    assert "2 rank(s), TP 1, EP 2, DP 2" in result.stdout + result.stderr
     train, _ = read_metrics(metrics)
     assert [r["iteration"] for r in train] == [1, 2]
 
@@ -364,3 +433,26 @@ def test_data_parallel_two_ranks_match_one_process_with_accumulation(zero_stage,
     for a, b in zip(one, two):
         assert _relative(b["lm_loss"], a["lm_loss"]) < 1e-6, (a, b)
         assert _relative(b["grad_norm"], a["grad_norm"]) < 1e-5, (a, b)
+
+
+@pytest.mark.multiprocess
+def test_tensor_and_expert_parallel_checkpoint_resumes(dataset, single_process_reference,
+                                                       tmp_path):
+    """TP=2 x EP=2: save at step 2 (every rank's shard: DeepSpeed's mp_rank files, our expert
+    files per EP x TP rank), load into a fresh 4-rank run; step 3 equals the uninterrupted
+    single-process run's. A wrong shard or expert file put back would change the loss."""
+    reference, _ = single_process_reference
+    layout = [*TINY_MODEL, *dataset, *TP_COMMON, "--tensor-model-parallel-size", "2",
+              "--expert-model-parallel-size", "2", "--sequence-parallel",
+              "--save", str(tmp_path / "ckpt"), "--metrics-file", str(tmp_path / "m.jsonl")]
+    pretrain(*layout, "--exit-interval", "2", nproc=4)
+    saved = tmp_path / "ckpt" / "iter_0000002"
+    assert sorted(p.name for p in saved.glob("experts_*.safetensors")) == [
+        f"experts_ep_rank_{ep:05d}_tp_rank_{tp:02d}.safetensors" for ep in (0, 1) for tp in (0, 1)]
+    assert sorted(p.name for p in saved.glob("mp_rank_*_model_states.pt")) == [
+        "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
+    pretrain(*layout, "--load", str(tmp_path / "ckpt"), nproc=4)
+    resumed, _ = read_metrics(tmp_path / "m.jsonl")
+    assert [r["iteration"] for r in resumed] == [1, 2, 3]
+    assert _relative(resumed[2]["lm_loss"], reference[2]["lm_loss"]) < 1e-5
+    assert _relative(resumed[2]["grad_norm"], reference[2]["grad_norm"]) < 1e-5

@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
                    default="alltoall")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="only the default (= --tensor-model-parallel-size) is supported")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="only 1 is supported")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split norms, router and the HyperMoE path along the sequence over "
+                        "the tensor-parallel ranks (megatron-core requires it for MoE with TP)")
 
     g = parser.add_argument_group("HyperMoE (paper defaults)")
     g.add_argument("--hyper-adapter-dim", type=int, default=64, help="r")
@@ -131,6 +138,37 @@ def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:
     return args
 
 
+def _check_tensor_parallel(args) -> None:
+    tp = args.tensor_model_parallel_size
+    if tp < 1:
+        raise ArgumentError("--tensor-model-parallel-size must be at least 1")
+    if args.pipeline_model_parallel_size != 1:
+        raise ArgumentError("pipeline parallelism is not supported (the hypernetwork is shared "
+                            "by every layer, so each stage would need it): use "
+                            "--pipeline-model-parallel-size 1 and more TP/EP/DP instead")
+    if args.expert_tensor_parallel_size not in (None, tp):
+        raise ArgumentError(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} "
+                            f"differs from --tensor-model-parallel-size {tp}, which is not "
+                            "supported: leave it unset")
+    if tp == 1:
+        args.sequence_parallel = False  # nothing to split over (as Megatron does)
+        return
+    if args.moe_type != "dense" and not args.sequence_parallel:
+        raise ArgumentError("MoE layers with --tensor-model-parallel-size > 1 need "
+                            "--sequence-parallel (a megatron-core requirement): add it")
+    query_groups = args.num_query_groups or args.num_attention_heads
+    for flag, value in (("--num-attention-heads", args.num_attention_heads),
+                        ("--num-query-groups", query_groups),
+                        ("--ffn-hidden-size", args.ffn_hidden_size)):
+        if value % tp:
+            raise ArgumentError(f"{flag} {value} is not divisible by "
+                                f"--tensor-model-parallel-size {tp}")
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ArgumentError(f"--seq-length {args.seq_length} is not divisible by "
+                            f"--tensor-model-parallel-size {tp} (sequence parallelism splits "
+                            "the sequence over the TP ranks)")
+
+
 def finalize_args(args, world_size: int) -> None:
     """Derived values and cross-flag checks (Megatron's validate_args)."""
     if args.ffn_hidden_size is None:
@@ -154,9 +192,7 @@ def finalize_args(args, world_size: int) -> None:
     if args.zero_stage == 3 and args.moe_type != "dense":
         raise ArgumentError("ZeRO stage 3 does not support MoE layers (DeepSpeed partitions "
                             "expert parameters only with stages 1 and 2): use --zero-stage 2")
-    if args.tensor_model_parallel_size > 1:
-        raise ArgumentError("tensor parallelism under DeepSpeed is not wired into this trainer "
-                            "yet: use --tensor-model-parallel-size 1")
+    _check_tensor_parallel(args)
     args.world_size = world_size
     args.data_parallel_size = world_size // args.tensor_model_parallel_size
     per_step = args.micro_batch_size * args.data_parallel_size

@@ -6,7 +6,8 @@ Layout under --save (DeepSpeed's, plus three kinds of files of ours)::
     latest_checkpointed_iteration.txt   the same as an iteration number (Megatron's file)
     iter_0000100/
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   (DeepSpeed)
-        experts_ep_rank_00001.safetensors   with EP > 1: each EP rank's experts by global id
+        experts_ep_rank_00001_tp_rank_00.safetensors   with EP > 1: each EP (x expert-TP) rank's
+                                    experts by global id
         hypermoe_checkpoint.json    arguments, iteration, consumed samples, model shape
         rng_rank_00000.safetensors  every RNG state of that rank (python, numpy, torch, CUDA,
                                     megatron's model-parallel streams)
@@ -41,14 +42,14 @@ META_FILE = "hypermoe_checkpoint.json"
 LATEST_FILE = "latest"
 MEGATRON_LATEST_FILE = "latest_checkpointed_iteration.txt"
 
-# Fields a checkpoint must match; --finetune may not change them either. The expert-parallel
-# size is one: DeepSpeed's optimizer files hold per-rank expert partitions of that layout.
+# Fields a checkpoint must match; --finetune may not change them either. The tensor- and
+# expert-parallel sizes are two: DeepSpeed's files hold per-rank shards of that layout.
 SHAPE_FIELDS = (
     "moe_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
     "num_query_groups", "num_experts", "moe_router_topk", "padded_vocab_size",
     "max_position_embeddings", "hyper_adapter_dim", "hyper_hidden_size",
     "hyper_expert_embedding_dim", "hyper_selection_hidden_size", "hyper_selection_output_size",
-    "hyper_layer_embedding_dim", "expert_model_parallel_size",
+    "hyper_layer_embedding_dim", "tensor_model_parallel_size", "expert_model_parallel_size",
 )
 
 

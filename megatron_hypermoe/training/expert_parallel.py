@@ -11,8 +11,8 @@ c. DeepSpeed turns its MoE handling on only when it finds its own MoE class: dur
    ``deepspeed.initialize`` it is shown megatron's MoELayer as well.
 d. DeepSpeed saves module weights from data-parallel rank 0 only, so after a load every
    expert-parallel rank would hold rank 0's experts: each EP rank saves its own experts (named by
-   GLOBAL expert id, safetensors) and restores them after DeepSpeed's load, then refreshes the
-   fp32 master copy. (Optimizer state is per rank in DeepSpeed's files and comes back right.)
+   GLOBAL expert id, safetensors, one file per EP x expert-TP rank) and restores them after
+   DeepSpeed's load, then refreshes the fp32 master copy. (Optimizer state is per rank in DeepSpeed's files and comes back right.)
 
 Checked by tests/test_training.py: EP=2 vs EP=1 losses and gradient norms, and EP=2 resume.
 """
@@ -29,7 +29,13 @@ from megatron.core import parallel_state
 
 from megatron_hypermoe.initialization import global_parameter_name
 
-EXPERT_FILE_PATTERN = "experts_ep_rank_*.safetensors"
+EXPERT_FILE_PATTERN = "experts_ep_rank_*_tp_rank_*.safetensors"
+
+
+def expert_file_name(ep_rank: int, expert_tp_rank: int) -> str:
+    """One file per (EP rank, expert-TP rank): with expert tensor parallelism each holds a shard
+    of its experts; the tensor names inside are global (``local_experts.<global id>``)."""
+    return f"experts_ep_rank_{ep_rank:05d}_tp_rank_{expert_tp_rank:02d}.safetensors"
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -94,8 +100,9 @@ def save_local_experts(model, directory: str, num_experts: int) -> None:
         return
     tensors = {name: param.detach().cpu().contiguous()
                for name, param in _global_expert_state(model, num_experts).items()}
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    save_file(tensors, os.path.join(directory, f"experts_ep_rank_{ep_rank:05d}.safetensors"))
+    name = expert_file_name(parallel_state.get_expert_model_parallel_rank(),
+                            parallel_state.get_expert_tensor_parallel_rank())
+    save_file(tensors, os.path.join(directory, name))
 
 
 def restore_local_experts(engine, directory: str, num_experts: int) -> None:
@@ -106,8 +113,12 @@ def restore_local_experts(engine, directory: str, num_experts: int) -> None:
 
     wanted = _global_expert_state(engine.module, num_experts)
     found = set()
+    # Every EP rank's file of this rank's expert-TP shard (a checkpoint saved with a different
+    # EP size is refused before this point, by its recorded layout).
+    own_shard = f"experts_ep_rank_*_tp_rank_{parallel_state.get_expert_tensor_parallel_rank():02d}" \
+        ".safetensors"
     with torch.no_grad():
-        for path in sorted(glob.glob(os.path.join(directory, EXPERT_FILE_PATTERN))):
+        for path in sorted(glob.glob(os.path.join(directory, own_shard))):
             with safe_open(path, framework="pt") as handle:
                 for name in handle.keys():
                     if name in wanted:

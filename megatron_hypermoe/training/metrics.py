@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_hypermoe.hypermoe_layer import HyperMoELayer
 
@@ -56,16 +57,36 @@ def hyper_output_rms(model) -> List[float]:
             if isinstance(layer, HyperMoELayer) and layer.last_hyper_output_rms is not None]
 
 
+def _reduce_over_ranks(entry) -> torch.Tensor:
+    """megatron's reduce_aux_losses_tracker_across_ranks without ReduceOp.AVG (gloo lacks it):
+    sum over the entry's reduce group (the TP ranks' sequence slices), average over DP."""
+    values = entry["values"].clone()
+    if not dist.is_initialized():
+        return values
+    if entry.get("reduce_group") is not None:
+        dist.all_reduce(values, group=entry["reduce_group"])
+    averaged = [entry.get("avg_group")]
+    if entry.get("reduce_group") is not None and not entry.get("reduce_group_has_dp", False):
+        averaged.append(parallel_state.get_data_parallel_group())
+    for group in averaged:
+        if group is not None:
+            dist.all_reduce(values, group=group)
+            values /= dist.get_world_size(group)
+    return values
+
+
 def take_aux_losses(num_forwards: int) -> Dict[str, float]:
-    """megatron's aux losses since the last call, as the mean over MoE layers and forward passes
-    (megatron's tracker sums them), then cleared."""
+    """megatron's aux losses since the last call, reduced over ranks as megatron reports them,
+    as the mean over MoE layers and forward passes (megatron's tracker sums them), then cleared.
+    Collective: every rank calls it."""
     from megatron.core.transformer.moe import moe_utils
 
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
     values = {}
     for name, entry in tracker.items():
-        layers = int((entry["values"] != 0).sum()) or 1
-        values[name] = float(entry["values"].sum()) / layers / max(num_forwards, 1)
+        reduced = _reduce_over_ranks(entry)
+        layers = int((reduced != 0).sum()) or 1
+        values[name] = float(reduced.sum()) / layers / max(num_forwards, 1)
     moe_utils.clear_aux_losses_tracker()
     return values
 

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_hypermoe.config import make_config
 from megatron_hypermoe.data.corpus import DataError
@@ -27,10 +28,12 @@ from megatron_hypermoe.generation import generate_ids
 from megatron_hypermoe.initialization import initialize_from_global_names
 from megatron_hypermoe.model import build_gpt_model, causal_attention_mask
 from megatron_hypermoe.parallel import destroy_distributed, initialize_distributed
+from megatron_hypermoe.sequence_parallel import allreduce_sequence_parallel_grads_in_backward
 from megatron_hypermoe.training.arguments import ArgumentError, parse_args
 from megatron_hypermoe.training.checkpointing import (CheckpointError, TrainState,
                                                       latest_iteration, load_checkpoint,
                                                       save_checkpoint)
+from megatron_hypermoe.training.deepspeed_mpu import MegatronMPU
 from megatron_hypermoe.training.ds_config import DeepSpeedConfigError, resolve_config
 from megatron_hypermoe.training.expert_parallel import (deepspeed_recognises_megatron_moe,
                                                         register_expert_parallel,
@@ -65,6 +68,8 @@ def model_config(args):
         num_query_groups=args.num_query_groups, hidden_dropout=args.hidden_dropout,
         attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
         bf16=args.bf16, fp16=args.fp16,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        sequence_parallel=args.sequence_parallel,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16
         else torch.float32,
     )
@@ -121,12 +126,17 @@ class Trainer:
         initialize_distributed(args.tensor_model_parallel_size,
                                args.expert_model_parallel_size, args.seed)
         self.rank = dist.get_rank()
+        # Tensor-parallel peers read the same batches; data-parallel ranks read different ones.
+        self.data_parallel_rank = parallel_state.get_data_parallel_rank()
         self.tokenizer = build_tokenizer(args)
         args.padded_vocab_size = padded_vocab_size(self.tokenizer.vocab_size, args)
         self.config = model_config(args)
         model = build_gpt_model(self.config, args.padded_vocab_size,
                                 args.max_position_embeddings)
         initialize_from_global_names(model, self.config, args.seed)
+        # Norms, router and the HyperMoE path see one sequence slice per TP rank: sum their
+        # gradients over the TP group (DeepSpeed only reduces over data-parallel ranks).
+        allreduce_sequence_parallel_grads_in_backward(model)
         expert_parallel = args.expert_model_parallel_size > 1
         if expert_parallel:
             register_expert_parallel(model, args.num_experts, args.expert_model_parallel_size)
@@ -135,7 +145,8 @@ class Trainer:
             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
         with deepspeed_recognises_megatron_moe() if expert_parallel else nullcontext():
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model.to(self.device), optimizer=optimizer, config=resolve_config(args))
+                model=model.to(self.device), optimizer=optimizer, config=resolve_config(args),
+                mpu=MegatronMPU())
         self.model = self.engine.module
         self.state = TrainState()
         if args.load and args.load == args.save and latest_iteration(args.load) is None:
@@ -150,7 +161,9 @@ class Trainer:
         self.flops_per_iteration = training_flops_per_iteration(args)
         n_params = sum(p.numel() for p in self.model.parameters())
         print_rank0(f"model: {args.moe_type}, {n_params / 1e6:.2f}M parameters, "
-                    f"{args.world_size} rank(s), EP {args.expert_model_parallel_size}, "
+                    f"{args.world_size} rank(s), TP {args.tensor_model_parallel_size}"
+                    f"{' (sequence parallel)' if args.sequence_parallel else ''}, "
+                    f"EP {args.expert_model_parallel_size}, DP {args.data_parallel_size}, "
                     f"global batch {args.global_batch_size} "
                     f"({args.gradient_accumulation_steps} micro-batch(es) of "
                     f"{args.micro_batch_size} per rank), ZeRO stage {args.zero_stage}")
@@ -176,8 +189,8 @@ class Trainer:
     def train_loader(self):
         args = self.args
         return build_data_loader(self.train_dataset, self.state.consumed_train_samples,
-                                 args.micro_batch_size, self.rank, args.data_parallel_size,
-                                 args.num_workers)
+                                 args.micro_batch_size, self.data_parallel_rank,
+                                 args.data_parallel_size, args.num_workers)
 
     # Evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -186,8 +199,8 @@ class Trainer:
         args = self.args
         if self.valid_dataset is None:
             return None
-        loader = build_data_loader(self.valid_dataset, 0, args.micro_batch_size, self.rank,
-                                   args.data_parallel_size)
+        loader = build_data_loader(self.valid_dataset, 0, args.micro_batch_size,
+                                   self.data_parallel_rank, args.data_parallel_size)
         self.engine.eval()
         self.expert_load.paused = True
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -203,7 +216,7 @@ class Trainer:
         self.expert_load.paused = False
         self.engine.train()
         self.last_eval_iteration = self.state.iteration
-        dist.all_reduce(totals)
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         val_loss = float(totals[0] / totals[1].clamp_min(1))
         return val_loss
 
@@ -244,8 +257,9 @@ class Trainer:
             losses.append(loss.detach())
         skipped = self.engine.skipped_steps > skipped_before
         mean_loss = torch.stack(losses).mean()
-        dist.all_reduce(mean_loss)
-        mean_loss = float(mean_loss) / dist.get_world_size()
+        data_parallel = parallel_state.get_data_parallel_group()
+        dist.all_reduce(mean_loss, group=data_parallel)
+        mean_loss = float(mean_loss) / dist.get_world_size(data_parallel)
         return mean_loss, lr, skipped
 
     def log_training(self, loss, lr, elapsed, iterations):
@@ -347,15 +361,17 @@ class Trainer:
         return self.stop_requested or bool(interval and self.state.iteration % interval == 0)
 
     def sample_text(self):
+        """Every rank generates in lock-step (tensor and expert parallel forwards are
+        collective, and the same seed gives every rank the same samples); rank 0 returns it."""
         args = self.args
-        if args.generate_tokens <= 0 or args.mock_data or self.rank != 0:
+        if args.generate_tokens <= 0 or args.mock_data:
             return None
         prompt = self.tokenizer.tokenize(args.generate_prompt) or [self.tokenizer.eod]
         new_ids = generate_ids(self.model, prompt, args.generate_tokens, args.seq_length,
                                greedy=False, top_p=0.9,
                                generator=torch.Generator().manual_seed(args.seed),
                                eod=self.tokenizer.eod, vocab_size=self.tokenizer.vocab_size)
-        return self.tokenizer.detokenize(prompt + new_ids)
+        return self.tokenizer.detokenize(prompt + new_ids) if self.rank == 0 else None
 
 
 class _Progress:

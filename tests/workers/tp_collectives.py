@@ -1,7 +1,9 @@
 """Run under torchrun with 2 processes (TP=2): the two collective patches of cpu_compat.
 
-5. a torch norm built with sequence_parallel=True all-reduces its gradient over the TP group;
-6. megatron's _gather_along_first_dim gathers slices of different sizes over gloo.
+5. a torch norm built with sequence_parallel=True is allowed and marked, and with the sequence-
+   parallel hooks its gradient is summed over the TP group;
+6. megatron's _gather_along_first_dim gathers slices of different sizes over gloo;
+and tensor_sharding's name rules agree with the partition_dim megatron gives every parameter.
 Exits non-zero (AssertionError) if either is wrong.
 """
 
@@ -12,7 +14,9 @@ from megatron.core.tensor_parallel import mappings
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_hypermoe.parallel import destroy_distributed, initialize_distributed
-from tests.model_factory import tiny_config
+from megatron_hypermoe.sequence_parallel import allreduce_sequence_parallel_grads_in_backward
+from megatron_hypermoe.tensor_sharding import partition_dim
+from tests.model_factory import tiny_config, tiny_model
 
 
 def check_uneven_gather(rank):
@@ -28,6 +32,7 @@ def check_sequence_parallel_norm(rank):
     config = tiny_config(tensor_model_parallel_size=2, sequence_parallel=True)
     norm = WrappedTorchNorm(config, hidden_size=8)
     assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
+    assert len(allreduce_sequence_parallel_grads_in_backward(norm)) == 1
     inputs = [torch.randn(5, 8, generator=torch.Generator().manual_seed(r)) for r in range(2)]
     norm(inputs[rank]).pow(2).sum().backward()
     # Reference: the same norm on the whole sequence in one process.
@@ -36,11 +41,21 @@ def check_sequence_parallel_norm(rank):
     torch.testing.assert_close(norm.weight.grad, reference.weight.grad, rtol=1e-6, atol=1e-6)
 
 
+def check_partition_name_rules():
+    for moe_type in ("hypermoe", "dense"):
+        model, _ = tiny_model(moe_type, tensor_model_parallel_size=2, sequence_parallel=True)
+        for name, param in model.named_parameters():
+            expected = param.partition_dim if getattr(param, "tensor_model_parallel", False) \
+                else None
+            assert partition_dim(name) == expected, (name, partition_dim(name), expected)
+
+
 def main():
     initialize_distributed(tensor_model_parallel_size=2)
     rank = dist.get_rank()
     check_uneven_gather(rank)
     check_sequence_parallel_norm(rank)
+    check_partition_name_rules()
     print(f"rank {rank}: tp collectives OK")
     destroy_distributed()
 

@@ -1,9 +1,11 @@
-"""Make megatron-core 0.16.1 run on a machine without CUDA (CPU tensors, gloo collectives).
+"""The narrow patches megatron-core 0.16.1 needs here: six for CPU-only machines, one everywhere.
 
-megatron-core assumes CUDA in six places that a CPU-only model touches. Each patch below is the
-narrowest change that makes that place work on the CPU; nothing here changes behaviour when CUDA is
-available, because :func:`apply_cpu_patches` refuses to run then. The patches are written against
-megatron-core 0.16.1 exactly and refuse any other version, since they replace private functions.
+megatron-core assumes CUDA in six places that a CPU-only model touches. Patches 1-4 and 6 are the
+narrowest changes that make those places work on the CPU; :func:`apply_cpu_patches` applies them
+only when CUDA is unavailable. Patch 5 is needed on GPUs too (megatron's local spec uses the torch
+norm for RMSNorm, with or without CUDA), so :func:`apply_patches` applies it on every machine.
+The patches are written against megatron-core 0.16.1 exactly and refuse any other version, since
+they replace private functions.
 
 1. ``torch.cuda.current_device()`` is used as a *device* for new tensors (global memory buffer,
    router, tensor-parallel layers, mappings): return ``torch.device("cpu")``.
@@ -12,8 +14,8 @@ megatron-core 0.16.1 exactly and refuse any other version, since they replace pr
 4. The all-to-all dispatcher creates a CUDA stream and copies split sizes device-to-host on it:
    skip the stream, turn the split tensors into numpy arrays.
 5. MoE with tensor parallelism needs sequence parallelism, which the torch norm wrapper refuses:
-   allow it, and all-reduce the norm's gradients over the tensor-parallel group (each rank only
-   saw its slice of the sequence).
+   allow it and mark the norm's parameters ``sequence_parallel`` like megatron's other norms, so
+   their gradients get the tensor-parallel all-reduce (``megatron_hypermoe.sequence_parallel``).
 6. gloo cannot ``all_gather`` tensors of different sizes (``_gather_along_first_dim`` with split
    sizes, used with expert tensor parallelism): pad to the largest, gather, trim.
 """
@@ -28,6 +30,7 @@ import torch
 SUPPORTED_MEGATRON_CORE_VERSION = "0.16.1"
 
 _applied = False
+_norm_patched = False
 
 
 def megatron_core_version() -> str:
@@ -40,31 +43,43 @@ def cpu_patches_applied() -> bool:
     return _applied
 
 
+def _check_version() -> None:
+    version = megatron_core_version()
+    if version != SUPPORTED_MEGATRON_CORE_VERSION:
+        raise RuntimeError(
+            f"megatron_hypermoe's megatron-core patches are written for megatron-core=="
+            f"{SUPPORTED_MEGATRON_CORE_VERSION}, found {version}: "
+            f"pip install megatron-core=={SUPPORTED_MEGATRON_CORE_VERSION}"
+        )
+
+
+def apply_patches() -> None:
+    """Patch 5 on every machine, the CPU patches when there is no CUDA. Idempotent."""
+    global _norm_patched
+    if not _norm_patched:
+        _check_version()
+        _patch_torch_norm_sequence_parallel()
+        _norm_patched = True
+    apply_cpu_patches()
+
+
 def apply_cpu_patches() -> bool:
-    """Apply all six patches once. Returns True if they are (now) applied, False with CUDA."""
+    """Apply the CPU patches once. Returns True if they are (now) applied, False with CUDA."""
     global _applied
     if _applied:
         return True
     if torch.cuda.is_available():
         return False
-    version = megatron_core_version()
-    if version != SUPPORTED_MEGATRON_CORE_VERSION:
-        raise RuntimeError(
-            f"megatron_hypermoe's CPU patches are written for megatron-core=="
-            f"{SUPPORTED_MEGATRON_CORE_VERSION}, found {version}: "
-            f"pip install megatron-core=={SUPPORTED_MEGATRON_CORE_VERSION}"
-        )
+    _check_version()
     _patch_current_device()
     _patch_rng_tracker()
     _patch_te_general_gemm()
     _patch_alltoall_dispatcher()
-    _patch_torch_norm_sequence_parallel()
     _patch_uneven_all_gather()
     _applied = True
     return True
 
 
-# 1 ------------------------------------------------------------------------------------------------
 def _cpu_current_device():
     return torch.device("cpu")
 
@@ -153,21 +168,11 @@ def _patch_alltoall_dispatcher():
 
 
 # 5 ------------------------------------------------------------------------------------------------
-def _allreduce_grad_over_tp(grad: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    if torch.distributed.get_world_size(group) > 1:
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=group)
-    return grad
-
-
 def _patch_torch_norm_sequence_parallel():
     from megatron.core.transformer import torch_norm
 
     original_new = torch_norm.WrappedTorchNorm.__new__
-    if getattr(original_new, "_hypermoe_cpu_patch", False):
+    if getattr(original_new, "_hypermoe_patch", False):
         return
 
     @functools.wraps(original_new)
@@ -181,11 +186,10 @@ def _patch_torch_norm_sequence_parallel():
         finally:
             config.sequence_parallel = True
         for param in norm.parameters():
-            param.sequence_parallel = True
-            param.register_hook(_allreduce_grad_over_tp)
+            param.sequence_parallel = True  # as megatron's FusedLayerNorm marks its own
         return norm
 
-    new_allowing_sequence_parallel._hypermoe_cpu_patch = True
+    new_allowing_sequence_parallel._hypermoe_patch = True
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(new_allowing_sequence_parallel)
 
 

@@ -1,9 +1,9 @@
-"""Each of the six megatron-core CPU patches, and the guards around them."""
+"""Each of the megatron-core patches (six for CPU, one everywhere), and the guards around them."""
 
 import pytest
 import torch
 
-import megatron_hypermoe.cpu_compat as cpu_compat
+import megatron_hypermoe.megatron_compat as cpu_compat
 from tests.conftest import run_torchrun
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
