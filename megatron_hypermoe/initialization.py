@@ -71,9 +71,8 @@ def _draw(global_name: str, shape, config: HyperMoEConfig, generator) -> torch.T
     return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 
-@torch.no_grad()
-def initialize_from_global_names(model: torch.nn.Module, config: HyperMoEConfig, seed: int):
-    """Overwrite every parameter of ``model`` from (seed, global name); layout-independent."""
+def _assign_by_global_name(model: torch.nn.Module, config: HyperMoEConfig, full_tensor) -> None:
+    """Set every parameter to its shard of ``full_tensor(global_name, full_shape)``."""
     ep_rank = parallel_state.get_expert_model_parallel_rank()
     ep_size = parallel_state.get_expert_model_parallel_world_size()
     num_local_experts = (config.num_moe_experts or ep_size) // ep_size
@@ -86,8 +85,41 @@ def initialize_from_global_names(model: torch.nn.Module, config: HyperMoEConfig,
         else:
             tp_size = parallel_state.get_tensor_model_parallel_world_size()
             tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        generator = torch.Generator().manual_seed(_name_seed(seed, global_name))
-        full = _draw(global_name, _full_shape(param, tp_size), config, generator)
+        full = full_tensor(global_name, _full_shape(param, tp_size))
         dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
         local = shard(full, name, dim, tp_size, tp_rank, config.gated_linear_unit)
         param.copy_(local.to(param.dtype))
+
+
+@torch.no_grad()
+def initialize_from_global_names(model: torch.nn.Module, config: HyperMoEConfig, seed: int):
+    """Overwrite every parameter of ``model`` from (seed, global name); layout-independent."""
+
+    def draw(global_name, shape):
+        generator = torch.Generator().manual_seed(_name_seed(seed, global_name))
+        return _draw(global_name, shape, config, generator)
+
+    _assign_by_global_name(model, config, draw)
+
+
+@torch.no_grad()
+def load_global_state(model: torch.nn.Module, config: HyperMoEConfig, state: dict,
+                      fallback_seed: int = None):
+    """Overwrite every parameter from a full state dict keyed by global names (a converted
+    checkpoint), in any TP/EP layout. Names missing from ``state`` are drawn from
+    ``fallback_seed`` (fresh router and HyperMoE path when upcycling); without one they are an
+    error."""
+
+    def take(global_name, shape):
+        if global_name in state:
+            tensor = state[global_name]
+            if list(tensor.shape) != list(shape):
+                raise ValueError(f"{global_name}: shape {list(tensor.shape)} in the source, "
+                                 f"{list(shape)} in the model")
+            return tensor
+        if fallback_seed is None:
+            raise KeyError(f"{global_name} is missing from the source weights")
+        generator = torch.Generator().manual_seed(_name_seed(fallback_seed, global_name))
+        return _draw(global_name, shape, config, generator)
+
+    _assign_by_global_name(model, config, take)

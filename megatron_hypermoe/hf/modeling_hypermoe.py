@@ -16,7 +16,6 @@ h depends on the token only through S, so one HyperExpert is generated per disti
 """
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +44,17 @@ def _rotate_half(x):
 
 
 class HyperMoeRotaryEmbedding(nn.Module):
+    # Frequencies are computed per call, not kept in a buffer: transformers may build the model
+    # on the meta device and only fills buffers that are saved.
     def __init__(self, head_dim, base):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
 
     def forward(self, position_ids):
-        freqs = position_ids.float()[..., None] * self.inv_freq  # [B, T, hd/2]
+        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32,
+                             device=position_ids.device)
+        inv_freq = 1.0 / (self.base ** (steps / self.head_dim))
+        freqs = position_ids.float()[..., None] * inv_freq  # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos()[:, None], emb.sin()[:, None]  # [B, 1, T, hd]
 
@@ -252,8 +255,9 @@ class HyperMoeForCausalLM(HyperMoePreTrainedModel, GenerationMixin):
         return self.model.embed_tokens
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, labels=None, use_cache=None,
-                cache_position: Optional[torch.Tensor] = None, **kwargs):
+                past_key_values=None, labels=None, use_cache=None, cache=None, **kwargs):
+        # transformers 5 calls the KV cache ``cache``, 4.x ``past_key_values``: take either.
+        past_key_values = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()

@@ -189,8 +189,9 @@ def _jsonable_args(args) -> dict:
     return out
 
 
-def save_checkpoint(engine, args, state: TrainState) -> str:
-    """Save on every rank (collective). Returns the final checkpoint directory."""
+def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] = None) -> str:
+    """Save on every rank (collective). Returns the final checkpoint directory. ``tokenizer``
+    (its fingerprint: type, vocab size, file hashes) lets converters refuse a mismatched one."""
     tag = tag_for(state.iteration)
     partial_tag = tag + ".partial"
     final_dir = os.path.join(args.save, tag)
@@ -214,6 +215,7 @@ def save_checkpoint(engine, args, state: TrainState) -> str:
             "world_size": args.world_size,
             "data_parallel_size": args.data_parallel_size,
             "args": _jsonable_args(args),
+            "tokenizer": tokenizer,
         }
         _atomic_write_text(os.path.join(partial_dir, META_FILE), json.dumps(meta, indent=1))
     _barrier()

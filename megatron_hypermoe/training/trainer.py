@@ -307,7 +307,8 @@ class Trainer:
         self.metrics.record(record)
 
     def save(self):
-        directory = save_checkpoint(self.engine, self.args, self.state)
+        directory = save_checkpoint(self.engine, self.args, self.state,
+                                    tokenizer=tokenizer_fingerprint(self.args, self.tokenizer))
         print_rank0(f"saved checkpoint {directory}")
 
     def train(self):

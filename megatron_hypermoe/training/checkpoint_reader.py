@@ -1,0 +1,100 @@
+"""Read one of our checkpoints, saved with any TP/EP layout, as one full model state dict.
+
+DeepSpeed keeps each tensor-parallel rank's module weights in ``mp_rank_XX_model_states.pt``
+(written by data-parallel rank 0, so with EP > 1 they hold EP rank 0's experts only); our
+``experts_ep_rank_*_tp_rank_*.safetensors`` hold every EP rank's experts under GLOBAL ids. The
+reader merges tensor-parallel shards by megatron's name rules (``tensor_sharding``), takes the
+experts from our files when EP > 1, and returns megatron parameter names with global expert
+ids, as a single-process (TP=1, EP=1) model names them. Reads only: nothing is unpickled beyond
+tensors and DeepSpeed's plain records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+from typing import Dict, Optional
+
+import torch
+
+from megatron_hypermoe.tensor_sharding import merge, partition_dim
+from megatron_hypermoe.training.checkpointing import (META_FILE, CheckpointError,
+                                                      make_safe_checkpoint_engine, read_latest,
+                                                      tag_for)
+from megatron_hypermoe.training.expert_parallel import expert_file_name
+
+_EXPERT = re.compile(r"\.local_experts\.\d+\.")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    directory: str  # the iter_N directory
+    meta: dict  # hypermoe_checkpoint.json
+    state: Dict[str, torch.Tensor]  # full tensors, megatron names, global expert ids
+
+    @property
+    def args(self) -> argparse.Namespace:
+        return argparse.Namespace(**self.meta["args"])
+
+
+def _checkpoint_directory(load_dir: str, iteration: Optional[int]):
+    if iteration is None:
+        tag, meta = read_latest(load_dir)
+        return os.path.join(load_dir, tag), meta
+    directory = os.path.join(load_dir, tag_for(iteration))
+    meta_path = os.path.join(directory, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{load_dir} has no complete checkpoint for iteration {iteration} "
+                              f"(no {meta_path})")
+    with open(meta_path) as handle:
+        return directory, json.load(handle)
+
+
+def _load_module(path: str) -> Dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete")
+    saved = make_safe_checkpoint_engine().load(path, map_location="cpu")
+    return {name: tensor for name, tensor in saved["module"].items()
+            if isinstance(tensor, torch.Tensor) and not name.endswith("_extra_state")}
+
+
+def _load_experts(directory: str, ep_size: int, tp_size: int):
+    from safetensors.torch import load_file
+
+    per_tp_rank = [{} for _ in range(tp_size)]
+    for tp_rank in range(tp_size):
+        for ep_rank in range(ep_size):
+            path = os.path.join(directory, expert_file_name(ep_rank, tp_rank))
+            if not os.path.isfile(path):
+                raise CheckpointError(f"expert shard {path} is missing (EP={ep_size}, "
+                                      f"TP={tp_size} checkpoint); copy the whole checkpoint "
+                                      "directory")
+            per_tp_rank[tp_rank].update(load_file(path))
+    return per_tp_rank
+
+
+def read_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Checkpoint:
+    """The full state of the newest (or the given) checkpoint under ``load_dir``."""
+    directory, meta = _checkpoint_directory(load_dir, iteration)
+    args = meta["args"]
+    tp_size = int(args.get("tensor_model_parallel_size", 1))
+    ep_size = int(args.get("expert_model_parallel_size", 1))
+    shards = [_load_module(os.path.join(directory, f"mp_rank_{rank:02d}_model_states.pt"))
+              for rank in range(tp_size)]
+    if ep_size > 1:
+        # DeepSpeed's files hold only EP rank 0's experts, under local ids: use ours.
+        shards = [{n: t for n, t in shard.items() if not _EXPERT.search(n)} for shard in shards]
+        for shard, experts in zip(shards, _load_experts(directory, ep_size, tp_size)):
+            shard.update(experts)
+    names = list(shards[0])
+    for rank, shard in enumerate(shards[1:], start=1):
+        if set(shard) != set(names):
+            raise CheckpointError(f"{directory}: tensor-parallel rank {rank} holds other "
+                                  "parameters than rank 0; the checkpoint is damaged")
+    state = {name: merge([shard[name] for shard in shards], name, partition_dim(name),
+                         gated=True).clone()
+             for name in names}
+    return Checkpoint(directory=directory, meta=meta, state=state)

@@ -1,0 +1,354 @@
+"""Hugging Face conversion both ways, evaluation and generation (issue: HF conversion).
+
+Checkpoints come from real tiny training runs in several layouts. The strongest checks: the HF
+model's logits equal our model's on the same tokens; an EP=2 or TP=2 checkpoint exports exactly
+the same HF weights as a one-process one (so shards are gathered right); ours -> HF -> ours is
+the identity.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_hypermoe.hf.export import build_megatron_model, export_checkpoint, load_hf_model
+from megatron_hypermoe.hf.mapping import to_hf
+from megatron_hypermoe.model import causal_attention_mask
+from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+from megatron_hypermoe.training.checkpointing import CheckpointError
+from tests.conftest import REPO_ROOT
+from tests.test_training import TINY_MODEL, dataset, environment, pretrain  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+# lr 0 keeps the initial weights, which are layout-independent by construction: the EP=2 and
+# TP=2 exports must then equal the one-process export exactly.
+RUNS = {
+    "hypermoe": (["--lr", "0"], 1),
+    "hypermoe_ep2": (["--lr", "0", "--expert-model-parallel-size", "2"], 2),
+    "hypermoe_tp2": (["--lr", "0", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                     2),
+    "moe": (["--moe-type", "moe"], 1),
+    "dense": (["--moe-type", "dense"], 1),
+}
+
+
+def case(name):
+    """A parametrize entry, marked multiprocess when its checkpoint needs several ranks."""
+    return pytest.param(name, marks=pytest.mark.multiprocess) if RUNS[name][1] > 1 else name
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dataset, tmp_path_factory):  # noqa: F811
+    """checkpoint(name) -> a trained checkpoint directory (each run once per module)."""
+    made = {}
+    root = tmp_path_factory.mktemp("hf_checkpoints")
+
+    def make(name):
+        if name not in made:
+            flags, nproc = RUNS[name]
+            save = root / name
+            pretrain(*TINY_MODEL, *dataset, "--train-iters", "2", "--global-batch-size", "4",
+                     *flags, "--save", str(save), nproc=nproc)
+            made[name] = save
+        return made[name]
+    return make
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    """exported(name) -> the HF directory converted from checkpoint(name)."""
+    made = {}
+    root = tmp_path_factory.mktemp("hf_exports")
+
+    def make(name):
+        if name not in made:
+            made[name] = root / name
+            export_checkpoint(str(checkpoint(name)), str(made[name]))
+        return made[name]
+    return make
+
+
+def tokens(batch=2, length=32, vocab=400, seed=0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def megatron_logits(model, ids):
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return model(ids, positions, causal_attention_mask(ids.shape[1])).float()
+
+
+@torch.no_grad()
+def hf_logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
+ARCHITECTURES = {"hypermoe": "HyperMoeForCausalLM", "moe": "MixtralForCausalLM",
+                 "dense": "LlamaForCausalLM"}
+
+
+@pytest.mark.parametrize("name", [case(name) for name in RUNS])
+def test_hf_logits_equal_megatron_logits(name, checkpoint, exported):
+    megatron, _ = build_megatron_model(read_checkpoint(str(checkpoint(name))))
+    hf = load_hf_model(str(exported(name)))
+    assert type(hf).__name__ == ARCHITECTURES[name.split("_")[0]]
+    ids = tokens()
+    difference = (hf_logits(hf, ids) - megatron_logits(megatron, ids)).abs().max().item()
+    assert difference <= 1e-4, difference
+
+
+def test_native_exports_have_no_custom_code_and_hypermoe_has_the_documented_keys(exported):
+    for name in ("moe", "dense"):
+        config = json.loads((exported(name) / "config.json").read_text())
+        assert "auto_map" not in config and not list(exported(name).glob("*.py"))
+    directory = exported("hypermoe")
+    config = json.loads((directory / "config.json").read_text())
+    assert config["model_type"] == "hypermoe"
+    assert config["architectures"] == ["HyperMoeForCausalLM"]
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
+    weights = load_file(str(directory / "model.safetensors"))
+    d, r, d_g, d_e, d_p, d_h, d_l, experts, layers = 64, 8, 16, 16, 16, 16, 10, 4, 2
+    expected = {
+        "model.layers.1.block_sparse_moe.selection.embedding.weight": [experts, d_e],
+        "model.layers.1.block_sparse_moe.selection.fc1.weight": [d_p, d_e],
+        "model.layers.1.block_sparse_moe.selection.fc1.bias": [d_p],
+        "model.layers.1.block_sparse_moe.selection.fc2.weight": [d_h, d_p],
+        "model.layers.1.block_sparse_moe.selection.fc2.bias": [d_h],
+        "model.hypernet.layer_embedding.weight": [layers, d_l],
+        "model.hypernet.fc.weight": [d_g, d_h + d_l], "model.hypernet.fc.bias": [d_g],
+        "model.hypernet.down_weight.weight": [d * r, d_g], "model.hypernet.down_weight.bias":
+        [d * r], "model.hypernet.down_bias.weight": [r, d_g],
+        "model.hypernet.up_weight.weight": [r * d, d_g], "model.hypernet.up_bias.weight": [d, d_g],
+        "model.layers.0.block_sparse_moe.experts.3.w1.weight": [128, d],
+        "model.layers.0.block_sparse_moe.experts.3.w2.weight": [d, 128],
+        "model.layers.0.block_sparse_moe.gate.weight": [experts, d],
+    }
+    for key, shape in expected.items():
+        assert list(weights[key].shape) == shape, key
+    for field in ("hyper_adapter_dim", "hyper_hidden_size", "hyper_expert_embedding_dim",
+                  "hyper_selection_hidden_size", "hyper_selection_output_size",
+                  "hyper_layer_embedding_dim"):
+        assert field in config
+
+
+@pytest.mark.parametrize("topk", [1, 2])
+def test_hf_hypermoe_matches_megatron_with_a_large_hyper_path(topk):
+    """Mapping + modeling file, with the HyperExpert made large enough to matter, top-1
+    (megatron's unrenormalised probability) and top-2."""
+    from megatron_hypermoe.hf.configuration_hypermoe import HyperMoeConfig
+    from megatron_hypermoe.hf.modeling_hypermoe import HyperMoeForCausalLM
+    from megatron_hypermoe.initialization import initialize_from_global_names
+    from tests.model_factory import VOCAB, tiny_model
+
+    model, config = tiny_model("hypermoe", moe_router_topk=topk)
+    initialize_from_global_names(model, config, seed=3)
+    with torch.no_grad():  # make the HyperExpert's output comparable to the MLP's
+        model.hypernetwork.fc.weight.mul_(30)
+        for layer in model.hypermoe_layers():
+            layer.selection.fc2.weight.mul_(30)
+        for head in ("down_weight", "up_weight"):
+            getattr(model.hypernetwork, head).weight.mul_(3000)
+    hf_config = HyperMoeConfig(
+        vocab_size=VOCAB, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=16, num_local_experts=config.num_moe_experts,
+        num_experts_per_tok=topk, norm_topk_prob=topk > 1,
+        hyper_adapter_dim=config.hyper_adapter_dim, hyper_hidden_size=config.hyper_hidden_size,
+        hyper_expert_embedding_dim=config.hyper_expert_embedding_dim,
+        hyper_selection_hidden_size=config.hyper_selection_hidden_size,
+        hyper_selection_output_size=config.hyper_selection_output_size,
+        hyper_layer_embedding_dim=config.hyper_layer_embedding_dim)
+    hf = HyperMoeForCausalLM(hf_config).eval()
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    shape = dict(moe_type="hypermoe", num_layers=config.num_layers,
+                 num_attention_heads=config.num_attention_heads,
+                 num_query_groups=config.num_attention_heads, hidden_size=config.hidden_size,
+                 num_experts=config.num_moe_experts)
+    hf.load_state_dict(to_hf(state, shape), strict=True)
+    ids = tokens(length=16, vocab=VOCAB)
+    reference = megatron_logits(model.eval(), ids)
+    assert (hf_logits(hf, ids) - reference).abs().max().item() <= 1e-4
+    with torch.no_grad():
+        hf.model.hypernet.up_bias.bias.zero_()
+        for head in ("down_weight", "up_weight", "up_bias"):
+            getattr(hf.model.hypernet, head).weight.zero_()
+    assert (hf_logits(hf, ids) - reference).abs().max().item() > 1e-2  # the hyper path matters
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", ["hypermoe_ep2", "hypermoe_tp2"])
+def test_every_layout_exports_the_same_hf_weights(layout, exported):
+    one = load_file(str(exported("hypermoe") / "model.safetensors"))
+    other = load_file(str(exported(layout) / "model.safetensors"))
+    assert set(one) == set(other)
+    for key in one:
+        assert torch.equal(one[key], other[key]), key
+
+
+def convert_back(hf_dir, save, *flags, expect=0):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "convert_hf_to_checkpoint.py"),
+         "--hf", str(hf_dir), "--save", str(save), *flags],
+        env=environment(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == expect, (result.stdout + result.stderr)[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", [case("hypermoe_ep2"), "moe", "dense"])
+def test_ours_to_hf_to_ours_is_the_identity(name, checkpoint, exported, tmp_path):
+    convert_back(exported(name), tmp_path / "back")
+    original = read_checkpoint(str(checkpoint(name))).state
+    back = read_checkpoint(str(tmp_path / "back")).state
+    assert set(original) == set(back)
+    for key in original:
+        assert torch.equal(original[key], back[key]), key
+
+
+def test_converted_checkpoint_trains_on(exported, dataset, tmp_path):  # noqa: F811
+    convert_back(exported("hypermoe"), tmp_path / "back")
+    output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "1", "--load",
+                      str(tmp_path / "back"), "--finetune")
+    assert "iteration        1/       1" in output
+
+
+@pytest.mark.parametrize("moe_type", ["moe", "hypermoe"])
+def test_upcycled_dense_model_keeps_its_function(moe_type, exported, tmp_path):
+    """E identical experts with renormalised top-2 weights compute the dense MLP exactly; the
+    HyperExpert starts near zero, so HyperMoE is close but not equal."""
+    convert_back(exported("dense"), tmp_path / "up", "--upcycle", "--moe-type", moe_type,
+                 "--num-experts", "4", "--moe-router-topk", "2")
+    checkpoint = read_checkpoint(str(tmp_path / "up"))
+    assert checkpoint.meta["args"]["moe_type"] == moe_type
+    upcycled, _ = build_megatron_model(checkpoint)
+    dense = load_hf_model(str(exported("dense")))
+    ids = tokens()
+    reference = hf_logits(dense, ids)
+    difference = (megatron_logits(upcycled, ids) - reference).abs().max().item()
+    if moe_type == "moe":
+        assert difference <= 1e-4
+    else:
+        assert 0 < difference <= 1e-2 * reference.abs().max().item()
+
+
+def run_tool(tool, *flags, expect=0):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / tool), *flags],
+                            env=environment(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == expect, (result.stdout + result.stderr)[-3000:]
+    return result
+
+
+def test_evaluate_gives_the_same_perplexity_for_both_forms(checkpoint, exported, dataset):  # noqa: F811,E501
+    corpus = dataset[1].replace("ds_text_document", "corpus.jsonl")
+    results = []
+    for source in (["--load", str(checkpoint("hypermoe"))], ["--hf", str(exported("hypermoe"))]):
+        output = run_tool("evaluate.py", *source, "--input", corpus, "--seq-length", "32",
+                          "--word-level", "--json").stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+    ours, hf = results
+    assert ours["tokens"] == hf["tokens"] > 10_000
+    assert abs(ours["ppl"] - hf["ppl"]) / ours["ppl"] < 1e-5
+    assert abs(ours["word_ppl"] - hf["word_ppl"]) / ours["word_ppl"] < 1e-5
+    assert ours["word_ppl"] > ours["ppl"]  # a word spans several tokens
+
+
+def test_generation_agrees_across_forms_and_with_transformers_generate(checkpoint, exported):
+    from megatron_hypermoe.generation import generate_ids
+    from megatron_hypermoe.hf.model_source import LoadedModel, as_megatron_callable
+
+    megatron, _ = build_megatron_model(read_checkpoint(str(checkpoint("hypermoe"))))
+    hf = load_hf_model(str(exported("hypermoe")))
+    prompt = tokens(batch=1, length=5, seed=4)[0].tolist()
+    ours = generate_ids(megatron, prompt, 10, 32, greedy=True)
+    via_hf = generate_ids(as_megatron_callable(LoadedModel("hf", hf, None, 32, 400)), prompt, 10,
+                          32, greedy=True)
+    with torch.no_grad():  # transformers' own loop, with the KV cache
+        cached = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                             eos_token_id=None)[0, 5:].tolist()
+    assert ours == via_hf == cached
+    for source in (["--load", str(checkpoint("hypermoe"))], ["--hf", str(exported("hypermoe"))]):
+        text = run_tool("generate.py", *source, "--prompt", "The", "--max-new-tokens", "8",
+                        "--top-p", "0.9", "--seed", "3").stdout.strip()
+        assert text.startswith("The") and len(text) > 3
+
+
+def test_autotokenizer_of_the_export_matches_the_training_tokenizer(exported, dataset):  # noqa: F811,E501
+    from transformers import AutoTokenizer
+
+    from megatron_hypermoe.hf.tokenizer_files import hf_directory_tokenizer
+
+    corpus = dataset[1].replace("ds_text_document", "corpus.jsonl")
+    texts = [json.loads(line)["text"] for line in open(corpus)][:40]
+    auto = AutoTokenizer.from_pretrained(str(exported("hypermoe")), trust_remote_code=True)
+    _, ours = hf_directory_tokenizer(str(exported("hypermoe")))
+    for text in texts:
+        assert auto.encode(text, add_special_tokens=False) == ours.tokenize(text)
+
+
+# Bad input: one-line errors, nothing written ------------------------------------------------------
+@pytest.mark.multiprocess
+def test_missing_expert_shard_is_refused_and_nothing_written(checkpoint, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(checkpoint("hypermoe_ep2"), damaged)
+    next((damaged / "iter_0000002").glob("experts_ep_rank_00001_*")).unlink()
+    result = run_tool("convert_checkpoint_to_hf.py", "--load", str(damaged), "--output",
+                      str(tmp_path / "out"), expect=1)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "expert shard" in errors[0] and "is missing" in errors[0]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf-export-")]
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("not_a_checkpoint", "is not a checkpoint directory"),
+    ("tokenizer", "does not match the one the checkpoint was trained with"),
+    ("moe_top1", "a top-1 megatron MoE cannot be exported as MixtralForCausalLM"),
+    ("output_exists", "exists and is not empty"),
+])
+def test_export_refusals(problem, message, checkpoint, dataset, tmp_path):  # noqa: F811
+    load, output, tokenizer_model = str(checkpoint("moe")), tmp_path / "out", None
+    if problem == "not_a_checkpoint":
+        load = str(tmp_path)
+    elif problem == "tokenizer":  # a valid SentencePiece model, but another one
+        from megatron_hypermoe.data import train_tokenizer
+
+        corpus = dataset[1].replace("ds_text_document", "corpus.jsonl")
+        assert train_tokenizer.main(["--input", corpus, "--vocab-size", "450",
+                                     "--model-prefix", str(tmp_path / "other")]) == 0
+        tokenizer_model = str(tmp_path / "other.model")
+        output = tmp_path / "out_dir"
+    elif problem == "moe_top1":
+        copy = tmp_path / "top1"
+        shutil.copytree(load, copy)
+        meta_path = copy / "iter_0000002" / "hypermoe_checkpoint.json"
+        meta = json.loads(meta_path.read_text())
+        meta["args"]["moe_router_topk"] = 1
+        meta_path.write_text(json.dumps(meta))
+        load = str(copy)
+    elif problem == "output_exists":
+        output.mkdir()
+        (output / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match=message):
+        export_checkpoint(load, str(output), tokenizer_model=tokenizer_model)
+    assert not output.exists() or [p.name for p in output.iterdir()] == ["keep.txt"]
+
+
+def test_import_refusals(exported, tmp_path):
+    weightless = tmp_path / "weightless"
+    shutil.copytree(exported("dense"), weightless)
+    (weightless / "model.safetensors").unlink()
+    output = convert_back(weightless, tmp_path / "a", expect=1)
+    assert "has no *.safetensors weights" in output and not (tmp_path / "a").exists()
+    output = convert_back(exported("moe"), tmp_path / "b", "--upcycle", expect=1)
+    assert "--upcycle starts from a dense (llama) model" in output
+    scaled = tmp_path / "scaled"
+    shutil.copytree(exported("dense"), scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_theta"] = 500000.0
+    (scaled / "config.json").write_text(json.dumps(config))
+    output = convert_back(scaled, tmp_path / "c", expect=1)
+    assert "rope_theta 500000.0" in output and not (tmp_path / "c").exists()
