@@ -3,6 +3,7 @@
 #   make test    set up .venv on a fresh machine and run the CPU test suite
 #   make test-gpu the CUDA tests (on a machine with a GPU)
 #   make bench   run the layer benchmark
+#   make hf-compat  check that HF exports load and agree under transformers 4.57.1 and the pin
 # Variables: PYTEST_ARGS (extra pytest arguments, e.g. -m "not multiprocess"),
 # REQUIRE_TESTS=1 (CI: a selection that collects no test fails instead of passing loudly).
 
@@ -12,7 +13,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: setup demo test test-gpu bench clean
+.PHONY: setup demo test test-gpu bench hf-compat clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +41,15 @@ test-gpu: setup
 
 bench: setup
 	$(PY) benchmarks/bench_layer.py
+
+HF_COMPAT := .cache/hf_compat
+hf-compat: setup
+	$(PY) -m pip install -q --target .cache/transformers4 transformers==4.57.1
+	$(PY) tests/hf_compat_check.py --make-exports $(HF_COMPAT)
+	$(PY) tests/hf_compat_check.py $(HF_COMPAT)/v5.pt $(HF_COMPAT)/dense $(HF_COMPAT)/moe $(HF_COMPAT)/hypermoe
+	PYTHONPATH=.cache/transformers4 $(PY) tests/hf_compat_check.py $(HF_COMPAT)/v4.pt \
+		$(HF_COMPAT)/dense $(HF_COMPAT)/moe $(HF_COMPAT)/hypermoe
+	$(PY) tests/hf_compat_check.py --compare $(HF_COMPAT)/v5.pt $(HF_COMPAT)/v4.pt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,75 @@
+"""Exports load and compute the same under transformers 4.x as under the pinned 5.x.
+
+    make hf-compat     (installs transformers 4.57.1 into .cache/transformers4, runs this twice)
+
+``python tests/hf_compat_check.py --make-exports DIR`` trains one-iteration dense, moe (top-2) and
+hypermoe checkpoints on mock data and exports them under DIR. ``python tests/hf_compat_check.py
+OUT.pt DIR...`` loads each HF directory with
+whatever transformers is importable, and saves its logits and greedy generation (KV cache) to
+OUT.pt; ``--compare A.pt B.pt`` checks two such files agree (max abs logit difference 1e-5,
+identical tokens) and exits non-zero otherwise.
+"""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--mock-data", "--vocab-size", "250", "--num-layers", "2", "--hidden-size", "64",
+        "--num-attention-heads", "4", "--seq-length", "32", "--num-experts", "4",
+        "--moe-router-topk", "2", "--hyper-adapter-dim", "8", "--hyper-hidden-size", "16",
+        "--micro-batch-size", "2", "--train-iters", "1", "--seed", "3"]
+
+
+def make_exports(root):
+    environment = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    for moe_type in ("dense", "moe", "hypermoe"):
+        checkpoint, export = os.path.join(root, f"{moe_type}_ckpt"), os.path.join(root, moe_type)
+        if os.path.isdir(export):
+            continue
+        subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_hypermoe.py"), *TINY,
+                        "--moe-type", moe_type, "--save", checkpoint], check=True,
+                       env=environment, capture_output=True)
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint_to_hf.py"),
+                        "--load", checkpoint, "--output", export], check=True, env=environment)
+
+
+def record(out_path, directories):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    results = {"version": transformers.__version__}
+    for directory in directories:
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True,
+                                                     torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+            tokens = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False,
+                                    eos_token_id=None)[0, 5:]
+        results[directory] = {"class": type(model).__name__, "logits": logits, "tokens": tokens}
+        print(f"transformers {transformers.__version__}: {directory} -> {type(model).__name__}")
+    torch.save(results, out_path)
+
+
+def compare(path_a, path_b) -> int:
+    a, b = torch.load(path_a), torch.load(path_b)
+    failures = 0
+    for directory in (k for k in a if k != "version"):
+        difference = (a[directory]["logits"] - b[directory]["logits"]).abs().max().item()
+        same_tokens = torch.equal(a[directory]["tokens"], b[directory]["tokens"])
+        ok = difference <= 1e-5 and same_tokens and a[directory]["class"] == b[directory]["class"]
+        failures += not ok
+        print(f"{directory}: {a['version']} vs {b['version']}: max logit difference "
+              f"{difference:.2e}, same greedy tokens {same_tokens} -> {'OK' if ok else 'FAIL'}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--make-exports":
+        sys.exit(make_exports(sys.argv[2]))
+    if sys.argv[1] == "--compare":
+        sys.exit(compare(sys.argv[2], sys.argv[3]))
+    record(sys.argv[1], sys.argv[2:])
