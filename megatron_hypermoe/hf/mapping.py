@@ -34,49 +34,75 @@ def _fuse_qkv(q, k, v, heads: int, groups: int, head_dim: int) -> torch.Tensor:
     return per_group.reshape(-1, hidden)
 
 
+def _renames(shape: dict):
+    """(megatron name, HF name) pairs copied unchanged, in both directions."""
+    pairs = [("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+             ("decoder.final_layernorm.weight", "model.norm.weight"),
+             ("output_layer.weight", "lm_head.weight")]
+    for layer in range(shape["num_layers"]):
+        src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+        pairs += [(src + "input_layernorm.weight", dst + "input_layernorm.weight"),
+                  (src + "pre_mlp_layernorm.weight", dst + "post_attention_layernorm.weight"),
+                  (src + "self_attention.linear_proj.weight", dst + "self_attn.o_proj.weight")]
+        if shape["moe_type"] == "dense":
+            pairs.append((src + "mlp.linear_fc2.weight", dst + "mlp.down_proj.weight"))
+            continue
+        moe = dst + "block_sparse_moe."
+        pairs.append((src + "mlp.router.weight", moe + "gate.weight"))
+        pairs += [(f"{src}mlp.experts.local_experts.{e}.linear_fc2.weight",
+                   f"{moe}experts.{e}.w2.weight") for e in range(shape["num_experts"])]
+        if shape["moe_type"] == "hypermoe":
+            pairs += [(src + "mlp.selection." + name, moe + "selection." + name)
+                      for name in ("embedding.weight", "fc1.weight", "fc1.bias", "fc2.weight",
+                                   "fc2.bias")]
+    if shape["moe_type"] == "hypermoe":
+        pairs += [("hypernetwork." + name, "model.hypernet." + name)
+                  for name in ("layer_embedding.weight", "fc.weight", "fc.bias")]
+        pairs += [(f"hypernetwork.{head}.bias", f"model.hypernet.{head}.bias")
+                  for head in HYPERNET_HEADS]
+    return pairs
+
+
+def _swiglu_pairs(shape: dict):
+    """(megatron fc1 [gate; up], HF gate name, HF up name) for every MLP."""
+    for layer in range(shape["num_layers"]):
+        src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+        if shape["moe_type"] == "dense":
+            yield src + "mlp.linear_fc1.weight", dst + "mlp.gate_proj.weight", \
+                dst + "mlp.up_proj.weight"
+            continue
+        for e in range(shape["num_experts"]):
+            yield (f"{src}mlp.experts.local_experts.{e}.linear_fc1.weight",
+                   f"{dst}block_sparse_moe.experts.{e}.w1.weight",
+                   f"{dst}block_sparse_moe.experts.{e}.w3.weight")
+
+
+def _attention_names(shape: dict):
+    for layer in range(shape["num_layers"]):
+        dst = f"model.layers.{layer}.self_attn."
+        yield (f"decoder.layers.{layer}.self_attention.linear_qkv.weight",
+               dst + "q_proj.weight", dst + "k_proj.weight", dst + "v_proj.weight")
+
+
+def _head_names(shape: dict):
+    if shape["moe_type"] != "hypermoe":
+        return []
+    return [(f"hypernetwork.{head}.weight", f"model.hypernet.{head}.weight")
+            for head in HYPERNET_HEADS]
+
+
 def to_hf(state: Dict[str, torch.Tensor], shape: dict) -> Dict[str, torch.Tensor]:
     """megatron -> HF. ``shape``: moe_type, num_layers, num_attention_heads, num_query_groups,
     hidden_size, num_experts."""
     heads, groups = shape["num_attention_heads"], shape["num_query_groups"]
     head_dim = shape["hidden_size"] // heads
-    moe_type = shape["moe_type"]
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"],
-           "model.norm.weight": state["decoder.final_layernorm.weight"],
-           "lm_head.weight": state["output_layer.weight"]}
-    for layer in range(shape["num_layers"]):
-        src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
-        out[dst + "input_layernorm.weight"] = state[src + "input_layernorm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = state[src + "pre_mlp_layernorm.weight"]
-        q, k, v = _split_qkv(state[src + "self_attention.linear_qkv.weight"], heads, groups,
-                             head_dim)
-        out[dst + "self_attn.q_proj.weight"] = q
-        out[dst + "self_attn.k_proj.weight"] = k
-        out[dst + "self_attn.v_proj.weight"] = v
-        out[dst + "self_attn.o_proj.weight"] = state[src + "self_attention.linear_proj.weight"]
-        if moe_type == "dense":
-            gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-            out[dst + "mlp.gate_proj.weight"] = gate
-            out[dst + "mlp.up_proj.weight"] = up
-            out[dst + "mlp.down_proj.weight"] = state[src + "mlp.linear_fc2.weight"]
-            continue
-        moe = dst + "block_sparse_moe."
-        out[moe + "gate.weight"] = state[src + "mlp.router.weight"]
-        for e in range(shape["num_experts"]):
-            expert = f"{src}mlp.experts.local_experts.{e}."
-            w1, w3 = state[expert + "linear_fc1.weight"].chunk(2, dim=0)
-            out[f"{moe}experts.{e}.w1.weight"] = w1
-            out[f"{moe}experts.{e}.w3.weight"] = w3
-            out[f"{moe}experts.{e}.w2.weight"] = state[expert + "linear_fc2.weight"]
-        if moe_type == "hypermoe":
-            for name in ("embedding.weight", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
-                out[moe + "selection." + name] = state[src + "mlp.selection." + name]
-    if moe_type == "hypermoe":
-        out["model.hypernet.layer_embedding.weight"] = state["hypernetwork.layer_embedding.weight"]
-        out["model.hypernet.fc.weight"] = state["hypernetwork.fc.weight"]
-        out["model.hypernet.fc.bias"] = state["hypernetwork.fc.bias"]
-        for head in HYPERNET_HEADS:
-            out[f"model.hypernet.{head}.weight"] = state[f"hypernetwork.{head}.weight"].t()
-            out[f"model.hypernet.{head}.bias"] = state[f"hypernetwork.{head}.bias"]
+    out = {hf: state[megatron] for megatron, hf in _renames(shape)}
+    for qkv, q, k, v in _attention_names(shape):
+        out[q], out[k], out[v] = _split_qkv(state[qkv], heads, groups, head_dim)
+    for fc1, gate, up in _swiglu_pairs(shape):
+        out[gate], out[up] = state[fc1].chunk(2, dim=0)
+    for megatron, hf in _head_names(shape):
+        out[hf] = state[megatron].t()  # stored [d_g, out] here, nn.Linear's [out, d_g] there
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
@@ -84,38 +110,11 @@ def from_hf(hf: Dict[str, torch.Tensor], shape: dict) -> Dict[str, torch.Tensor]
     """HF -> megatron (inverse of :func:`to_hf`)."""
     heads, groups = shape["num_attention_heads"], shape["num_query_groups"]
     head_dim = shape["hidden_size"] // heads
-    moe_type = shape["moe_type"]
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"],
-           "output_layer.weight": hf["lm_head.weight"]}
-    for layer in range(shape["num_layers"]):
-        src, dst = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
-        out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
-        out[dst + "self_attention.linear_qkv.weight"] = _fuse_qkv(
-            hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
-            hf[src + "self_attn.v_proj.weight"], heads, groups, head_dim)
-        out[dst + "self_attention.linear_proj.weight"] = hf[src + "self_attn.o_proj.weight"]
-        if moe_type == "dense":
-            out[dst + "mlp.linear_fc1.weight"] = torch.cat(
-                [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]])
-            out[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"]
-            continue
-        moe = src + "block_sparse_moe."
-        out[dst + "mlp.router.weight"] = hf[moe + "gate.weight"]
-        for e in range(shape["num_experts"]):
-            expert = f"{dst}mlp.experts.local_experts.{e}."
-            out[expert + "linear_fc1.weight"] = torch.cat(
-                [hf[f"{moe}experts.{e}.w1.weight"], hf[f"{moe}experts.{e}.w3.weight"]])
-            out[expert + "linear_fc2.weight"] = hf[f"{moe}experts.{e}.w2.weight"]
-        if moe_type == "hypermoe":
-            for name in ("embedding.weight", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
-                out[dst + "mlp.selection." + name] = hf[moe + "selection." + name]
-    if moe_type == "hypermoe":
-        out["hypernetwork.layer_embedding.weight"] = hf["model.hypernet.layer_embedding.weight"]
-        out["hypernetwork.fc.weight"] = hf["model.hypernet.fc.weight"]
-        out["hypernetwork.fc.bias"] = hf["model.hypernet.fc.bias"]
-        for head in HYPERNET_HEADS:
-            out[f"hypernetwork.{head}.weight"] = hf[f"model.hypernet.{head}.weight"].t()
-            out[f"hypernetwork.{head}.bias"] = hf[f"model.hypernet.{head}.bias"]
+    out = {megatron: hf[name] for megatron, name in _renames(shape)}
+    for qkv, q, k, v in _attention_names(shape):
+        out[qkv] = _fuse_qkv(hf[q], hf[k], hf[v], heads, groups, head_dim)
+    for fc1, gate, up in _swiglu_pairs(shape):
+        out[fc1] = torch.cat([hf[gate], hf[up]])
+    for megatron, name in _head_names(shape):
+        out[megatron] = hf[name].t()
     return {name: tensor.contiguous() for name, tensor in out.items()}
