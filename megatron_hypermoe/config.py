@@ -4,6 +4,8 @@ One dataclass drives the whole model. ``moe_type`` picks the MLP of every layer:
 
 - ``hypermoe``: megatron-core's MoE layer plus the HyperExpert (this project);
 - ``moe``: megatron-core's own MoE layer, the same model without the hyper path;
+- ``moe_adapter``: the MoE plus a static bottleneck adapter of size r (the ablation that isolates
+  the hypernetwork);
 - ``dense``: megatron-core's dense MLP.
 
 Sizes use the paper's names in comments (r, d_g, d_e, d_p, d_h, d_l) and Megatron-style names as
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-MOE_TYPES = ("hypermoe", "moe", "dense")
+MOE_TYPES = ("hypermoe", "moe", "moe_adapter", "dense")
 HYPER_EXPERT_IMPLS = ("auto", "grouped", "factored", "naive")
 
 
@@ -68,6 +70,10 @@ class HyperMoEConfig(TransformerConfig):
                 f"moe_router_topk={self.moe_router_topk} must be between 1 and "
                 f"num_moe_experts={self.num_moe_experts}"
             )
+        if self.moe_type == "moe_adapter" and (not isinstance(self.hyper_adapter_dim, int)
+                                               or self.hyper_adapter_dim < 1):
+            raise ConfigError(f"hyper_adapter_dim={self.hyper_adapter_dim!r} must be a positive "
+                              "integer")
         if self.moe_type != "hypermoe":
             return
         for name in (

@@ -1,9 +1,9 @@
 """HyperMoELayer: megatron-core's MoELayer plus the HyperExpert side path.
 
-Router, token dispatcher and experts are megatron-core's, untouched. The layer records the
-pre-dispatch input and the local routing map when it routes, and adds the HyperExpert output after
-the combine. Under expert parallelism this means the HyperExpert runs on each token's home rank,
-on that rank's tokens, with no extra collective.
+Router, token dispatcher and experts are megatron-core's, untouched (see
+:class:`~megatron_hypermoe.moe_side_path.SidePathMoELayer`, which records the routing and adds
+the side path after the combine). Under expert parallelism the HyperExpert therefore runs on each
+token's home rank, on that rank's tokens, with no extra collective.
 
 The hypernetwork is shared by every layer and owned by the model
 (:class:`megatron_hypermoe.model.HyperMoEGPTModel`), which attaches it after building the layers;
@@ -15,19 +15,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_hypermoe.hyper_expert import hyper_expert_output
 from megatron_hypermoe.hypernetwork import ExpertSelectionEmbedding, HyperNetwork
+from megatron_hypermoe.moe_side_path import SidePathMoELayer
 
 
-class HyperMoELayer(MoELayer):
+class HyperMoELayer(SidePathMoELayer):
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         super().__init__(config, submodules, layer_number, pg_collection)
         self.selection = ExpertSelectionEmbedding(config)
         self.__dict__["_hypernetwork"] = None  # not a submodule: the model owns it
-        self._routed = None
-        self.last_hyper_output_rms = None  # for logging: RMS of y_hyper in the last forward
 
     def attach_hypernetwork(self, hypernetwork: HyperNetwork) -> None:
         self.__dict__["_hypernetwork"] = hypernetwork
@@ -41,18 +39,12 @@ class HyperMoELayer(MoELayer):
         """0-based global layer index into the hypernetwork's layer embedding."""
         return self.layer_number - 1
 
-    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
-        probs, routing_map = super().route(hidden_states, padding_mask)
-        self._routed = (hidden_states, routing_map)
-        return probs, routing_map
+    @property
+    def last_hyper_output_rms(self):
+        return self.last_side_output_rms
 
-    def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
-        output = super().postprocess(output, shared_expert_output)
-        hidden_states, routing_map = self._routed
-        self._routed = None
-        y_hyper = self.hyper_expert(hidden_states, routing_map)
-        self.last_hyper_output_rms = y_hyper.detach().float().pow(2).mean().sqrt()
-        return output + y_hyper.view_as(output)
+    def side_output(self, hidden_states, routing_map):
+        return self.hyper_expert(hidden_states, routing_map)
 
     def hyper_expert(self, hidden_states: torch.Tensor, routing_map: torch.Tensor):
         """y_hyper for [..., hidden] inputs and their [tokens, experts] routing map."""

@@ -51,8 +51,8 @@ def _full_shape(param: torch.nn.Parameter, tp_size: int):
 
 
 def _draw(global_name: str, shape, config: HyperMoEConfig, generator) -> torch.Tensor:
-    if global_name.endswith(".bias"):
-        return torch.zeros(shape)
+    if global_name.endswith(".bias") or global_name.endswith("adapter.up.weight"):
+        return torch.zeros(shape)  # the static adapter starts with no output, as HyperMoE
     if "layernorm" in global_name or global_name.endswith("norm.weight"):
         return torch.ones(shape)
     head = _HYPERNET_HEAD.search(global_name)

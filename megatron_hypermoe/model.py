@@ -1,8 +1,8 @@
 """GPT models with HyperMoE, MoE or dense MLPs, built from megatron-core's layer specs.
 
 ``get_layer_spec(config)`` returns megatron-core's local (torch-only) GPT layer spec with the MLP
-chosen by ``config.moe_type``; for ``hypermoe`` it swaps megatron's MoELayer for HyperMoELayer and
-leaves every other submodule alone. ``build_gpt_model`` builds the GPTModel (RoPE positions) and,
+chosen by ``config.moe_type``; for ``hypermoe`` (``moe_adapter``) it swaps megatron's MoELayer
+for HyperMoELayer (AdapterMoELayer) and leaves every other submodule alone. ``build_gpt_model`` builds the GPTModel (RoPE positions) and,
 for ``hypermoe``, the one shared hypernetwork.
 """
 
@@ -18,9 +18,13 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_hypermoe.adapter_moe_layer import AdapterMoELayer
 from megatron_hypermoe.config import HyperMoEConfig
 from megatron_hypermoe.hypermoe_layer import HyperMoELayer
 from megatron_hypermoe.hypernetwork import HyperNetwork
+
+
+SIDE_PATH_LAYERS = {"hypermoe": HyperMoELayer, "moe_adapter": AdapterMoELayer}
 
 
 def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
@@ -31,9 +35,10 @@ def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
         qk_layernorm=config.qk_layernorm,
         normalization=config.normalization,
     )
-    if config.moe_type != "hypermoe":
+    side_path_layer = SIDE_PATH_LAYERS.get(config.moe_type)
+    if side_path_layer is None:
         return spec
-    mlp = dataclasses.replace(spec.submodules.mlp, module=HyperMoELayer)
+    mlp = dataclasses.replace(spec.submodules.mlp, module=side_path_layer)
     return dataclasses.replace(
         spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp)
     )
@@ -81,10 +86,9 @@ def build_gpt_model(config: HyperMoEConfig, vocab_size: int, max_sequence_length
         share_embeddings_and_output_weights=False,
     )
     kwargs.update(gpt_kwargs)
-    if config.moe_type == "hypermoe":
-        with _quiet_unknown_mlp_warning():
-            return HyperMoEGPTModel(config, **kwargs)
-    return GPTModel(config=config, **kwargs)
+    model_class = HyperMoEGPTModel if config.moe_type == "hypermoe" else GPTModel
+    with _quiet_unknown_mlp_warning():
+        return model_class(config=config, **kwargs)
 
 
 def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:

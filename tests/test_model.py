@@ -7,8 +7,10 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_hypermoe.adapter_moe_layer import AdapterMoELayer
 from megatron_hypermoe.config import num_hypermoe_parameters
 from megatron_hypermoe.hypermoe_layer import HyperMoELayer
+from megatron_hypermoe.initialization import initialize_from_global_names
 from megatron_hypermoe.model import HyperMoEGPTModel
 from tests.model_factory import SEQ, batch, lm_loss, tiny_model
 
@@ -21,6 +23,7 @@ def test_moe_type_switch_builds_the_right_mlp():
     for moe_type, model_cls, mlp_cls in [
         ("hypermoe", HyperMoEGPTModel, HyperMoELayer),
         ("moe", GPTModel, MoELayer),
+        ("moe_adapter", GPTModel, AdapterMoELayer),
         ("dense", GPTModel, MLP),
     ]:
         model, _ = tiny_model(moe_type)
@@ -195,3 +198,23 @@ def test_trains_20_steps_on_fixed_batch_and_loss_falls():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+# The static-adapter ablation ----------------------------------------------------------------------
+def test_static_adapter_starts_as_the_moe_and_then_learns():
+    """Same seed -> the shared weights are identical and the adapter's W_up is zero, so the
+    ablation computes the MoE exactly; its gradients reach the adapter; it adds exactly
+    L x (2 d r + r + d) parameters."""
+    moe, config = tiny_model("moe", moe_router_topk=2)
+    adapter, _ = tiny_model("moe_adapter", moe_router_topk=2)
+    initialize_from_global_names(moe, config, seed=5)
+    initialize_from_global_names(adapter, config, seed=5)
+    data = batch(seed=1)
+    loss_moe, loss_adapter = lm_loss(moe, *data), lm_loss(adapter, *data)
+    assert torch.equal(loss_moe, loss_adapter)
+    loss_adapter.backward()
+    for layer in adapter.decoder.layers:
+        assert layer.mlp.adapter.up.weight.grad.abs().max() > 0
+    d, r = config.hidden_size, config.hyper_adapter_dim
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(adapter) - count(moe) == config.num_layers * (2 * d * r + r + d)

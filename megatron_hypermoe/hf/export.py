@@ -69,6 +69,10 @@ def model_shape(checkpoint: Checkpoint) -> dict:
 
 def check_representable(checkpoint: Checkpoint) -> None:
     args = checkpoint.args
+    if args.moe_type == "moe_adapter":
+        raise CheckpointError("moe_adapter (the static-adapter ablation) has no Hugging Face "
+                              "architecture to export to; it exists for benchmarks/"
+                              "compare_variants.py")
     if args.moe_type == "moe" and args.moe_router_topk == 1:
         raise CheckpointError(
             "a top-1 megatron MoE cannot be exported as MixtralForCausalLM exactly: Mixtral "

@@ -1,5 +1,6 @@
 """Model FLOPs per token, counting what actually runs: top-k experts, the router and the
-HyperExpert (its per-token application, and its generation once per distinct selected set)."""
+HyperExpert (its per-token application, and its generation once per distinct selected set); and
+parameter counts, total and active per token."""
 
 from math import comb
 
@@ -15,6 +16,8 @@ def forward_flops_per_token(args, tokens_per_micro_batch: int) -> float:
     else:
         E, k = args.num_experts, args.moe_router_topk
         mlp = k * swiglu + 2 * d * E
+        if args.moe_type == "moe_adapter":
+            mlp += 2 * d * args.hyper_adapter_dim * 2
         if args.moe_type == "hypermoe":
             r, d_g = args.hyper_adapter_dim, args.hyper_hidden_size
             d_e, d_p = args.hyper_expert_embedding_dim, args.hyper_selection_hidden_size
@@ -32,3 +35,28 @@ def training_flops_per_iteration(args) -> float:
     """Forward + backward (3x forward) for one global batch."""
     tokens = args.micro_batch_size * args.seq_length
     return 3 * forward_flops_per_token(args, tokens) * args.global_batch_size * args.seq_length
+
+
+def parameter_counts(model, args):
+    """(total, active per token) parameters of the whole model, from one rank's shards: a
+    tensor-parallel shard counts TP times, a local expert EP times; a token uses top-k of E
+    experts."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    expert_tp = parallel_state.get_expert_tensor_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    total = experts = 0
+    for name, param in model.named_parameters():
+        is_expert = ".experts." in name
+        count = param.numel()
+        if getattr(param, "tensor_model_parallel", False):
+            count *= expert_tp if is_expert else tp
+        if is_expert:
+            count *= ep
+            experts += count
+        total += count
+    active = total - experts
+    if experts:
+        active += experts * args.moe_router_topk / args.num_experts
+    return total, int(active)

@@ -38,7 +38,7 @@ from megatron_hypermoe.training.ds_config import DeepSpeedConfigError, resolve_c
 from megatron_hypermoe.training.expert_parallel import (deepspeed_recognises_megatron_moe,
                                                         register_expert_parallel,
                                                         split_moe_param_groups)
-from megatron_hypermoe.training.flops import training_flops_per_iteration
+from megatron_hypermoe.training.flops import parameter_counts, training_flops_per_iteration
 from megatron_hypermoe.training.lr_schedule import learning_rate
 from megatron_hypermoe.training.metrics import (AuxLossesPaused, ExpertLoadCounter,
                                                 MetricsWriter, expert_load_scalars,
@@ -159,8 +159,10 @@ class Trainer:
         self.metrics = MetricsWriter(args, is_writer_rank=self.rank == 0)
         self.expert_load = ExpertLoadCounter(self.model)
         self.flops_per_iteration = training_flops_per_iteration(args)
-        n_params = sum(p.numel() for p in self.model.parameters())
-        print_rank0(f"model: {args.moe_type}, {n_params / 1e6:.2f}M parameters, "
+        total, active = parameter_counts(self.model, args)
+        self.metrics.record({"parameters": total, "active_parameters": active})
+        print_rank0(f"model: {args.moe_type}, {total / 1e6:.2f}M parameters "
+                    f"({active / 1e6:.2f}M active per token), "
                     f"{args.world_size} rank(s), TP {args.tensor_model_parallel_size}"
                     f"{' (sequence parallel)' if args.sequence_parallel else ''}, "
                     f"EP {args.expert_model_parallel_size}, DP {args.data_parallel_size}, "

@@ -1,0 +1,46 @@
+"""An MoE layer with a side path: megatron-core's MoELayer plus f(x, selected experts).
+
+Router, token dispatcher and experts stay megatron-core's. The layer records the pre-dispatch
+input and the local routing map when it routes, and adds the side path's output after the
+combine, so under expert parallelism the side path runs on each token's home rank, on that
+rank's tokens, with no extra collective. Subclasses define :meth:`side_output`:
+:class:`~megatron_hypermoe.hypermoe_layer.HyperMoELayer` (the HyperExpert, generated from the
+unselected experts) and :class:`~megatron_hypermoe.adapter_moe_layer.AdapterMoELayer` (a static
+adapter, the ablation).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+
+class SidePathMoELayer(MoELayer):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        super().__init__(config, submodules, layer_number, pg_collection)
+        self._routed = None
+        self.last_side_output_rms = None  # for logging: RMS of the side path's last output
+        # Analysis hook: called (layer, input, routing_map, experts_output, side_output).
+        self.output_recorder: Optional[Callable] = None
+
+    def side_output(self, hidden_states: torch.Tensor, routing_map: torch.Tensor):
+        """[tokens, hidden] for the [..., hidden] pre-dispatch input and [tokens, experts]
+        boolean map of selected experts."""
+        raise NotImplementedError
+
+    def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        probs, routing_map = super().route(hidden_states, padding_mask)
+        self._routed = (hidden_states, routing_map)
+        return probs, routing_map
+
+    def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
+        output = super().postprocess(output, shared_expert_output)
+        hidden_states, routing_map = self._routed
+        self._routed = None
+        side = self.side_output(hidden_states, routing_map).view_as(output)
+        self.last_side_output_rms = side.detach().float().pow(2).mean().sqrt()
+        if self.output_recorder is not None:
+            self.output_recorder(self, hidden_states, routing_map, output, side)
+        return output + side

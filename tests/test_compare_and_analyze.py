@@ -1,0 +1,61 @@
+"""benchmarks/compare_variants.py --quick and tools/analyze_experts.py on tiny runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.test_training import TINY_MODEL, dataset, environment, pretrain  # noqa: F401
+
+
+def run(*command):
+    result = subprocess.run([sys.executable, *map(str, command)], env=environment(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout
+
+
+def test_quick_comparison_writes_report_and_plot_with_every_variant(dataset, tmp_path):  # noqa: F811,E501
+    data_path = dataset[dataset.index("--data-path") + 1]
+    tokenizer = dataset[dataset.index("--tokenizer-model") + 1]
+    results = tmp_path / "docs" / "RESULTS.md"
+    output = run(REPO_ROOT / "benchmarks" / "compare_variants.py", "--quick", "--seeds", "1",
+                 "--train-iters", "20", "--data-path", data_path, "--tokenizer-model",
+                 tokenizer, "--work-dir", tmp_path / "work", "--results", results, "--json")
+    summary = json.loads(output.strip().splitlines()[-1])
+    assert set(summary) == {"hypermoe", "moe", "moe_adapter", "dense"}
+    report = results.read_text()
+    for variant in summary:
+        assert f"| {variant} |" in report
+        assert summary[variant]["ppl_mean"] > 1
+    assert "python benchmarks/compare_variants.py --quick" in report and "CPU cores" in report
+    # dense is sized to the experts' active parameters; the adapter adds L x (2dr + r + d)
+    assert summary["dense"]["active_params"] <= summary["moe"]["active_params"] * 1.05
+    assert summary["moe_adapter"]["total_params"] > summary["moe"]["total_params"]
+    png = results.with_suffix(".png")
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("moe_type,pngs", [
+    ("hypermoe", {"expert_load.png", "selection_similarity.png", "hyper_contribution.png"}),
+    ("moe", {"expert_load.png"}),
+])
+def test_analyze_experts_writes_its_plots_and_summary(moe_type, pngs, dataset, tmp_path):  # noqa: F811,E501
+    pretrain(*TINY_MODEL, *dataset, "--moe-type", moe_type, "--train-iters", "3",
+             "--save", str(tmp_path / "ckpt"))
+    corpus = dataset[dataset.index("--data-path") + 1].replace("ds_text_document",
+                                                               "corpus.jsonl")
+    output = run(REPO_ROOT / "tools" / "analyze_experts.py", tmp_path / "ckpt", "--input",
+                 corpus, "--max-tokens", "2000", "--output-dir", tmp_path / "analysis")
+    written = {p.name for p in (tmp_path / "analysis").iterdir()}
+    assert pngs | {"summary.txt", "analysis.json"} == written
+    analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert analysis["tokens"] == 2000 and len(analysis["layers"]) == 2
+    for layer in analysis["layers"]:
+        assert abs(sum(layer["load_fraction"]) - 1) < 1e-9
+        if moe_type == "hypermoe":
+            assert 0 < layer["side_over_experts_rms"] < 100
+            assert -1 <= layer["cos_selection_vs_selected"] <= 1
+    assert "layer 1: max/mean expert load" in output
