@@ -5,7 +5,9 @@ Per MoE layer:
 - for HyperMoE, the selection embedding s_t (sum of the embeddings of the experts token t did NOT
   select) compared, by cosine similarity, with the embeddings of the experts it DID select and
   with those it did not: the paper's question whether the side path carries information the
-  selected experts lack;
+  selected experts lack. s is built from the unselected embeddings, so it leans towards them by
+  construction; the informative numbers are the selected-expert similarity, its sign and how
+  it changes with training;
 - for HyperMoE (and the static-adapter ablation), how large the side path's output is next to the
   experts' output: RMS(y_side) / RMS(y_experts).
 ``tools/analyze_experts.py`` writes these as PNGs, a JSON file and a short text summary.
