@@ -53,3 +53,23 @@ def run_torchrun(nproc: int, worker: str, *args: str, timeout: int = 120) -> str
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{worker} failed (exit {result.returncode}):\n{output[-6000:]}"
     return output
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A tiny tokenized corpus and the training flags that read it (shared by the training,
+    conversion and comparison tests; one per test module)."""
+    from megatron_hypermoe.data import preprocess, train_tokenizer
+    from tests.test_data_pipeline import make_documents, write_jsonl
+
+    root = tmp_path_factory.mktemp("train_data")
+    corpus = write_jsonl(root / "corpus.jsonl", make_documents(300, seed=5))
+    assert train_tokenizer.main(["--input", corpus, "--vocab-size", "400",
+                                 "--model-prefix", str(root / "sp")]) == 0
+    assert preprocess.main(["--input", corpus, "--output-prefix", str(root / "ds"),
+                            "--tokenizer-type", "SentencePieceTokenizer",
+                            "--tokenizer-model", str(root / "sp.model"), "--append-eod"]) == 0
+    return ["--data-path", str(root / "ds_text_document"), "--split", "90,10,0",
+            "--tokenizer-type", "SentencePieceTokenizer",
+            "--tokenizer-model", str(root / "sp.model"),
+            "--data-cache-path", str(root / "cache")]

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.test_training import TINY_MODEL, dataset, environment, pretrain  # noqa: F401
+from tests.test_training import TINY_MODEL, environment, pretrain
 
 
 def run(*command):
@@ -17,7 +17,7 @@ def run(*command):
     return result.stdout
 
 
-def test_quick_comparison_writes_report_and_plot_with_every_variant(dataset, tmp_path):  # noqa: F811,E501
+def test_quick_comparison_writes_report_and_plot_with_every_variant(dataset, tmp_path):
     data_path = dataset[dataset.index("--data-path") + 1]
     tokenizer = dataset[dataset.index("--tokenizer-model") + 1]
     results = tmp_path / "docs" / "RESULTS.md"
@@ -42,7 +42,7 @@ def test_quick_comparison_writes_report_and_plot_with_every_variant(dataset, tmp
     ("hypermoe", {"expert_load.png", "selection_similarity.png", "hyper_contribution.png"}),
     ("moe", {"expert_load.png"}),
 ])
-def test_analyze_experts_writes_its_plots_and_summary(moe_type, pngs, dataset, tmp_path):  # noqa: F811,E501
+def test_analyze_experts_writes_its_plots_and_summary(moe_type, pngs, dataset, tmp_path):
     pretrain(*TINY_MODEL, *dataset, "--moe-type", moe_type, "--train-iters", "3",
              "--save", str(tmp_path / "ckpt"))
     corpus = dataset[dataset.index("--data-path") + 1].replace("ds_text_document",

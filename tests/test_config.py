@@ -22,7 +22,8 @@ def test_bad_hypermoe_values_give_one_line_errors(overrides, message):
 
 
 def test_unknown_moe_type_and_missing_experts():
-    with pytest.raises(ConfigError, match="moe_type='switch' is not one of hypermoe, moe, moe_adapter, dense"):
+    with pytest.raises(ConfigError,
+                       match="moe_type='switch' is not one of hypermoe, moe, moe_adapter, dense"):
         make_config("switch", **TINY)
     with pytest.raises(ConfigError, match="needs num_moe_experts >= 1"):
         HyperMoEConfig(moe_type="moe", num_layers=2, hidden_size=32, num_attention_heads=4)

@@ -21,7 +21,7 @@ from megatron_hypermoe.model import causal_attention_mask
 from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
 from megatron_hypermoe.training.checkpointing import CheckpointError
 from tests.conftest import REPO_ROOT
-from tests.test_training import TINY_MODEL, dataset, environment, pretrain  # noqa: F401
+from tests.test_training import TINY_MODEL, environment, pretrain
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -43,7 +43,7 @@ def case(name):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(dataset, tmp_path_factory):  # noqa: F811
+def checkpoint(dataset, tmp_path_factory):
     """checkpoint(name) -> a trained checkpoint directory (each run once per module)."""
     made = {}
     root = tmp_path_factory.mktemp("hf_checkpoints")
@@ -209,7 +209,7 @@ def test_ours_to_hf_to_ours_is_the_identity(name, checkpoint, exported, tmp_path
         assert torch.equal(original[key], back[key]), key
 
 
-def test_converted_checkpoint_trains_on(exported, dataset, tmp_path):  # noqa: F811
+def test_converted_checkpoint_trains_on(exported, dataset, tmp_path):
     convert_back(exported("hypermoe"), tmp_path / "back")
     output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "1", "--load",
                       str(tmp_path / "back"), "--finetune")
@@ -242,7 +242,7 @@ def run_tool(tool, *flags, expect=0):
     return result
 
 
-def test_evaluate_gives_the_same_perplexity_for_both_forms(checkpoint, exported, dataset):  # noqa: F811,E501
+def test_evaluate_gives_the_same_perplexity_for_both_forms(checkpoint, exported, dataset):
     corpus = dataset[1].replace("ds_text_document", "corpus.jsonl")
     results = []
     for source in (["--load", str(checkpoint("hypermoe"))], ["--hf", str(exported("hypermoe"))]):
@@ -276,7 +276,7 @@ def test_generation_agrees_across_forms_and_with_transformers_generate(checkpoin
         assert text.startswith("The") and len(text) > 3
 
 
-def test_autotokenizer_of_the_export_matches_the_training_tokenizer(exported, dataset):  # noqa: F811,E501
+def test_autotokenizer_of_the_export_matches_the_training_tokenizer(exported, dataset):
     from transformers import AutoTokenizer
 
     from megatron_hypermoe.hf.tokenizer_files import hf_directory_tokenizer
@@ -309,7 +309,7 @@ def test_missing_expert_shard_is_refused_and_nothing_written(checkpoint, tmp_pat
     ("moe_top1", "a top-1 megatron MoE cannot be exported as MixtralForCausalLM"),
     ("output_exists", "exists and is not empty"),
 ])
-def test_export_refusals(problem, message, checkpoint, dataset, tmp_path):  # noqa: F811
+def test_export_refusals(problem, message, checkpoint, dataset, tmp_path):
     load, output, tokenizer_model = str(checkpoint("moe")), tmp_path / "out", None
     if problem == "not_a_checkpoint":
         load = str(tmp_path)

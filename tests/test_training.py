@@ -11,10 +11,8 @@ import time
 import pytest
 import torch
 
-from megatron_hypermoe.data import preprocess, train_tokenizer
 from megatron_hypermoe.parallel import free_port
 from tests.conftest import REPO_ROOT, child_environment
-from tests.test_data_pipeline import make_documents, write_jsonl
 
 TINY_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
               "--num-attention-heads", "4", "--seq-length", "32", "--num-experts", "4",
@@ -22,21 +20,6 @@ TINY_MODEL = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "
               "--hyper-expert-embedding-dim", "16", "--hyper-selection-hidden-size", "16",
               "--hyper-selection-output-size", "16", "--micro-batch-size", "2",
               "--lr", "1e-3", "--log-interval", "1", "--seed", "7"]
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    corpus = write_jsonl(root / "corpus.jsonl", make_documents(300, seed=5))
-    assert train_tokenizer.main(["--input", corpus, "--vocab-size", "400",
-                                 "--model-prefix", str(root / "sp")]) == 0
-    assert preprocess.main(["--input", corpus, "--output-prefix", str(root / "ds"),
-                            "--tokenizer-type", "SentencePieceTokenizer",
-                            "--tokenizer-model", str(root / "sp.model"), "--append-eod"]) == 0
-    return ["--data-path", str(root / "ds_text_document"), "--split", "90,10,0",
-            "--tokenizer-type", "SentencePieceTokenizer",
-            "--tokenizer-model", str(root / "sp.model"),
-            "--data-cache-path", str(root / "cache")]
 
 
 def pretrain_command(nproc):
