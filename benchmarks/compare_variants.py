@@ -3,6 +3,8 @@
     python benchmarks/compare_variants.py            # default: about an hour on 2 CPU cores
     python benchmarks/compare_variants.py --quick    # a few minutes
     python benchmarks/compare_variants.py --topk 2 --results docs/RESULTS_top2.md  # variations
+    python benchmarks/compare_variants.py --upcycle-from-dense 600   # the paper's setup
+    python benchmarks/compare_variants.py --bf16 --jobs 8            # one or more GPUs
 
 Trains, on the default corpus (Shakespeare, fetched pinned and checksum-verified) with identical
 data order, tokens and seeds:
@@ -16,7 +18,15 @@ same initial weights for the parts they share. Reports validation perplexity mea
 deviation, parameters (total and active per token), tokens/s and wall time per variant, writes
 ``--results`` (a markdown table, the exact command, the machine) and a PNG of the validation
 curves with seed bands. Nothing here is a test; the numbers are what this machine measured.
-Runs go one after another (interleaved by seed) so machine drift hits every variant alike.
+Runs go one after another (interleaved by seed) so machine drift hits every variant alike;
+``--jobs N`` runs N at once (GPUs are shared round-robin), which makes the wall times contended.
+
+``--upcycle-from-dense ITERS`` is the paper's setup: per seed, a dense model with the experts'
+ffn trains ITERS iterations, is converted to each sparse variant the way users would do it
+(``tools/convert_checkpoint_to_hf.py``, then ``tools/convert_hf_to_checkpoint.py --upcycle``: E
+copies of its MLP, a fresh router and side path) and every variant trains ``--train-iters`` more
+from there with ``--finetune``; ``dense`` continues the dense model itself. The second phase
+uses seed + 10000, so it draws a new data order (the same for every variant).
 """
 
 from __future__ import annotations
@@ -25,15 +35,19 @@ import argparse
 import json
 import os
 import platform
+import queue
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("hypermoe", "moe", "moe_adapter", "dense")
+SECOND_PHASE_SEED_OFFSET = 10000
 
 DEFAULT = dict(num_layers=4, hidden_size=192, ffn_hidden_size=384, heads=4, seq_length=128,
                micro_batch_size=8, num_experts=8, train_iters=600, eval_interval=100,
@@ -59,6 +73,12 @@ def parse_args(argv=None):
                         help="a preprocessed dataset prefix instead of the default corpus "
                              "(then also --tokenizer-model, a SentencePiece model)")
     parser.add_argument("--tokenizer-model", default=None)
+    parser.add_argument("--upcycle-from-dense", type=int, default=0, metavar="ITERS",
+                        help="train a dense model ITERS iterations per seed, upcycle it to each "
+                             "sparse variant, then train --train-iters more (the paper's setup)")
+    parser.add_argument("--bf16", action="store_true", help="train in bf16 (GPUs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once (GPUs shared round-robin); wall times get contended")
     parser.add_argument("--json", action="store_true", help="last line: a JSON summary")
     args = parser.parse_args(argv)
     args.size = dict(QUICK if args.quick else DEFAULT)
@@ -69,6 +89,8 @@ def parse_args(argv=None):
     args.plot = args.plot or os.path.splitext(args.results)[0] + ".png"
     if bool(args.data_path) != bool(args.tokenizer_model):
         parser.error("--data-path and --tokenizer-model go together")
+    if args.jobs < 1 or args.upcycle_from_dense < 0:
+        parser.error("--jobs must be >= 1 and --upcycle-from-dense >= 0")
     return args
 
 
@@ -103,8 +125,9 @@ def variant_flags(variant, args):
     flags = ["--moe-type", "dense" if variant == "dense" else variant,
              "--num-layers", str(size["num_layers"]), "--hidden-size", str(size["hidden_size"]),
              "--num-attention-heads", str(size["heads"])]
-    if variant == "dense":  # the active parameters of k experts
-        flags += ["--ffn-hidden-size", str(k * size["ffn_hidden_size"])]
+    if variant == "dense":  # the active parameters of k experts, or the upcycling source
+        multiple = 1 if args.upcycle_from_dense else k
+        flags += ["--ffn-hidden-size", str(multiple * size["ffn_hidden_size"])]
     else:
         flags += ["--ffn-hidden-size", str(size["ffn_hidden_size"]),
                   "--num-experts", str(size["num_experts"]), "--moe-router-topk", str(k),
@@ -112,18 +135,25 @@ def variant_flags(variant, args):
     return flags
 
 
-def train(variant, seed, data_path, tokenizer_model, args):
+def child_environment(args, device=None):
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    if device is None:
+        environment.setdefault("DS_ACCELERATOR", "cpu")
+        if args.jobs > 1:  # share the cores instead of oversubscribing them
+            environment.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.jobs)))
+    else:
+        environment["CUDA_VISIBLE_DEVICES"] = device
+    return environment
+
+
+def train_command(variant, seed, data_path, tokenizer_model, args, train_iters, metrics):
     size = args.size
-    run_dir = os.path.join(args.work_dir, f"{variant}_seed{seed}")
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    os.makedirs(run_dir, exist_ok=True)
-    if os.path.exists(metrics):
-        os.remove(metrics)
     command = [
         sys.executable, os.path.join(ROOT, "pretrain_gpt_hypermoe.py"),
         *variant_flags(variant, args),
         "--seq-length", str(size["seq_length"]), "--micro-batch-size",
-        str(size["micro_batch_size"]), "--train-iters", str(size["train_iters"]),
+        str(size["micro_batch_size"]), "--train-iters", str(train_iters),
         "--lr", str(size["lr"]), "--min-lr", str(size["lr"] / 10),
         "--lr-warmup-iters", str(size["warmup"]), "--lr-decay-style", "cosine",
         "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", str(seed),
@@ -134,12 +164,65 @@ def train(variant, seed, data_path, tokenizer_model, args):
         str(size["eval_interval"]), "--eval-iters", str(size["eval_iters"]),
         "--metrics-file", metrics,
     ]
-    environment = {k: v for k, v in os.environ.items()
-                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    environment.setdefault("DS_ACCELERATOR", "cpu")
-    start = time.time()
-    run(command, env=environment)
-    wall = time.time() - start
+    return command + (["--bf16"] if args.bf16 else [])
+
+
+def fresh_directory(path):
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def upcycle_sources(seed, data_path, tokenizer_model, args, devices):
+    """Phase one for one seed: the dense source, trained and upcycled to each sparse variant.
+    Returns {variant: checkpoint to start from}."""
+    base = fresh_directory(os.path.join(args.work_dir, f"dense_source_seed{seed}"))
+    checkpoint, hf = os.path.join(base, "checkpoint"), os.path.join(base, "hf")
+    size, python = args.size, sys.executable
+    device = devices.get()
+    try:
+        environment = child_environment(args, device)
+        dense_flags = list(train_command("dense", seed, data_path, tokenizer_model, args,
+                                         args.upcycle_from_dense,
+                                         os.path.join(base, "metrics.jsonl")))
+        run(dense_flags + ["--save", checkpoint], env=environment)
+        run([python, os.path.join(ROOT, "tools", "convert_checkpoint_to_hf.py"), "--load",
+             checkpoint, "--output", hf], env=environment)
+        sources = {"dense": checkpoint}
+        for variant in args.variants:
+            if variant == "dense":
+                continue
+            target = fresh_directory(os.path.join(args.work_dir,
+                                                  f"upcycled_{variant}_seed{seed}"))
+            run([python, os.path.join(ROOT, "tools", "convert_hf_to_checkpoint.py"), "--hf", hf,
+                 "--save", target, "--upcycle", "--moe-type", variant, "--num-experts",
+                 str(size["num_experts"]), "--moe-router-topk", str(args.topk), "--seed",
+                 str(seed), "--hyper-adapter-dim", str(args.hyper_adapter_dim)],
+                env=environment)
+            sources[variant] = target
+    finally:
+        devices.put(device)
+    return sources
+
+
+def train(variant, seed, data_path, tokenizer_model, args, devices, source=None):
+    run_dir = os.path.join(args.work_dir, f"{variant}_seed{seed}")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    os.makedirs(run_dir, exist_ok=True)
+    if os.path.exists(metrics):
+        os.remove(metrics)
+    train_seed = seed + SECOND_PHASE_SEED_OFFSET if source else seed
+    command = train_command(variant, train_seed, data_path, tokenizer_model, args,
+                            args.size["train_iters"], metrics)
+    if source:
+        command += ["--load", source, "--finetune"]
+    device = devices.get()
+    try:
+        start = time.time()
+        run(command, env=child_environment(args, device))
+        wall = time.time() - start
+    finally:
+        devices.put(device)
     rows = [json.loads(line) for line in open(metrics)]
     train_rows = [r for r in rows if "lm_loss" in r]
     evals = [(r["iteration"], r["val_ppl"]) for r in rows if "val_ppl" in r]
@@ -149,6 +232,19 @@ def train(variant, seed, data_path, tokenizer_model, args):
                                                train_rows),
                 total_params=sizes["parameters"], active_params=sizes["active_parameters"],
                 command=shlex.join(command))
+
+
+def device_pool(jobs):
+    """A queue of the devices runs take turns on: None (the CPU), or GPU ids round-robin."""
+    import torch
+
+    pool = queue.Queue()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    for slot in range(jobs):
+        pool.put(ids[slot % len(ids)] if gpus else None)
+    return pool
 
 
 def summarise(results):
@@ -210,7 +306,17 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
-def write_report(args, table, results, path):
+def upcycling_lines(args, sources_ppl):
+    if not args.upcycle_from_dense:
+        return []
+    source = ", ".join(f"{ppl:.2f}" for ppl in sources_ppl)
+    return [f"Upcycled: each seed first trains a dense model (ffn {args.size['ffn_hidden_size']})"
+            f" for {args.upcycle_from_dense} iterations (val ppl {source}); every sparse variant "
+            f"starts from its upcycled copy, `dense` continues it; the iterations above are the "
+            "second phase.", ""]
+
+
+def write_report(args, table, results, path, sources_ppl=()):
     size = args.size
     lines = [
         "# HyperMoE vs MoE vs static adapter vs dense: small-scale pretraining",
@@ -230,6 +336,9 @@ def write_report(args, table, results, path):
         f"({size['train_iters'] * size['micro_batch_size'] * size['seq_length']:,} tokens), "
         f"{args.seeds} seed(s) per variant. Perplexity: final validation, token level.",
         "",
+        *upcycling_lines(args, sources_ppl),
+        *([f"{args.jobs} runs at once: wall times and tokens/s are contended, compare them "
+           "only within this table.", ""] if args.jobs > 1 else []),
         "| variant | val ppl (mean ± std) | params total | active / token | tokens/s | "
         "wall s / run | time vs moe |",
         "|---|---|---|---|---|---|---|",
@@ -256,19 +365,37 @@ def main(argv=None) -> int:
         data_path, tokenizer_model = args.data_path, args.tokenizer_model
     else:
         data_path, tokenizer_model = prepare_default_corpus(args)
-    results = []
-    total = args.seeds * len(args.variants)
-    for seed_index in range(args.seeds):
-        for variant in args.variants:
-            seed = 1234 + seed_index
-            print(f"[{len(results) + 1}/{total}] {variant} seed {seed}", file=sys.stderr,
+    seeds = [1234 + index for index in range(args.seeds)]
+    devices = device_pool(args.jobs)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        sources, sources_ppl = {seed: {} for seed in seeds}, []
+        if args.upcycle_from_dense:
+            print(f"training {len(seeds)} dense source(s) and upcycling them", file=sys.stderr,
                   flush=True)
-            results.append(train(variant, seed, data_path, tokenizer_model, args))
-            print(f"    val ppl {results[-1]['final_ppl']:.2f}, {results[-1]['wall_s']:.0f} s",
-                  file=sys.stderr, flush=True)
+            for seed, upcycled in zip(seeds, pool.map(
+                    lambda s: upcycle_sources(s, data_path, tokenizer_model, args, devices),
+                    seeds)):
+                sources[seed] = upcycled
+                rows = [json.loads(line) for line in open(os.path.join(
+                    args.work_dir, f"dense_source_seed{seed}", "metrics.jsonl"))]
+                sources_ppl.append([r["val_ppl"] for r in rows if "val_ppl" in r][-1])
+        runs = [(variant, seed) for seed in seeds for variant in args.variants]
+        done = []
+
+        def one(variant_seed):
+            variant, seed = variant_seed
+            result = train(variant, seed, data_path, tokenizer_model, args, devices,
+                           sources[seed].get(variant))
+            done.append(result)
+            print(f"[{len(done)}/{len(runs)}] {variant} seed {seed}: val ppl "
+                  f"{result['final_ppl']:.2f}, {result['wall_s']:.0f} s", file=sys.stderr,
+                  flush=True)
+            return result
+
+        results = list(pool.map(one, runs))
     table = summarise(results)
     plot(results, args.plot)
-    write_report(args, table, results, args.results)
+    write_report(args, table, results, args.results, sources_ppl)
     for variant, row in table.items():
         print(f"{variant:12} ppl {row['ppl_mean']:8.2f} ± {row['ppl_std']:.2f}  "
               f"{row['tokens_per_s']:9,.0f} tokens/s  {row['wall_s']:6.0f} s/run")

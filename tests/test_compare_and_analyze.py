@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO_ROOT
 from tests.test_training import TINY_MODEL, environment, pretrain
@@ -36,6 +37,37 @@ def test_quick_comparison_writes_report_and_plot_with_every_variant(dataset, tmp
     assert summary["moe_adapter"]["total_params"] > summary["moe"]["total_params"]
     png = results.with_suffix(".png")
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_upcycled_comparison_starts_every_variant_from_the_dense_source(dataset, tmp_path):
+    """--upcycle-from-dense: the sparse variant's experts are copies of the trained dense MLP,
+    and its second phase continues from there (lower perplexity than the source reached)."""
+    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+
+    data_path = dataset[dataset.index("--data-path") + 1]
+    tokenizer = dataset[dataset.index("--tokenizer-model") + 1]
+    work, results = tmp_path / "work", tmp_path / "R.md"
+    run(REPO_ROOT / "benchmarks" / "compare_variants.py", "--quick", "--seeds", "1",
+        "--train-iters", "20", "--upcycle-from-dense", "20", "--variants", "hypermoe", "dense",
+        "--data-path", data_path, "--tokenizer-model", tokenizer, "--work-dir", work,
+        "--results", results)
+    assert "Upcycled: each seed first trains a dense model" in results.read_text()
+    source = read_checkpoint(str(work / "dense_source_seed1234" / "checkpoint")).state
+    upcycled = read_checkpoint(str(work / "upcycled_hypermoe_seed1234")).state
+    for layer in range(2):
+        dense_fc1 = source[f"decoder.layers.{layer}.mlp.linear_fc1.weight"]
+        for expert in range(4):
+            assert torch.equal(upcycled[f"decoder.layers.{layer}.mlp.experts.local_experts."
+                                        f"{expert}.linear_fc1.weight"], dense_fc1)
+
+    def validation_ppl(run_dir):
+        rows = [json.loads(line) for line in open(work / run_dir / "metrics.jsonl")]
+        return [row["val_ppl"] for row in rows if "val_ppl" in row]
+
+    # 10 iterations into the second phase already beat the source's 20: it started from there
+    source_ppl = validation_ppl("dense_source_seed1234")
+    for variant in ("hypermoe", "dense"):
+        assert validation_ppl(f"{variant}_seed1234")[0] < source_ppl[-1]
 
 
 @pytest.mark.parametrize("moe_type,pngs", [

@@ -216,10 +216,11 @@ def test_converted_checkpoint_trains_on(exported, dataset, tmp_path):
     assert "iteration        1/       1" in output
 
 
-@pytest.mark.parametrize("moe_type", ["moe", "hypermoe"])
+@pytest.mark.parametrize("moe_type", ["moe", "moe_adapter", "hypermoe"])
 def test_upcycled_dense_model_keeps_its_function(moe_type, exported, tmp_path):
-    """E identical experts with renormalised top-2 weights compute the dense MLP exactly; the
-    HyperExpert starts near zero, so HyperMoE is close but not equal."""
+    """E identical experts with renormalised top-2 weights compute the dense MLP exactly, and so
+    does the static adapter (its up-projection starts at zero); the HyperExpert starts near
+    zero, so HyperMoE is close but not equal."""
     convert_back(exported("dense"), tmp_path / "up", "--upcycle", "--moe-type", moe_type,
                  "--num-experts", "4", "--moe-router-topk", "2")
     checkpoint = read_checkpoint(str(tmp_path / "up"))
@@ -229,7 +230,7 @@ def test_upcycled_dense_model_keeps_its_function(moe_type, exported, tmp_path):
     ids = tokens()
     reference = hf_logits(dense, ids)
     difference = (megatron_logits(upcycled, ids) - reference).abs().max().item()
-    if moe_type == "moe":
+    if moe_type in ("moe", "moe_adapter"):
         assert difference <= 1e-4
     else:
         assert 0 < difference <= 1e-2 * reference.abs().max().item()

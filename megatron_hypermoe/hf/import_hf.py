@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--upcycle", action="store_true",
                         help="dense Llama -> MoE/HyperMoE: every MLP becomes --num-experts "
                              "copies, with a fresh router and hyper path")
-    parser.add_argument("--moe-type", choices=("hypermoe", "moe"), default=None)
+    parser.add_argument("--moe-type", choices=("hypermoe", "moe", "moe_adapter"), default=None)
     parser.add_argument("--num-experts", type=int, default=None)
     parser.add_argument("--moe-router-topk", type=int, default=None)
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
