@@ -40,7 +40,7 @@ SHAPES = {
 VARIANTS = ("moe", "hypermoe", "hypermoe-factored", "hypermoe-naive")
 
 
-def build_layers(shape: dict, topk: int, device: torch.device):
+def build_layers(shape: dict, topk: int, device: torch.device, dtype: torch.dtype):
     """The MoE layer and a HyperMoE layer with the same router and expert weights."""
     common = dict(num_layers=1, hidden_size=shape["hidden_size"],
                   ffn_hidden_size=shape["ffn_hidden_size"], num_attention_heads=4,
@@ -51,9 +51,9 @@ def build_layers(shape: dict, topk: int, device: torch.device):
     hyper_model = build_gpt_model(make_config("hypermoe", **common, **shape["hyper"]),
                                   vocab_size=128, max_sequence_length=16)
     hyper_model.load_state_dict(moe_model.state_dict(), strict=False)
-    moe_layer = moe_model.decoder.layers[0].mlp.to(device)
-    hyper_model.hypernetwork.to(device)
-    hyper_layer = hyper_model.decoder.layers[0].mlp.to(device)
+    moe_layer = moe_model.decoder.layers[0].mlp.to(device, dtype)
+    hyper_model.hypernetwork.to(device, dtype)
+    hyper_layer = hyper_model.decoder.layers[0].mlp.to(device, dtype)
     return moe_layer, hyper_layer, hyper_model
 
 
@@ -94,13 +94,14 @@ def run_once(layer, x, grad_out, params):
     return elapsed, counter.total, peak
 
 
-def bench_case(shape_name, topk, repeats, device):
+def bench_case(shape_name, topk, repeats, device, dtype=torch.float32):
     shape = SHAPES[shape_name]
-    moe_layer, hyper_layer, hyper_model = build_layers(shape, topk, device)
+    moe_layer, hyper_layer, hyper_model = build_layers(shape, topk, device, dtype)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(shape["tokens"], 1, shape["hidden_size"], generator=generator).to(device)
+    x = torch.randn(shape["tokens"], 1, shape["hidden_size"], generator=generator).to(device,
+                                                                                      dtype)
     x.requires_grad_(True)
-    grad_out = torch.randn(x.shape, generator=generator).to(device)
+    grad_out = torch.randn(x.shape, generator=generator).to(device, dtype)
     impl_of = {"hypermoe": "auto", "hypermoe-factored": "factored", "hypermoe-naive": "naive"}
     hyper_params = list(hyper_layer.parameters()) + list(hyper_model.hypernetwork.parameters())
 
@@ -159,7 +160,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default="tiny,gpt2")
     parser.add_argument("--topk", default="1,2")
+    parser.add_argument("--bf16", action="store_true", help="weights and activations in bf16")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per batch (default: the shape's; GPUs want more)")
     args = parser.parse_args()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
 
     initialize_distributed(seed=0)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -167,10 +172,14 @@ def main():
     for shape_name in args.shapes.split(","):
         for topk in (int(k) for k in args.topk.split(",")):
             print(f"# {shape_name} top-{topk} ...", file=sys.stderr, flush=True)
-            rows.extend(bench_case(shape_name, topk, args.repeats, device))
+            if args.tokens:
+                SHAPES[shape_name]["tokens"] = args.tokens
+            rows.extend(bench_case(shape_name, topk, args.repeats, device, dtype))
 
-    print(f"device: {device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads), torch {torch.__version__}")
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else \
+        platform.processor() or platform.machine()
+    print(f"device: {device} ({name}, {torch.get_num_threads()} threads), {str(dtype)[6:]}, "
+          f"torch {torch.__version__}")
     print(f"{'shape':6} {'top':>3} {'variant':18} {'fwd+bwd ms':>11} {'x moe':>6} "
           f"{'saved MB':>9} {'x moe':>6}" + (" peak MB" if device.type == "cuda" else ""))
     for r in rows:
@@ -186,6 +195,7 @@ def main():
     if args.json and any(r["shape"] == "gpt2" for r in rows):
         summary = summarize(rows)
         summary["device"] = str(device)
+        summary["dtype"] = str(dtype)[6:]
         summary["rows"] = rows
         print(json.dumps(summary))
 
