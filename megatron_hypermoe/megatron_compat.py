@@ -1,9 +1,11 @@
-"""The narrow patches megatron-core 0.16.1 needs here: six for CPU-only machines, one everywhere.
+"""The narrow patches megatron-core 0.16.1 needs here: four for CPU-only machines, two everywhere.
 
-megatron-core assumes CUDA in six places that a CPU-only model touches. Patches 1-4 and 6 are the
+megatron-core assumes CUDA in places that a CPU-only model touches. Patches 1, 2, 4 and 6 are the
 narrowest changes that make those places work on the CPU; :func:`apply_cpu_patches` applies them
-only when CUDA is unavailable. Patch 5 is needed on GPUs too (megatron's local spec uses the torch
-norm for RMSNorm, with or without CUDA), so :func:`apply_patches` applies it on every machine.
+only when CUDA is unavailable. Patches 3 and 5 are needed on GPUs too (3 on any machine without
+Transformer Engine: a GPU run without it failed in the router with a NameError; 5 because
+megatron's local spec uses the torch norm for RMSNorm, with or without CUDA), so
+:func:`apply_patches` applies them on every machine.
 The patches are written against megatron-core 0.16.1 exactly and refuse any other version, since
 they replace private functions.
 
@@ -54,12 +56,13 @@ def _check_version() -> None:
 
 
 def apply_patches() -> None:
-    """Patch 5 on every machine, the CPU patches when there is no CUDA. Idempotent."""
+    """Patches 3 and 5 on every machine, the CPU patches when there is no CUDA. Idempotent."""
     global _norm_patched
     if not _norm_patched:
         _check_version()
         _patch_torch_norm_sequence_parallel()
         _norm_patched = True
+    _patch_te_general_gemm()
     apply_cpu_patches()
 
 
@@ -73,7 +76,6 @@ def apply_cpu_patches() -> bool:
     _check_version()
     _patch_current_device()
     _patch_rng_tracker()
-    _patch_te_general_gemm()
     _patch_alltoall_dispatcher()
     _patch_uneven_all_gather()
     _applied = True
@@ -141,6 +143,7 @@ def _patch_rng_tracker():
 def _patch_te_general_gemm():
     from megatron.core.transformer.moe import moe_utils
 
+    # Only the failed Transformer Engine import leaves the name undefined; with TE it is kept.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 

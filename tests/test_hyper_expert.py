@@ -46,7 +46,7 @@ def output_and_grads(impl, x, routing_map, selection, hypernet, layer_index=1):
     for module in modules:
         module.zero_grad(set_to_none=True)
     y = hyper_expert_output(x, routing_map, selection, hypernet, layer_index, impl=impl)
-    weights = torch.linspace(-1, 1, y.numel()).view_as(y)  # a loss that weighs every output
+    weights = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)  # weighs every output
     (y * weights).sum().backward()
     grads = {"x": x.grad.clone()}
     for prefix, module in zip(("selection", "hypernet"), modules):

@@ -1,4 +1,4 @@
-"""Each of the megatron-core patches (six for CPU, one everywhere), and the guards around them."""
+"""Each of the megatron-core patches (four for CPU, two everywhere), and the guards around them."""
 
 import pytest
 import torch
@@ -98,6 +98,18 @@ def test_router_gating_linear_runs_without_transformer_engine():
     torch.testing.assert_close(out, inp @ weight.t())
     out.sum().backward()
     assert inp.grad is not None and weight.grad is not None
+
+
+def test_router_gemm_fallback_is_defined_on_gpu_machines_without_transformer_engine(monkeypatch):
+    """A CUDA machine without TE hit the same NameError in the router: patch 3 is not CPU-only."""
+    from megatron.core.transformer.moe import moe_utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpu_compat, "_applied", False)
+    monkeypatch.delattr(moe_utils, "te_general_gemm")
+    cpu_compat.apply_patches()
+    assert moe_utils.te_general_gemm is None
+    assert not cpu_compat.cpu_patches_applied()
 
 
 # 4
