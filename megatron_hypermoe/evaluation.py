@@ -71,13 +71,18 @@ def megatron_token_nll(model):
     from megatron_hypermoe.model import causal_attention_mask
 
     def score(inputs, targets):
-        positions = torch.arange(inputs.shape[1]).unsqueeze(0)
-        return model(inputs, positions, causal_attention_mask(inputs.shape[1]), labels=targets)
+        device = next(model.parameters()).device
+        inputs, targets = inputs.to(device), targets.to(device)
+        positions = torch.arange(inputs.shape[1], device=device).unsqueeze(0)
+        return model(inputs, positions, causal_attention_mask(inputs.shape[1], device),
+                     labels=targets)
     return score
 
 
 def hf_token_nll(model):
     def score(inputs, targets):
+        device = next(model.parameters()).device
+        inputs, targets = inputs.to(device), targets.to(device)
         logits = model(input_ids=inputs, use_cache=False).logits.float()
         return torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]),
                                                  targets.view(-1), reduction="none")

@@ -357,7 +357,7 @@ class Trainer:
         return True
 
     def _should_exit(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag)  # every rank stops at the same iteration
         self.stop_requested = bool(flag.item())
         interval = self.args.exit_interval
