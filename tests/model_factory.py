@@ -43,5 +43,6 @@ def batch(seed=0, batch_size=2, seq=SEQ):
 
 def lm_loss(model, tokens, position_ids, labels):
     """Mean token loss, as megatron's pretrain_gpt computes it."""
-    per_token = model(tokens, position_ids, causal_attention_mask(tokens.shape[1]), labels=labels)
+    mask = causal_attention_mask(tokens.shape[1], tokens.device)
+    per_token = model(tokens, position_ids, mask, labels=labels)
     return per_token.float().mean()
