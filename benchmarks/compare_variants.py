@@ -265,8 +265,16 @@ def summarise(results):
             tokens_per_s=statistics.mean(r["tokens_per_s"] for r in runs),
             wall_s=statistics.mean(r["wall_s"] for r in runs))
     if "moe" in table:
-        for row in table.values():
+        moe_ppl = {r["seed"]: r["final_ppl"] for r in results if r["variant"] == "moe"}
+        for variant, row in table.items():
             row["time_over_moe"] = row["wall_s"] / table["moe"]["wall_s"]
+            # Seeds move every variant together (same data order), so the per-seed difference
+            # says more than two overlapping mean +- std.
+            differences = [r["final_ppl"] - moe_ppl[r["seed"]] for r in results
+                           if r["variant"] == variant and r["seed"] in moe_ppl]
+            row["ppl_minus_moe_mean"] = statistics.mean(differences)
+            row["ppl_minus_moe_std"] = (statistics.stdev(differences) if len(differences) > 1
+                                        else float("nan"))
     return table
 
 
@@ -344,13 +352,15 @@ def write_report(args, table, results, path, sources_ppl=()):
         *upcycling_lines(args, sources_ppl),
         *([f"{args.jobs} runs at once: wall times and tokens/s are contended, compare them "
            "only within this table.", ""] if args.jobs > 1 else []),
-        "| variant | val ppl (mean ± std) | params total | active / token | tokens/s | "
-        "wall s / run | time vs moe |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | val ppl (mean ± std) | minus moe, same seed | params total | "
+        "active / token | tokens/s | wall s / run | time vs moe |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant, row in table.items():
         lines.append(
             f"| {variant} | {row['ppl_mean']:.2f} ± {row['ppl_std']:.2f} | "
+            f"{row.get('ppl_minus_moe_mean', float('nan')):+.2f} ± "
+            f"{row.get('ppl_minus_moe_std', float('nan')):.2f} | "
             f"{row['total_params'] / 1e6:.2f}M | {row['active_params'] / 1e6:.2f}M | "
             f"{row['tokens_per_s']:,.0f} | {row['wall_s']:.0f} | "
             f"{row.get('time_over_moe', float('nan')):.2f} |")

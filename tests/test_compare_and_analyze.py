@@ -32,6 +32,9 @@ def test_quick_comparison_writes_report_and_plot_with_every_variant(dataset, tmp
         assert f"| {variant} |" in report
         assert summary[variant]["ppl_mean"] > 1
     assert "python benchmarks/compare_variants.py --quick" in report and "CPU cores" in report
+    assert summary["moe"]["ppl_minus_moe_mean"] == 0
+    assert summary["hypermoe"]["ppl_minus_moe_mean"] == pytest.approx(
+        summary["hypermoe"]["ppl_mean"] - summary["moe"]["ppl_mean"])  # one seed: the same
     # dense is sized to the experts' active parameters; the adapter adds L x (2dr + r + d)
     assert summary["dense"]["active_params"] <= summary["moe"]["active_params"] * 1.05
     assert summary["moe_adapter"]["total_params"] > summary["moe"]["total_params"]
