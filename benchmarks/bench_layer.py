@@ -94,12 +94,12 @@ def run_once(layer, x, grad_out, params):
     return elapsed, counter.total, peak
 
 
-def bench_case(shape_name, topk, repeats, device, dtype=torch.float32):
+def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=None):
     shape = SHAPES[shape_name]
     moe_layer, hyper_layer, hyper_model = build_layers(shape, topk, device, dtype)
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(shape["tokens"], 1, shape["hidden_size"], generator=generator).to(device,
-                                                                                      dtype)
+    x = torch.randn(tokens or shape["tokens"], 1, shape["hidden_size"],
+                    generator=generator).to(device, dtype)
     x.requires_grad_(True)
     grad_out = torch.randn(x.shape, generator=generator).to(device, dtype)
     impl_of = {"hypermoe": "auto", "hypermoe-factored": "factored", "hypermoe-naive": "naive"}
@@ -172,9 +172,7 @@ def main():
     for shape_name in args.shapes.split(","):
         for topk in (int(k) for k in args.topk.split(",")):
             print(f"# {shape_name} top-{topk} ...", file=sys.stderr, flush=True)
-            if args.tokens:
-                SHAPES[shape_name]["tokens"] = args.tokens
-            rows.extend(bench_case(shape_name, topk, args.repeats, device, dtype))
+            rows.extend(bench_case(shape_name, topk, args.repeats, device, dtype, args.tokens))
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else \
         platform.processor() or platform.machine()

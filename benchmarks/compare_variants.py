@@ -138,12 +138,10 @@ def variant_flags(variant, args):
 def child_environment(args, device=None):
     environment = {k: v for k, v in os.environ.items()
                    if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    if device is None:
-        environment.setdefault("DS_ACCELERATOR", "cpu")
-        if args.jobs > 1:  # share the cores instead of oversubscribing them
-            environment.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.jobs)))
-    else:
+    if device is not None:
         environment["CUDA_VISIBLE_DEVICES"] = device
+    elif args.jobs > 1:  # share the cores instead of oversubscribing them
+        environment.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.jobs)))
     return environment
 
 
@@ -178,19 +176,24 @@ def fresh_directory(path):
     return path
 
 
+def validation_ppls(metrics):
+    return [(row["iteration"], row["val_ppl"]) for row in map(json.loads, open(metrics))
+            if "val_ppl" in row]
+
+
 def upcycle_sources(seed, data_path, tokenizer_model, args, devices):
     """Phase one for one seed: the dense source, trained and upcycled to each sparse variant.
-    Returns {variant: checkpoint to start from}."""
+    Returns ({variant: checkpoint to start from}, the source's final validation perplexity)."""
     base = fresh_directory(os.path.join(args.work_dir, f"dense_source_seed{seed}"))
     checkpoint, hf = os.path.join(base, "checkpoint"), os.path.join(base, "hf")
     size, python = args.size, sys.executable
     device = devices.get()
     try:
         environment = child_environment(args, device)
-        dense_flags = list(train_command("dense", seed, data_path, tokenizer_model, args,
-                                         args.upcycle_from_dense,
-                                         os.path.join(base, "metrics.jsonl")))
-        run(dense_flags + ["--save", checkpoint], env=environment)
+        metrics = os.path.join(base, "metrics.jsonl")
+        run(train_command("dense", seed, data_path, tokenizer_model, args,
+                          args.upcycle_from_dense, metrics) + ["--save", checkpoint],
+            env=environment)
         run([python, os.path.join(ROOT, "tools", "convert_checkpoint_to_hf.py"), "--load",
              checkpoint, "--output", hf], env=environment)
         sources = {"dense": checkpoint}
@@ -207,7 +210,7 @@ def upcycle_sources(seed, data_path, tokenizer_model, args, devices):
             sources[variant] = target
     finally:
         devices.put(device)
-    return sources
+    return sources, validation_ppls(metrics)[-1][1]
 
 
 def train(variant, seed, data_path, tokenizer_model, args, devices, source=None):
@@ -230,7 +233,7 @@ def train(variant, seed, data_path, tokenizer_model, args, devices, source=None)
         devices.put(device)
     rows = [json.loads(line) for line in open(metrics)]
     train_rows = [r for r in rows if "lm_loss" in r]
-    evals = [(r["iteration"], r["val_ppl"]) for r in rows if "val_ppl" in r]
+    evals = validation_ppls(metrics)
     sizes = next(r for r in rows if "parameters" in r)
     return dict(variant=variant, seed=seed, wall_s=wall, evals=evals, final_ppl=evals[-1][1],
                 tokens_per_s=statistics.median(r["tokens_per_s"] for r in train_rows[1:] or
@@ -387,13 +390,11 @@ def main(argv=None) -> int:
         if args.upcycle_from_dense:
             print(f"training {len(seeds)} dense source(s) and upcycling them", file=sys.stderr,
                   flush=True)
-            for seed, upcycled in zip(seeds, pool.map(
+            for seed, (upcycled, source_ppl) in zip(seeds, pool.map(
                     lambda s: upcycle_sources(s, data_path, tokenizer_model, args, devices),
                     seeds)):
                 sources[seed] = upcycled
-                rows = [json.loads(line) for line in open(os.path.join(
-                    args.work_dir, f"dense_source_seed{seed}", "metrics.jsonl"))]
-                sources_ppl.append([r["val_ppl"] for r in rows if "val_ppl" in r][-1])
+                sources_ppl.append(source_ppl)
         runs = [(variant, seed) for seed in seeds for variant in args.variants]
         done = []
 
