@@ -1,6 +1,7 @@
 # Two commands a newcomer needs (see README.md):
 #   make demo    set up .venv on a fresh machine and run the tiny CPU pretraining demo
 #   make test    set up .venv on a fresh machine and run the CPU test suite
+#   make test-fast  the in-process tests only (no trainer subprocesses, no torchrun): < 3 min
 #   make test-gpu the CUDA tests (on a machine with a GPU)
 #   make bench   run the layer benchmark
 #   make hf-compat  check that HF exports load and agree under transformers 4.57.1 and the pin
@@ -13,28 +14,35 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: setup demo test test-gpu bench hf-compat clean
+.PHONY: setup demo test test-fast test-gpu bench hf-compat clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, on its own: on CPU machines a local CPU wheel satisfies the pin.
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -r requirements.txt
+	# The package itself, editable: importable from tools/, benchmarks/ and tests without path
+	# shims. Its dependencies are the pins just installed; its build backend is the pinned one.
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 demo: setup
 	bash examples/pretrain_tiny_cpu.sh
 
 # The CPU suite hides any GPU, so it tests the same code paths on every machine.
+CPU_PYTEST = CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest
 test: setup
-	@CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(CPU_PYTEST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then \
 	  echo "NOTE: pytest collected no tests for PYTEST_ARGS='$(PYTEST_ARGS)' (exit 5): nothing was tested."; \
 	  if [ "$(REQUIRE_TESTS)" = "1" ]; then exit 1; else exit 0; fi; \
 	fi; exit $$rc
+
+test-fast: setup
+	$(CPU_PYTEST) -m "not slow and not multiprocess" $(PYTEST_ARGS)
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu tests/test_gpu.py
@@ -45,11 +53,11 @@ bench: setup
 HF_COMPAT := .cache/hf_compat
 hf-compat: setup
 	$(PY) -m pip install -q --target .cache/transformers4 transformers==4.57.1
-	$(PY) tests/hf_compat_check.py --make-exports $(HF_COMPAT)
-	$(PY) tests/hf_compat_check.py $(HF_COMPAT)/v5.pt $(HF_COMPAT)/dense $(HF_COMPAT)/moe $(HF_COMPAT)/hypermoe
-	PYTHONPATH=.cache/transformers4 $(PY) tests/hf_compat_check.py $(HF_COMPAT)/v4.pt \
+	$(PY) -m tests.hf_compat_check --make-exports $(HF_COMPAT)
+	$(PY) -m tests.hf_compat_check $(HF_COMPAT)/v5.pt $(HF_COMPAT)/dense $(HF_COMPAT)/moe $(HF_COMPAT)/hypermoe
+	PYTHONPATH=.cache/transformers4 $(PY) -m tests.hf_compat_check $(HF_COMPAT)/v4.pt \
 		$(HF_COMPAT)/dense $(HF_COMPAT)/moe $(HF_COMPAT)/hypermoe
-	$(PY) tests/hf_compat_check.py --compare $(HF_COMPAT)/v5.pt $(HF_COMPAT)/v4.pt
+	$(PY) -m tests.hf_compat_check --compare $(HF_COMPAT)/v5.pt $(HF_COMPAT)/v4.pt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

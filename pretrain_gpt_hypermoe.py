@@ -5,12 +5,44 @@
     torchrun --nproc_per_node 2 pretrain_gpt_hypermoe.py ...
     python pretrain_gpt_hypermoe.py ...           (one process; CPU works)
 
-Run with --help for the flags (Megatron-LM's names).
+Run with --help for the flags (Megatron-LM's names). The loop is
+``megatron_hypermoe/training/trainer.py``.
 """
 
+import os
+import signal
 import sys
 
-from megatron_hypermoe.training.trainer import main
+import torch
+import torch.distributed as dist
+
+from megatron_hypermoe.errors import exit_on_user_error
+from megatron_hypermoe.parallel.distributed import destroy_distributed
+from megatron_hypermoe.training.arguments import parse_args
+from megatron_hypermoe.training.trainer import Trainer
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    trainer = Trainer(args)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+    try:
+        trainer.setup()
+        if args.eval_only:
+            trainer.log_evaluation(trainer.evaluate())
+        elif trainer.train():
+            trainer.finish()
+        # Leave together: a rank that exits while its peer is still inside a gloo collective
+        # makes the peer abort.
+        dist.barrier()
+        destroy_distributed()
+        return 0
+    finally:
+        trainer.close()
+
 
 if __name__ == "__main__":
     sys.exit(main())

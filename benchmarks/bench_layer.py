@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -22,11 +21,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_hypermoe.config import make_config  # noqa: E402
-from megatron_hypermoe.model import build_gpt_model  # noqa: E402
-from megatron_hypermoe.parallel import destroy_distributed, initialize_distributed  # noqa: E402
+from megatron_hypermoe.model.config import make_config
+from megatron_hypermoe.model.gpt import build_gpt_model
+from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
 
 SHAPES = {
     "tiny": dict(hidden_size=64, ffn_hidden_size=128, num_moe_experts=4, tokens=256,

@@ -21,9 +21,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from megatron_hypermoe.parallel import free_port  # noqa: E402
+from megatron_hypermoe.parallel.distributed import free_port
 
 CONFIG = ["--moe-type", "hypermoe", "--num-layers", "4", "--hidden-size", "256",
           "--ffn-hidden-size", "512", "--num-attention-heads", "4", "--seq-length", "128",

@@ -22,9 +22,8 @@ import time
 import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from megatron_hypermoe.data.default_corpus import prepare_default_corpus  # noqa: E402
+from megatron_hypermoe.data.default_corpus import prepare_default_corpus
 
 
 def run_with_peak_rss(command):

@@ -23,12 +23,10 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from megatron_hypermoe.training.arguments import parse_args  # noqa: E402
+from megatron_hypermoe.training.arguments import parse_args  # noqa: E402 (after DS_ACCELERATOR)
 from megatron_hypermoe.training.trainer import Trainer  # noqa: E402
 
 VARIANTS = ("moe", "hypermoe", "dense")

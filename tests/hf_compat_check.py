@@ -2,8 +2,8 @@
 
     make hf-compat     (installs transformers 4.57.1 into .cache/transformers4, runs this twice)
 
-``python tests/hf_compat_check.py --make-exports DIR`` trains one-iteration dense, moe (top-2) and
-hypermoe checkpoints on mock data and exports them under DIR. ``python tests/hf_compat_check.py
+``python -m tests.hf_compat_check --make-exports DIR`` trains one-iteration dense, moe (top-2) and
+hypermoe checkpoints on mock data and exports them under DIR. ``python -m tests.hf_compat_check
 OUT.pt DIR...`` loads each HF directory with
 whatever transformers is importable, and saves its logits and greedy generation (KV cache) to
 OUT.pt; ``--compare A.pt B.pt`` checks two such files agree (max abs logit difference 1e-5,
@@ -17,19 +17,18 @@ import sys
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--mock-data", "--vocab-size", "250", "--num-layers", "2", "--hidden-size", "64",
-        "--num-attention-heads", "4", "--seq-length", "32", "--num-experts", "4",
-        "--moe-router-topk", "2", "--hyper-adapter-dim", "8", "--hyper-hidden-size", "16",
-        "--micro-batch-size", "2", "--train-iters", "1", "--seed", "3"]
 
 
 def make_exports(root):
+    from tests.helpers import TINY_MODEL  # not at the top: recording runs under transformers 4
+
+    tiny = [*TINY_MODEL, "--mock-data", "--vocab-size", "250", "--train-iters", "1"]
     environment = {**os.environ, "DS_ACCELERATOR": "cpu"}
     for moe_type in ("dense", "moe", "hypermoe"):
         checkpoint, export = os.path.join(root, f"{moe_type}_ckpt"), os.path.join(root, moe_type)
         if os.path.isdir(export):
             continue
-        subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_hypermoe.py"), *TINY,
+        subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_hypermoe.py"), *tiny,
                         "--moe-type", moe_type, "--save", checkpoint], check=True,
                        env=environment, capture_output=True)
         subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint_to_hf.py"),

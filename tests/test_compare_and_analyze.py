@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
-from tests.test_training import TINY_MODEL, environment, pretrain
+from tests.helpers import REPO_ROOT, TINY_MODEL, environment, pretrain
+
+pytestmark = pytest.mark.slow
 
 
 def run(*command):

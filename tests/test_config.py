@@ -2,8 +2,9 @@
 
 import pytest
 
-from megatron_hypermoe.config import ConfigError, HyperMoEConfig, make_config
-from tests.model_factory import TINY
+from megatron_hypermoe.errors import ConfigError
+from megatron_hypermoe.model.config import HyperMoEConfig, make_config
+from tests.helpers import TINY
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -45,3 +46,27 @@ def test_paper_defaults_and_variants():
     assert make_config("moe", **{**TINY, "hyper_adapter_dim": 0}).moe_type == "moe"
     dense = make_config("dense", **TINY)
     assert dense.num_moe_experts is None and dense.moe_ffn_hidden_size is None
+
+
+def test_the_hyper_sizes_are_defined_once():
+    """HYPER_SIZES generates the config fields, the flags and the checkpoint's shape fields; the
+    shipped Hugging Face configuration keeps its own defaults, which must be the same."""
+    import inspect
+
+    from megatron_hypermoe.hf.configuration_hypermoe import HyperMoeConfig
+    from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, HYPER_SIZES
+    from megatron_hypermoe.training.arguments import default_args
+    from megatron_hypermoe.training.checkpointing import SHAPE_FIELDS
+
+    paper = {size.name: size.default for size in HYPER_SIZES}
+    assert paper == {"hyper_adapter_dim": 64, "hyper_hidden_size": 128,
+                     "hyper_expert_embedding_dim": 128, "hyper_selection_hidden_size": 128,
+                     "hyper_selection_output_size": 128, "hyper_layer_embedding_dim": 10}
+    model_only = {k: v for k, v in TINY.items() if k not in HYPER_SIZE_NAMES}
+    config = make_config("hypermoe", **model_only)
+    assert {name: getattr(config, name) for name in HYPER_SIZE_NAMES} == paper
+    args = default_args()
+    assert {name: getattr(args, name) for name in HYPER_SIZE_NAMES} == paper
+    assert [f for f in SHAPE_FIELDS if f.startswith("hyper_")] == list(HYPER_SIZE_NAMES)
+    hf_defaults = inspect.signature(HyperMoeConfig.__init__).parameters
+    assert {name: hf_defaults[name].default for name in HYPER_SIZE_NAMES} == paper

@@ -11,33 +11,13 @@ import tarfile
 import numpy as np
 import pytest
 
-from megatron_hypermoe.data import default_corpus, preprocess, train_tokenizer
-from megatron_hypermoe.data.corpus import DataError
+from megatron_hypermoe.data import default_corpus, preprocess
 from megatron_hypermoe.data.gpt_data import (PretrainingSampler, build_gpt_datasets,
                                              gpt_dataset_config, parse_data_path)
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
-from tests.conftest import REPO_ROOT
-
-WORDS = ("the king hath sent for thee my lord and lady of the court where shall we meet "
-         "again in thunder lightning or in rain what light through yonder window breaks "
-         "Ælfric naïve café 42 1600").split()
-
-
-def make_documents(count, seed=0):
-    rng = np.random.default_rng(seed)
-    docs = []
-    for _ in range(count):
-        lines = [" ".join(rng.choice(WORDS, size=rng.integers(3, 12))).capitalize() + "."
-                 for _ in range(rng.integers(2, 8))]
-        docs.append("\n".join(lines))
-    return docs
-
-
-def write_jsonl(path, docs, key="text"):
-    with open(path, "w", encoding="utf-8") as handle:
-        for doc in docs:
-            handle.write(json.dumps({key: doc, "id": len(doc)}) + "\n")
-    return str(path)
+from megatron_hypermoe.errors import DataError
+from tests.helpers import REPO_ROOT, make_documents, write_jsonl
+from tools import merge_datasets, preprocess_data, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +41,7 @@ def tok_namespace(tokenizer_type, tokenizer_model=None, vocab_file=None, merge_f
 
 
 def run_preprocess(corpus, inputs, prefix, *extra):
-    return preprocess.main(["--input", *inputs, "--output-prefix", str(prefix), *sp_args(corpus),
+    return preprocess_data.main(["--input", *inputs, "--output-prefix", str(prefix), *sp_args(corpus),
                             *extra])
 
 
@@ -180,16 +160,14 @@ def test_skip_bad_lines_counts_and_reports(corpus, tmp_path, capsys):
 def test_merge_datasets_joins_shards(corpus, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_hypermoe.data import merge
-
     halves = [corpus["docs"][:30], corpus["docs"][30:]]
     (tmp_path / "shards").mkdir()
     for i, docs in enumerate(halves):
         path = write_jsonl(tmp_path / f"part{i}.jsonl", docs)
         assert run_preprocess(corpus, [path], tmp_path / "shards" / f"part{i}") == 0
     assert run_preprocess(corpus, [corpus["jsonl"]], tmp_path / "whole") == 0
-    assert merge.main(["--input", str(tmp_path / "shards"),
-                       "--output-prefix", str(tmp_path / "merged")]) == 0
+    assert merge_datasets.main(["--input", str(tmp_path / "shards"),
+                                "--output-prefix", str(tmp_path / "merged")]) == 0
     merged = IndexedDataset(str(tmp_path / "merged"))
     whole = IndexedDataset(str(tmp_path / "whole_text_document"))
     assert len(merged) == len(whole) == 60
@@ -259,6 +237,7 @@ def test_interrupted_run_leaves_no_files(corpus, tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "out") == []
 
 
+@pytest.mark.slow
 def test_cli_exits_non_zero_with_one_line_error(corpus, tmp_path):
     bad = write_bytes(tmp_path / "bad.jsonl", b"{not json}\n")
     result = subprocess.run(
@@ -387,6 +366,7 @@ def test_default_corpus_verifies_checksum_before_extracting(tmp_path, monkeypatc
                                                ).read_text()
 
 
+@pytest.mark.slow
 def test_default_corpus_downloads_the_pinned_release(tmp_path):
     path = default_corpus.prepare_default_corpus(str(tmp_path))
     records = [json.loads(line) for line in open(path)]

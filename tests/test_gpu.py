@@ -3,16 +3,16 @@
 import pytest
 import torch
 
-from tests.test_hyper_expert import (CASES, assert_close_relative, hyper_parts, output_and_grads,
-                                     random_routing_map)
+from tests.helpers import (HYPER_EXPERT_CASES, assert_close_relative, hyper_parts,
+                           output_and_grads, random_routing_map)
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(HYPER_EXPERT_CASES))
 def test_fast_forms_equal_naive_on_cuda(case, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    num_experts, topk, tokens, patterns = CASES[case]
+    num_experts, topk, tokens, patterns = HYPER_EXPERT_CASES[case]
     _, selection, hypernet = hyper_parts(num_experts, topk)
     selection, hypernet = selection.cuda(), hypernet.cuda()
     generator = torch.Generator().manual_seed(11)
@@ -30,7 +30,7 @@ def test_fast_forms_equal_naive_on_cuda(case, monkeypatch):
 
 
 def test_bf16_hypermoe_gpt_forward_backward_on_cuda(megatron_single_process):
-    from tests.model_factory import batch, lm_loss, tiny_model
+    from tests.helpers import batch, lm_loss, tiny_model
 
     model, _ = tiny_model("hypermoe", moe_router_topk=2, bf16=True,
                           params_dtype=torch.bfloat16)
@@ -49,8 +49,7 @@ def test_bf16_training_run_on_cuda(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO_ROOT
-    from tests.test_training import TINY_MODEL
+    from tests.helpers import REPO_ROOT, TINY_MODEL
 
     metrics = tmp_path / "metrics.jsonl"
     result = subprocess.run(

@@ -8,22 +8,19 @@ the identity.
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatron_hypermoe.hf.export import build_megatron_model, export_checkpoint, load_hf_model
-from megatron_hypermoe.hf.mapping import to_hf
-from megatron_hypermoe.model import causal_attention_mask
+from megatron_hypermoe.conversion.export import export_checkpoint
+from megatron_hypermoe.errors import CheckpointError
+from megatron_hypermoe.inference.model_source import build_megatron_model, load_hf_model
+from megatron_hypermoe.model.gpt import causal_attention_mask
 from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
-from megatron_hypermoe.training.checkpointing import CheckpointError
-from tests.conftest import REPO_ROOT
-from tests.test_training import TINY_MODEL, environment, pretrain
+from tests.helpers import TINY, TINY_MODEL, pretrain, run_tool
 
-pytestmark = pytest.mark.usefixtures("megatron_single_process")
+pytestmark = [pytest.mark.usefixtures("megatron_single_process"), pytest.mark.slow]
 
 # lr 0 keeps the initial weights, which are layout-independent by construction: the EP=2 and
 # TP=2 exports must then equal the one-process export exactly.
@@ -112,7 +109,12 @@ def test_native_exports_have_no_custom_code_and_hypermoe_has_the_documented_keys
     assert config["architectures"] == ["HyperMoeForCausalLM"]
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForCausalLM"}
     weights = load_file(str(directory / "model.safetensors"))
-    d, r, d_g, d_e, d_p, d_h, d_l, experts, layers = 64, 8, 16, 16, 16, 16, 10, 4, 2
+    d, r, d_g, d_e, d_p, d_h, d_l, experts, layers = (
+        TINY[name] for name in ("hidden_size", "hyper_adapter_dim", "hyper_hidden_size",
+                                "hyper_expert_embedding_dim", "hyper_selection_hidden_size",
+                                "hyper_selection_output_size", "hyper_layer_embedding_dim",
+                                "num_moe_experts", "num_layers"))
+    ffn = TINY["ffn_hidden_size"]
     expected = {
         "model.layers.1.block_sparse_moe.selection.embedding.weight": [experts, d_e],
         "model.layers.1.block_sparse_moe.selection.fc1.weight": [d_p, d_e],
@@ -124,8 +126,8 @@ def test_native_exports_have_no_custom_code_and_hypermoe_has_the_documented_keys
         "model.hypernet.down_weight.weight": [d * r, d_g], "model.hypernet.down_weight.bias":
         [d * r], "model.hypernet.down_bias.weight": [r, d_g],
         "model.hypernet.up_weight.weight": [r * d, d_g], "model.hypernet.up_bias.weight": [d, d_g],
-        "model.layers.0.block_sparse_moe.experts.3.w1.weight": [128, d],
-        "model.layers.0.block_sparse_moe.experts.3.w2.weight": [d, 128],
+        "model.layers.0.block_sparse_moe.experts.3.w1.weight": [ffn, d],
+        "model.layers.0.block_sparse_moe.experts.3.w2.weight": [d, ffn],
         "model.layers.0.block_sparse_moe.gate.weight": [experts, d],
     }
     for key, shape in expected.items():
@@ -134,50 +136,6 @@ def test_native_exports_have_no_custom_code_and_hypermoe_has_the_documented_keys
                   "hyper_selection_hidden_size", "hyper_selection_output_size",
                   "hyper_layer_embedding_dim"):
         assert field in config
-
-
-@pytest.mark.parametrize("topk", [1, 2])
-def test_hf_hypermoe_matches_megatron_with_a_large_hyper_path(topk):
-    """Mapping + modeling file, with the HyperExpert made large enough to matter, top-1
-    (megatron's unrenormalised probability) and top-2."""
-    from megatron_hypermoe.hf.configuration_hypermoe import HyperMoeConfig
-    from megatron_hypermoe.hf.modeling_hypermoe import HyperMoeForCausalLM
-    from megatron_hypermoe.initialization import initialize_from_global_names
-    from tests.model_factory import VOCAB, tiny_model
-
-    model, config = tiny_model("hypermoe", moe_router_topk=topk)
-    initialize_from_global_names(model, config, seed=3)
-    with torch.no_grad():  # make the HyperExpert's output comparable to the MLP's
-        model.hypernetwork.fc.weight.mul_(30)
-        for layer in model.hypermoe_layers():
-            layer.selection.fc2.weight.mul_(30)
-        for head in ("down_weight", "up_weight"):
-            getattr(model.hypernetwork, head).weight.mul_(3000)
-    hf_config = HyperMoeConfig(
-        vocab_size=VOCAB, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
-        max_position_embeddings=16, num_local_experts=config.num_moe_experts,
-        num_experts_per_tok=topk, norm_topk_prob=topk > 1,
-        hyper_adapter_dim=config.hyper_adapter_dim, hyper_hidden_size=config.hyper_hidden_size,
-        hyper_expert_embedding_dim=config.hyper_expert_embedding_dim,
-        hyper_selection_hidden_size=config.hyper_selection_hidden_size,
-        hyper_selection_output_size=config.hyper_selection_output_size,
-        hyper_layer_embedding_dim=config.hyper_layer_embedding_dim)
-    hf = HyperMoeForCausalLM(hf_config).eval()
-    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    shape = dict(moe_type="hypermoe", num_layers=config.num_layers,
-                 num_attention_heads=config.num_attention_heads,
-                 num_query_groups=config.num_attention_heads, hidden_size=config.hidden_size,
-                 num_experts=config.num_moe_experts)
-    hf.load_state_dict(to_hf(state, shape), strict=True)
-    ids = tokens(length=16, vocab=VOCAB)
-    reference = megatron_logits(model.eval(), ids)
-    assert (hf_logits(hf, ids) - reference).abs().max().item() <= 1e-4
-    with torch.no_grad():
-        hf.model.hypernet.up_bias.bias.zero_()
-        for head in ("down_weight", "up_weight", "up_bias"):
-            getattr(hf.model.hypernet, head).weight.zero_()
-    assert (hf_logits(hf, ids) - reference).abs().max().item() > 1e-2  # the hyper path matters
 
 
 @pytest.mark.multiprocess
@@ -191,11 +149,8 @@ def test_every_layout_exports_the_same_hf_weights(layout, exported):
 
 
 def convert_back(hf_dir, save, *flags, expect=0):
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "convert_hf_to_checkpoint.py"),
-         "--hf", str(hf_dir), "--save", str(save), *flags],
-        env=environment(), capture_output=True, text=True, timeout=240)
-    assert result.returncode == expect, (result.stdout + result.stderr)[-3000:]
+    result = run_tool("convert_hf_to_checkpoint.py", "--hf", hf_dir, "--save", save, *flags,
+                      expect=expect)
     return result.stdout + result.stderr
 
 
@@ -236,15 +191,8 @@ def test_upcycled_dense_model_keeps_its_function(moe_type, exported, tmp_path):
         assert 0 < difference <= 1e-2 * reference.abs().max().item()
 
 
-def run_tool(tool, *flags, expect=0):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / tool), *flags],
-                            env=environment(), capture_output=True, text=True, timeout=240)
-    assert result.returncode == expect, (result.stdout + result.stderr)[-3000:]
-    return result
-
-
-def test_evaluate_gives_the_same_perplexity_for_both_forms(checkpoint, exported, dataset):
-    corpus = dataset[1].replace("ds_text_document", "corpus.jsonl")
+def test_evaluate_gives_the_same_perplexity_for_both_forms(checkpoint, exported, corpus_file):
+    corpus = corpus_file
     results = []
     for source in (["--load", str(checkpoint("hypermoe"))], ["--hf", str(exported("hypermoe"))]):
         output = run_tool("evaluate.py", *source, "--input", corpus, "--seq-length", "32",
@@ -258,8 +206,8 @@ def test_evaluate_gives_the_same_perplexity_for_both_forms(checkpoint, exported,
 
 
 def test_generation_agrees_across_forms_and_with_transformers_generate(checkpoint, exported):
-    from megatron_hypermoe.generation import generate_ids
-    from megatron_hypermoe.hf.model_source import LoadedModel, as_megatron_callable
+    from megatron_hypermoe.inference.model_source import LoadedModel, as_megatron_callable
+    from megatron_hypermoe.model.generation import generate_ids
 
     megatron, _ = build_megatron_model(read_checkpoint(str(checkpoint("hypermoe"))))
     hf = load_hf_model(str(exported("hypermoe")))
@@ -277,12 +225,12 @@ def test_generation_agrees_across_forms_and_with_transformers_generate(checkpoin
         assert text.startswith("The") and len(text) > 3
 
 
-def test_autotokenizer_of_the_export_matches_the_training_tokenizer(exported, dataset):
+def test_autotokenizer_of_the_export_matches_the_training_tokenizer(exported, corpus_file):
     from transformers import AutoTokenizer
 
-    from megatron_hypermoe.hf.tokenizer_files import hf_directory_tokenizer
+    from megatron_hypermoe.data.tokenizer_files import hf_directory_tokenizer
 
-    corpus = dataset[1].replace("ds_text_document", "corpus.jsonl")
+    corpus = corpus_file
     texts = [json.loads(line)["text"] for line in open(corpus)][:40]
     auto = AutoTokenizer.from_pretrained(str(exported("hypermoe")), trust_remote_code=True)
     _, ours = hf_directory_tokenizer(str(exported("hypermoe")))
@@ -310,15 +258,14 @@ def test_missing_expert_shard_is_refused_and_nothing_written(checkpoint, tmp_pat
     ("moe_top1", "a top-1 megatron MoE cannot be exported as MixtralForCausalLM"),
     ("output_exists", "exists and is not empty"),
 ])
-def test_export_refusals(problem, message, checkpoint, dataset, tmp_path):
+def test_export_refusals(problem, message, checkpoint, corpus_file, tmp_path):
     load, output, tokenizer_model = str(checkpoint("moe")), tmp_path / "out", None
     if problem == "not_a_checkpoint":
         load = str(tmp_path)
     elif problem == "tokenizer":  # a valid SentencePiece model, but another one
-        from megatron_hypermoe.data import train_tokenizer
+        from tools import train_tokenizer
 
-        corpus = dataset[1].replace("ds_text_document", "corpus.jsonl")
-        assert train_tokenizer.main(["--input", corpus, "--vocab-size", "450",
+        assert train_tokenizer.main(["--input", corpus_file, "--vocab-size", "450",
                                      "--model-prefix", str(tmp_path / "other")]) == 0
         tokenizer_model = str(tmp_path / "other.model")
         output = tmp_path / "out_dir"

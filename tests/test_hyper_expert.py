@@ -5,60 +5,9 @@ import itertools
 import pytest
 import torch
 
-from megatron_hypermoe.hyper_expert import distinct_selected_sets, hyper_expert_output
-from megatron_hypermoe.hypernetwork import ExpertSelectionEmbedding, HyperNetwork
-from tests.model_factory import tiny_config
-
-
-def random_routing_map(num_tokens, num_experts, topk, generator, num_patterns=None):
-    """[T, E] boolean map with exactly topk experts per token; optionally drawn from a few
-    patterns so that only num_patterns distinct sets occur."""
-    scores = torch.rand(num_patterns or num_tokens, num_experts, generator=generator)
-    chosen = scores.topk(topk, dim=1).indices
-    patterns = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, chosen, True)
-    if num_patterns is None:
-        return patterns
-    pick = torch.randint(0, num_patterns, (num_tokens,), generator=generator)
-    return patterns[pick]
-
-
-def hyper_parts(num_experts, topk, hidden=24, seed=0, randomize_heads=True):
-    torch.manual_seed(seed)
-    config = tiny_config(
-        num_moe_experts=num_experts, moe_router_topk=topk, hidden_size=hidden,
-        num_attention_heads=4, params_dtype=torch.float32,
-    )
-    selection = ExpertSelectionEmbedding(config)
-    hypernet = HyperNetwork(config)
-    if randomize_heads:
-        # The 1e-3 hyperfanin init makes y_hyper ~0; compare the forms at a scale that tests them.
-        with torch.no_grad():
-            for p in hypernet.parameters():
-                p.normal_(0, 0.3)
-            for p in selection.parameters():
-                p.normal_(0, 0.3)
-    return config, selection, hypernet
-
-
-def output_and_grads(impl, x, routing_map, selection, hypernet, layer_index=1):
-    x = x.clone().requires_grad_(True)
-    modules = [selection, hypernet]
-    for module in modules:
-        module.zero_grad(set_to_none=True)
-    y = hyper_expert_output(x, routing_map, selection, hypernet, layer_index, impl=impl)
-    weights = torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)  # weighs every output
-    (y * weights).sum().backward()
-    grads = {"x": x.grad.clone()}
-    for prefix, module in zip(("selection", "hypernet"), modules):
-        for name, p in module.named_parameters():
-            grads[f"{prefix}.{name}"] = p.grad.clone()
-    return y.detach(), grads
-
-
-def assert_close_relative(actual, expected, rtol=1e-5, what=""):
-    scale = expected.abs().max().clamp_min(1e-12)
-    err = (actual - expected).abs().max() / scale
-    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol}"
+from megatron_hypermoe.model.hyper_expert import distinct_selected_sets, hyper_expert_output
+from tests.helpers import (HYPER_EXPERT_CASES, assert_close_relative, hyper_parts,
+                           output_and_grads, random_routing_map)
 
 
 # Invariant 3 --------------------------------------------------------------------------------------
@@ -96,20 +45,10 @@ def test_distinct_selected_sets_reconstructs_routing_map():
 
 
 # Invariant 4 --------------------------------------------------------------------------------------
-CASES = {
-    # name: (experts, topk, tokens, distinct patterns or None for "every token its own draw")
-    "top1-few-sets": (8, 1, 64, 3),
-    "top1-all-sets": (8, 1, 64, None),
-    "top2-few-sets": (8, 2, 64, 5),
-    "top2-many-sets": (16, 2, 48, None),
-    "top4-many-sets": (16, 4, 40, None),
-}
-
-
 @pytest.mark.parametrize("impl", ["grouped", "factored", "auto"])
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(HYPER_EXPERT_CASES))
 def test_fast_forms_equal_naive_outputs_and_every_gradient(impl, case):
-    num_experts, topk, tokens, patterns = CASES[case]
+    num_experts, topk, tokens, patterns = HYPER_EXPERT_CASES[case]
     _, selection, hypernet = hyper_parts(num_experts, topk)
     generator = torch.Generator().manual_seed(11)
     routing_map = random_routing_map(tokens, num_experts, topk, generator, patterns)
@@ -127,7 +66,7 @@ def test_fast_forms_equal_naive_outputs_and_every_gradient(impl, case):
 
 
 def test_auto_picks_grouped_for_few_sets_and_factored_for_many(monkeypatch):
-    import megatron_hypermoe.hyper_expert as he
+    import megatron_hypermoe.model.hyper_expert as he
 
     _, selection, hypernet = hyper_parts(16, 4)
     generator = torch.Generator().manual_seed(0)

@@ -7,12 +7,12 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_hypermoe.adapter_moe_layer import AdapterMoELayer
-from megatron_hypermoe.config import num_hypermoe_parameters
-from megatron_hypermoe.hypermoe_layer import HyperMoELayer
-from megatron_hypermoe.initialization import initialize_from_global_names
-from megatron_hypermoe.model import HyperMoEGPTModel
-from tests.model_factory import SEQ, batch, lm_loss, tiny_model
+from megatron_hypermoe.model.adapter_layer import AdapterMoELayer
+from megatron_hypermoe.model.config import num_hypermoe_parameters
+from megatron_hypermoe.model.gpt import HyperMoEGPTModel
+from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
+from megatron_hypermoe.model.initialization import initialize_from_global_names
+from tests.helpers import SEQ, batch, lm_loss, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -108,7 +108,7 @@ def test_at_init_hypermoe_output_is_within_1e3_of_moe():
     hyper, _ = tiny_model("hypermoe", moe_router_topk=2, seed=2)
     copy_moe_into_hypermoe(moe, hyper, zero_heads=False)
     tokens, position_ids, _ = batch(seed=4)
-    from megatron_hypermoe.model import causal_attention_mask
+    from megatron_hypermoe.model.gpt import causal_attention_mask
 
     mask = causal_attention_mask(SEQ)
     with torch.no_grad():
@@ -120,7 +120,7 @@ def test_at_init_hypermoe_output_is_within_1e3_of_moe():
 
 # Invariant 6 --------------------------------------------------------------------------------------
 def test_gradient_reaches_hyper_parameters_but_not_router_through_hyper_path():
-    model, _ = tiny_model("hypermoe", moe_router_topk=2)
+    model, config = tiny_model("hypermoe", moe_router_topk=2)
     _, grads, _, _ = run_and_record(model, batch())
     hyper_names = [n for n, _ in model.named_parameters() if ".selection." in n or "hypernet" in n]
     for name in hyper_names:
@@ -128,8 +128,9 @@ def test_gradient_reaches_hyper_parameters_but_not_router_through_hyper_path():
 
     # The hyper path alone gives the router no gradient: selection is discrete.
     layer = model.hypermoe_layers()[0]
-    x = torch.randn(SEQ * 2, 32, requires_grad=True)
-    _, routing_map = layer.router(x.view(SEQ, 2, 32))
+    d = config.hidden_size
+    x = torch.randn(SEQ * 2, d, requires_grad=True)
+    _, routing_map = layer.router(x.view(SEQ, 2, d))
     model.zero_grad(set_to_none=True)
     layer.hyper_expert(x, routing_map).sum().backward()
     assert layer.router.weight.grad is None

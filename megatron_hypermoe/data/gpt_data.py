@@ -19,8 +19,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from megatron_hypermoe.data.corpus import DataError
 from megatron_hypermoe.data.preprocess import sidecar_path
+from megatron_hypermoe.errors import DataError
 
 
 def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:

@@ -5,15 +5,13 @@ Shards must share token dtype and tokenizer; the merged dataset appears atomical
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
-import sys
 
-from megatron_hypermoe.data.corpus import DataError
 from megatron_hypermoe.data.outputs import check_output_paths
 from megatron_hypermoe.data.preprocess import sidecar_path
+from megatron_hypermoe.errors import DataError
 
 
 def find_shards(inputs):
@@ -75,19 +73,3 @@ def merge(inputs, output_prefix, overwrite=False) -> int:
                 os.remove(path + suffix)
         raise
     return len(prefixes)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="a directory of shards, or shard prefixes (PREFIX.bin/.idx)")
-    parser.add_argument("--output-prefix", required=True)
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        count = merge(args.input, args.output_prefix, args.overwrite)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"merged {count} shards into {args.output_prefix}.bin/.idx")
-    return 0

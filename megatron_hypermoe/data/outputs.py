@@ -3,7 +3,7 @@
 import os
 from typing import Sequence
 
-from megatron_hypermoe.data.corpus import DataError
+from megatron_hypermoe.errors import DataError
 
 
 def check_output_paths(paths: Sequence[str], overwrite: bool, prefix: str, flag: str) -> None:

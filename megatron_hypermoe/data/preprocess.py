@@ -22,10 +22,11 @@ from typing import Dict, Iterable, Iterator, List, Sequence
 
 import numpy as np
 
-from megatron_hypermoe.data.corpus import TEXT_SAMPLE_BY, DataError, ReadStats, iter_documents
+from megatron_hypermoe.data.corpus import ReadStats, iter_documents
 from megatron_hypermoe.data.outputs import check_output_paths
-from megatron_hypermoe.data.tokenizer import (add_tokenizer_args, build_tokenizer,
+from megatron_hypermoe.data.tokenizer import (build_tokenizer,
                                               tokenizer_fingerprint, validate_tokenizer_args)
+from megatron_hypermoe.errors import DataError
 
 CHUNK_DOCUMENTS = 64
 
@@ -44,33 +45,6 @@ def output_files(output_prefix: str, json_keys: Sequence[str]) -> List[str]:
         prefix = output_prefix_for_key(output_prefix, key)
         files += [prefix + ".bin", prefix + ".idx", sidecar_path(prefix)]
     return files
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Tokenize a corpus into megatron-core indexed datasets.")
-    group = parser.add_argument_group("input")
-    group.add_argument("--input", nargs="+", required=True,
-                       help="files, globs or directories (jsonl, json, parquet, csv, txt), or a "
-                            "Hugging Face dataset name when the hub is reachable")
-    group.add_argument("--json-keys", nargs="+", default=["text"],
-                       help="fields to tokenize; one output dataset per key")
-    group.add_argument("--text-sample-by", choices=TEXT_SAMPLE_BY, default="document",
-                       help="what one document is in a plain-text file")
-    group.add_argument("--skip-bad-lines", action="store_true",
-                       help="skip malformed JSON lines and count them instead of failing")
-    add_tokenizer_args(parser)
-    group = parser.add_argument_group("output")
-    group.add_argument("--output-prefix", required=True)
-    group.add_argument("--append-eod", action="store_true",
-                       help="append the end-of-document token to every document")
-    group.add_argument("--overwrite", action="store_true",
-                       help="replace an existing dataset with the same prefix")
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1)
-    group.add_argument("--log-interval", type=int, default=1000,
-                       help="documents between progress log lines when stderr is not a tty")
-    return parser
 
 
 # Tokenization, in the main process or in a worker pool ----------------------------------------
@@ -212,24 +186,3 @@ def preprocess(args) -> dict:
                 bad_line_examples=stats.bad_line_examples, tokens=tokens,
                 outputs=list(prefixes.values()), dtype=np.dtype(dtype).name,
                 seconds=time.time() - progress.start)
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        summary = preprocess(args)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
-    for key, prefix in zip(args.json_keys, summary["outputs"]):
-        print(f"wrote {summary['written'][key]:,} documents ({summary['dtype']}) to "
-              f"{prefix}.bin/.idx; skipped {summary['empty_documents'][key]:,} empty")
-    print(f"{summary['tokens']:,} tokens in {summary['seconds']:.1f} s "
-          f"({summary['tokens'] / max(summary['seconds'], 1e-9):,.0f} tokens/s)")
-    if summary["skipped_bad_lines"]:
-        print(f"skipped {summary['skipped_bad_lines']:,} malformed lines (--skip-bad-lines), "
-              f"e.g. {', '.join(summary['bad_line_examples'])}")
-    return 0

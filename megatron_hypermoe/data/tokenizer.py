@@ -13,7 +13,7 @@ import hashlib
 import os
 from typing import Optional
 
-from megatron_hypermoe.data.corpus import DataError
+from megatron_hypermoe.errors import DataError
 
 TOKENIZER_TYPES = (
     "SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")

@@ -8,33 +8,14 @@ pieces). Output PREFIX.model / PREFIX.vocab appears atomically.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import tempfile
 
-from megatron_hypermoe.data.corpus import TEXT_SAMPLE_BY, DataError, iter_documents
+from megatron_hypermoe.data.corpus import iter_documents
 from megatron_hypermoe.data.outputs import check_output_paths
+from megatron_hypermoe.errors import DataError
 
 MAX_PIECE_CHARS = 8192
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a SentencePiece tokenizer.")
-    parser.add_argument("--input", nargs="+", required=True,
-                        help="files, globs or directories, as for preprocess_data.py")
-    parser.add_argument("--json-keys", nargs="+", default=["text"])
-    parser.add_argument("--text-sample-by", choices=TEXT_SAMPLE_BY, default="document")
-    parser.add_argument("--skip-bad-lines", action="store_true")
-    parser.add_argument("--vocab-size", type=int, required=True)
-    parser.add_argument("--model-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab")
-    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    parser.add_argument("--character-coverage", type=float, default=1.0)
-    parser.add_argument("--input-sentence-size", type=int, default=2_000_000,
-                        help="paragraphs sampled for training on large corpora (0: all)")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--overwrite", action="store_true")
-    return parser
 
 
 def _pieces(text: str):
@@ -115,14 +96,3 @@ def train_tokenizer(args) -> str:
         for suffix in (".vocab", ".model"):  # .model last: it is what users load
             os.replace(scratch_prefix + suffix, args.model_prefix + suffix)
     return args.model_prefix + ".model"
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        path = train_tokenizer(args)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {path} (vocab size {args.vocab_size})")
-    return 0

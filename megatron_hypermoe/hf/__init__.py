@@ -1,2 +1,2 @@
-"""Hugging Face conversion: configuration and modeling files (copied into exports), the name
-mapping, export, import, and the tokenizer that travels with a model."""
+"""What ships inside a Hugging Face export (``configuration_hypermoe.py``, ``modeling_hypermoe.py``:
+they import torch and transformers only) and the megatron <-> Hugging Face name map."""

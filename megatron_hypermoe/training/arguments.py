@@ -2,18 +2,43 @@
 
 ``parse_args`` also derives what Megatron derives (gradient accumulation from the batch sizes,
 the data-parallel size) and rejects inconsistent combinations with one-line errors.
+``model_config`` turns the flags into the model's config; :data:`MODEL_CONFIG_FLAGS` says which
+flag is which config field, in one place, for both directions (``args_for_model`` records a
+model built from a config object, e.g. by the Hugging Face importer, as the flags a run of it
+would have).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
-from megatron_hypermoe.config import HYPER_EXPERT_IMPLS, MOE_TYPES
+import torch
+
 from megatron_hypermoe.data.tokenizer import add_tokenizer_args
+from megatron_hypermoe.errors import ArgumentError
+from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_SIZE_NAMES, HYPER_SIZES,
+                                            MOE_TYPES, HyperMoEConfig, make_config)
 
-
-class ArgumentError(ValueError):
-    """Inconsistent flags; the message is one line naming the fix."""
+# flag (argparse dest) -> HyperMoEConfig field, for every flag that is a model config field.
+MODEL_CONFIG_FLAGS = {
+    "num_layers": "num_layers", "hidden_size": "hidden_size",
+    "ffn_hidden_size": "ffn_hidden_size", "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_query_groups", "hidden_dropout": "hidden_dropout",
+    "attention_dropout": "attention_dropout", "init_method_std": "init_method_std",
+    "bf16": "bf16", "fp16": "fp16",
+    "tensor_model_parallel_size": "tensor_model_parallel_size",
+    "sequence_parallel": "sequence_parallel",
+}
+# ... and those that only MoE variants have (a dense config has no experts).
+MOE_CONFIG_FLAGS = {
+    "num_experts": "num_moe_experts", "moe_router_topk": "moe_router_topk",
+    "moe_aux_loss_coeff": "moe_aux_loss_coeff", "moe_z_loss_coeff": "moe_z_loss_coeff",
+    "moe_token_dispatcher_type": "moe_token_dispatcher_type",
+    "expert_model_parallel_size": "expert_model_parallel_size",
+    "hyper_expert_impl": "hyper_expert_impl",
+    **{name: name for name in HYPER_SIZE_NAMES},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,12 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the tensor-parallel ranks (megatron-core requires it for MoE with TP)")
 
     g = parser.add_argument_group("HyperMoE (paper defaults)")
-    g.add_argument("--hyper-adapter-dim", type=int, default=64, help="r")
-    g.add_argument("--hyper-hidden-size", type=int, default=128, help="d_g")
-    g.add_argument("--hyper-expert-embedding-dim", type=int, default=128, help="d_e")
-    g.add_argument("--hyper-selection-hidden-size", type=int, default=128, help="d_p")
-    g.add_argument("--hyper-selection-output-size", type=int, default=128, help="d_h")
-    g.add_argument("--hyper-layer-embedding-dim", type=int, default=10, help="d_l")
+    add_hyper_size_args(g)
     g.add_argument("--hyper-expert-impl", choices=HYPER_EXPERT_IMPLS, default="auto")
 
     g = parser.add_argument_group("batch and optimisation")
@@ -130,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at the end, print a sample of this many tokens")
     g.add_argument("--generate-prompt", default="\n")
     return parser
+
+
+def add_hyper_size_args(group, default_from_model: bool = False) -> None:
+    """The ``--hyper-*`` size flags, from :data:`HYPER_SIZES` (defaults: the paper's, or None
+    where the value comes from a model being converted)."""
+    for size in HYPER_SIZES:
+        group.add_argument(size.flag, type=int,
+                           default=None if default_from_model else size.default,
+                           help=f"{size.symbol}: {size.meaning} (paper: {size.default})")
 
 
 def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:
@@ -227,3 +256,45 @@ def finalize_args(args, world_size: int) -> None:
     for name in ("log_interval", "eval_iters"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def padded_vocab_size(vocab_size: int, args) -> int:
+    """Megatron's padding: a multiple of --make-vocab-size-divisible-by x TP."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def model_config(args) -> HyperMoEConfig:
+    """The model config the flags describe."""
+    fields = {field: getattr(args, flag) for flag, field in MODEL_CONFIG_FLAGS.items()}
+    if args.moe_type != "dense":
+        fields.update({field: getattr(args, flag) for flag, field in MOE_CONFIG_FLAGS.items()})
+    fields["params_dtype"] = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 \
+        else torch.float32
+    return make_config(args.moe_type, **fields)
+
+
+def default_args() -> argparse.Namespace:
+    """Every flag at its default, nothing parsed (finalize_args not applied)."""
+    return build_parser().parse_args([])
+
+
+def args_for_model(config: HyperMoEConfig, world_size: int, **flags) -> argparse.Namespace:
+    """The flags of a run of the model ``config`` describes (the inverse of model_config), plus
+    ``flags`` by dest, validated like parsed ones. Used to record a model built from a config
+    object (the Hugging Face importer) in a checkpoint the trainer can resume."""
+    args = default_args()
+    args.moe_type = config.moe_type
+    table = dict(MODEL_CONFIG_FLAGS)
+    if config.moe_type != "dense":
+        table.update(MOE_CONFIG_FLAGS)
+    for flag, field in table.items():
+        setattr(args, flag, getattr(config, field))
+    if args.num_query_groups == args.num_attention_heads:
+        args.num_query_groups = None  # what the flag's default means, and what a run passes
+    for flag, value in flags.items():
+        if not hasattr(args, flag):
+            raise ValueError(f"no flag {flag!r}")
+        setattr(args, flag, value)
+    finalize_args(args, world_size)
+    return args

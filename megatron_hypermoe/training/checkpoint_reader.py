@@ -15,18 +15,17 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 from typing import Dict, Optional
 
 import torch
 
-from megatron_hypermoe.tensor_sharding import merge, partition_dim
-from megatron_hypermoe.training.checkpointing import (META_FILE, CheckpointError,
-                                                      make_safe_checkpoint_engine, read_latest,
-                                                      tag_for)
-from megatron_hypermoe.training.expert_parallel import expert_file_name
-
-_EXPERT = re.compile(r"\.local_experts\.\d+\.")
+from megatron_hypermoe.compat.deepspeed import load_deepspeed_file
+from megatron_hypermoe.errors import CheckpointError
+from megatron_hypermoe.parallel.experts import is_expert_parameter
+from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim
+from megatron_hypermoe.training.arguments import model_config
+from megatron_hypermoe.training.checkpointing import META_FILE, read_latest, tag_for
+from megatron_hypermoe.training.expert_checkpoint import expert_file_name
 
 
 @dataclasses.dataclass
@@ -37,7 +36,21 @@ class Checkpoint:
 
     @property
     def args(self) -> argparse.Namespace:
+        """The training run's flags, as recorded."""
         return argparse.Namespace(**self.meta["args"])
+
+    def single_process_args(self) -> argparse.Namespace:
+        """The run's flags for one fp32 process (TP=1, EP=1): the whole model in one place."""
+        args = self.args
+        args.tensor_model_parallel_size = 1
+        args.expert_model_parallel_size = 1
+        args.sequence_parallel = False
+        args.bf16 = args.fp16 = False
+        return args
+
+    def model_config(self):
+        """The config of the model this checkpoint holds, for one fp32 process."""
+        return model_config(self.single_process_args())
 
 
 def _checkpoint_directory(load_dir: str, iteration: Optional[int]):
@@ -56,7 +69,7 @@ def _checkpoint_directory(load_dir: str, iteration: Optional[int]):
 def _load_module(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete")
-    saved = make_safe_checkpoint_engine().load(path, map_location="cpu")
+    saved = load_deepspeed_file(path, map_location="cpu")
     return {name: tensor for name, tensor in saved["module"].items()
             if isinstance(tensor, torch.Tensor) and not name.endswith("_extra_state")}
 
@@ -86,7 +99,8 @@ def read_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Checkpoin
               for rank in range(tp_size)]
     if ep_size > 1:
         # DeepSpeed's files hold only EP rank 0's experts, under local ids: use ours.
-        shards = [{n: t for n, t in shard.items() if not _EXPERT.search(n)} for shard in shards]
+        shards = [{n: t for n, t in shard.items() if not is_expert_parameter(n)}
+                  for shard in shards]
         for shard, experts in zip(shards, _load_experts(directory, ep_size, tp_size)):
             shard.update(experts)
     names = list(shards[0])

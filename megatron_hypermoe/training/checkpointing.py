@@ -17,8 +17,8 @@ Atomic: every rank writes into ``iter_N.partial/``; after a barrier rank 0 renam
 leaves ``latest`` on the previous complete checkpoint.
 
 Safe: our files are JSON and safetensors. DeepSpeed's .pt files are read through a checkpoint
-engine that unpickles with ``weights_only=True`` and allows only DeepSpeed's three plain record
-classes, so a tampered file cannot run code.
+engine that unpickles with ``weights_only=True`` and allows only DeepSpeed's plain record
+classes (``compat/deepspeed.py``), so a tampered file cannot run code.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_hypermoe.training.expert_parallel import restore_local_experts, save_local_experts
+from megatron_hypermoe.compat.deepspeed import install_weights_only_checkpoint_engine
+from megatron_hypermoe.errors import CheckpointError
+from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
+from megatron_hypermoe.training.expert_checkpoint import (restore_local_experts,
+                                                          save_local_experts)
 
 CHECKPOINT_FORMAT = "megatron-hypermoe-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -47,14 +51,9 @@ MEGATRON_LATEST_FILE = "latest_checkpointed_iteration.txt"
 SHAPE_FIELDS = (
     "moe_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
     "num_query_groups", "num_experts", "moe_router_topk", "padded_vocab_size",
-    "max_position_embeddings", "hyper_adapter_dim", "hyper_hidden_size",
-    "hyper_expert_embedding_dim", "hyper_selection_hidden_size", "hyper_selection_output_size",
-    "hyper_layer_embedding_dim", "tensor_model_parallel_size", "expert_model_parallel_size",
+    "max_position_embeddings", *HYPER_SIZE_NAMES, "tensor_model_parallel_size",
+    "expert_model_parallel_size",
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message is one line naming the problem."""
 
 
 @dataclasses.dataclass
@@ -137,44 +136,9 @@ def load_rng_state(directory: str) -> bool:
     return True
 
 
-# Safe loading of DeepSpeed's files ----------------------------------------------------------------
-def _deepspeed_record_classes():
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def make_safe_checkpoint_engine(config_params=None):
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-        """DeepSpeed's torch engine, loading with weights_only=True."""
-
-        def load(self, path: str, map_location=None):
-            try:
-                with torch.serialization.safe_globals(_deepspeed_record_classes()):
-                    return torch.load(path, map_location=map_location, weights_only=True)
-            except FileNotFoundError:
-                raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is "
-                                      "incomplete") from None
-            except Exception as error:
-                reason = str(error).strip().splitlines()
-                unsupported = [line for line in reason if "Unsupported global" in line]
-                detail = unsupported[0].strip() if unsupported else type(error).__name__
-                raise CheckpointError(f"refusing to load {path}: it holds more than tensors "
-                                      f"and DeepSpeed's plain records ({detail[:160]})") from None
-
-    return WeightsOnlyCheckpointEngine(config_params)
-
-
-def use_safe_checkpoint_engine(engine) -> None:
-    engine.checkpoint_engine = make_safe_checkpoint_engine(engine._config)
-
-
 # Save ---------------------------------------------------------------------------------------------
-def model_shape(args) -> dict:
+def checkpoint_shape(args) -> dict:
+    """The values of SHAPE_FIELDS, which a checkpoint records and a load must match."""
     return {field: getattr(args, field, None) for field in SHAPE_FIELDS}
 
 
@@ -211,7 +175,7 @@ def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] =
             "version": CHECKPOINT_VERSION,
             "tag": tag,
             "train_state": dataclasses.asdict(state),
-            "model": model_shape(args),
+            "model": checkpoint_shape(args),
             "world_size": args.world_size,
             "data_parallel_size": args.data_parallel_size,
             "args": _jsonable_args(args),
@@ -255,7 +219,7 @@ def read_latest(load_dir: str) -> tuple:
 
 
 def check_model_shape(meta: dict, args) -> None:
-    saved, current = meta.get("model", {}), model_shape(args)
+    saved, current = meta.get("model", {}), checkpoint_shape(args)
     for field in SHAPE_FIELDS:
         if field in saved and saved[field] != current[field]:
             flag = "--" + field.replace("_", "-")
@@ -269,7 +233,7 @@ def load_checkpoint(engine, args) -> TrainState:
     tag, meta = read_latest(args.load)
     check_model_shape(meta, args)
     load_optimizer = not (args.finetune or args.no_load_optim)
-    use_safe_checkpoint_engine(engine)
+    install_weights_only_checkpoint_engine(engine)
     path, _ = engine.load_checkpoint(args.load, tag=tag, load_optimizer_states=load_optimizer,
                                      load_lr_scheduler_states=False,
                                      load_module_only=not load_optimizer)

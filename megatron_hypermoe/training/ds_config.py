@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-
-class DeepSpeedConfigError(ValueError):
-    """A bad or contradictory DeepSpeed config; the message is one line."""
+from megatron_hypermoe.errors import DeepSpeedConfigError
 
 
 def config_from_args(args) -> dict:

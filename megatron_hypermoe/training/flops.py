@@ -4,6 +4,8 @@ parameter counts, total and active per token."""
 
 from math import comb
 
+from megatron_hypermoe.parallel.experts import is_expert_parameter
+
 
 def forward_flops_per_token(args, tokens_per_micro_batch: int) -> float:
     d, s, f, L = args.hidden_size, args.seq_length, args.ffn_hidden_size, args.num_layers
@@ -48,7 +50,7 @@ def parameter_counts(model, args):
     ep = parallel_state.get_expert_model_parallel_world_size()
     total = experts = 0
     for name, param in model.named_parameters():
-        is_expert = ".experts." in name
+        is_expert = is_expert_parameter(name)
         count = param.numel()
         if getattr(param, "tensor_model_parallel", False):
             count *= expert_tp if is_expert else tp

@@ -1,6 +1,10 @@
 """What a run reports: a console line per --log-interval, TensorBoard scalars under the names
 Megatron users know, and the same values as JSON lines in --metrics-file (rank 0 writes).
 
+Every logged value is named once, in :data:`LOGGED`: its key in the JSON lines, its TensorBoard
+tag and its place on the console line. The trainer hands :meth:`MetricsWriter.log` one dict
+keyed by the JSON names; the writer derives the rest.
+
 MoE visibility (megatron-core's own tracker assumes CUDA): per-layer fraction of routed tokens
 per expert and the max/mean imbalance, counted by router hooks and summed over all ranks; the
 load-balancing and z losses; and, for HyperMoE, the RMS of each layer's HyperExpert output.
@@ -8,16 +12,18 @@ load-balancing and z losses; and, for HyperMoE, the RMS of each layer's HyperExp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import sys
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_hypermoe.hypermoe_layer import HyperMoELayer
+from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
 
 
 class ExpertLoadCounter:
@@ -108,6 +114,62 @@ class AuxLossesPaused:
         return False
 
 
+@dataclasses.dataclass(frozen=True)
+class Logged:
+    """One logged value: ``key`` in --metrics-file, ``tensorboard`` tag (Megatron's name; with
+    {layer} / {expert} for per-layer lists), ``console`` format on the log line (None: not
+    shown), ``tensorboard_scale`` if TensorBoard wants another unit."""
+    key: str
+    tensorboard: str
+    console: Optional[str] = None
+    tensorboard_scale: float = 1.0
+
+
+LOGGED = (
+    Logged("lm_loss", "lm loss", "lm loss {:.4f}"),
+    Logged("aux_loss", "load_balancing_loss", "aux loss {:.4f}"),
+    Logged("z_loss", "z_loss"),
+    Logged("lr", "learning-rate", "lr {:.3e}"),
+    Logged("grad_norm", "grad-norm", "grad norm {:.3f}"),
+    Logged("ms_per_iter", "iteration-time", "{:.1f} ms/iter", tensorboard_scale=1e-3),
+    Logged("tokens_per_s", "tokens-per-second", "{:,.0f} tokens/s"),
+    Logged("tflops_per_device", "TFLOPs-per-device", "{:.4f} TFLOP/s/device"),
+    Logged("skipped_iterations", "skipped-iterations", "skipped {}"),
+    Logged("expert_load", "moe/layer_{layer}_expert_{expert}_load"),
+    Logged("max_over_mean_load", "moe/layer_{layer}_max_over_mean_load"),
+    Logged("hyper_output_rms", "hypermoe/layer_{layer}_hyper_output_rms"),
+    Logged("val_loss", "lm loss validation", "lm loss {:.4f}"),
+    Logged("val_ppl", "lm loss validation ppl", "ppl {:.2f}"),
+)
+LOGGED_BY_KEY = {entry.key: entry for entry in LOGGED}
+# megatron's aux-loss tracker names -> our keys (other tracker names are logged as they are)
+AUX_LOSS_KEYS = {"load_balancing_loss": "aux_loss", "z_loss": "z_loss"}
+
+
+def tensorboard_scalars(values: dict) -> Dict[str, float]:
+    """TensorBoard tag -> value for a dict keyed by LOGGED keys (lists become one tag each)."""
+    scalars = {}
+    for key, value in values.items():
+        entry = LOGGED_BY_KEY.get(key, Logged(key, key))
+        if isinstance(value, (list, tuple)):
+            for layer, row in enumerate(value):
+                if isinstance(row, (list, tuple)):
+                    for expert, item in enumerate(row):
+                        scalars[entry.tensorboard.format(layer=layer, expert=expert)] = item
+                else:
+                    scalars[entry.tensorboard.format(layer=layer)] = row
+        elif value is not None:
+            scalars[entry.tensorboard] = float(value) * entry.tensorboard_scale
+    return scalars
+
+
+def console_line(prefix: str, values: dict) -> str:
+    """``prefix | lm loss 1.2345 | ...`` in LOGGED order, for the values that have a format."""
+    parts = [entry.console.format(values[entry.key]) for entry in LOGGED
+             if entry.console and values.get(entry.key) is not None]
+    return " | ".join([prefix] + parts)
+
+
 class MetricsWriter:
     def __init__(self, args, is_writer_rank: bool):
         self.is_writer_rank = is_writer_rank
@@ -124,11 +186,17 @@ class MetricsWriter:
             os.makedirs(directory, exist_ok=True)
             self.file = open(args.metrics_file, "a")
 
-    def scalars(self, iteration: int, values: Dict[str, float]):
+    def log(self, iteration: int, values: dict, prefix: str) -> None:
+        """One logging event: the console line (rank 0), TensorBoard, a JSON line."""
+        if not self.is_writer_rank:
+            return
+        print(console_line(prefix, values), flush=True)
         if self.tensorboard is not None:
-            for name, value in values.items():
-                if value is not None and math.isfinite(value):
-                    self.tensorboard.add_scalar(name, value, iteration)
+            for tag, value in tensorboard_scalars(values).items():
+                if math.isfinite(value):
+                    self.tensorboard.add_scalar(tag, value, iteration)
+        self.record({"iteration": iteration, **{k: v for k, v in values.items()
+                                                 if v is not None}})
 
     def record(self, record: dict):
         if self.file is not None:
@@ -143,11 +211,28 @@ class MetricsWriter:
             self.file.close()
 
 
-def expert_load_scalars(counts: torch.Tensor) -> Dict[str, float]:
-    scalars = {}
+def expert_load_values(counts: torch.Tensor) -> dict:
+    """Per-layer share of routed tokens per expert, and the max/mean imbalance."""
     fractions = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    for layer, row in enumerate(fractions):
-        scalars[f"moe/layer_{layer}_max_over_mean_load"] = float(row.max() / row.mean())
-        for expert, value in enumerate(row):
-            scalars[f"moe/layer_{layer}_expert_{expert}_load"] = float(value)
-    return scalars
+    return {"expert_load": fractions.tolist(),
+            "max_over_mean_load": (fractions.max(1).values / fractions.mean(1)).tolist()}
+
+
+class ProgressBar:
+    """A progress bar with ETA on a terminal; the log lines carry progress otherwise."""
+
+    def __init__(self, total, start, enabled):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="iter", file=sys.stderr)
+
+    def update(self, iteration):
+        if self.bar is not None:
+            self.bar.n = iteration
+            self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

@@ -1,104 +1,42 @@
 """The pretraining loop: megatron-core model, DeepSpeed engine (ZeRO holds the optimizer state).
 
-Launch with ``deepspeed pretrain_gpt_hypermoe.py``, ``torchrun`` or plain ``python``. One
-iteration = gradient-accumulation micro-batches, then one optimizer step. DeepSpeed's ZeRO
+One iteration = gradient-accumulation micro-batches, then one optimizer step. DeepSpeed's ZeRO
 optimizer checks gradients for inf/NaN and skips such a step (the iteration is counted as
-skipped); too many in a row stop the run.
+skipped); too many in a row stop the run. Everything before the first step (process groups,
+model, engine) is ``training/setup.py``; what is logged and how, ``training/metrics.py``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
-import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_hypermoe.config import make_config
-from megatron_hypermoe.data.corpus import DataError
 from megatron_hypermoe.data.gpt_data import (build_data_loader, build_gpt_datasets,
                                              gpt_dataset_config)
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
-from megatron_hypermoe.generation import generate_ids
-from megatron_hypermoe.initialization import initialize_from_global_names
-from megatron_hypermoe.model import build_gpt_model, causal_attention_mask
-from megatron_hypermoe.parallel import destroy_distributed, initialize_distributed
-from megatron_hypermoe.sequence_parallel import allreduce_sequence_parallel_grads_in_backward
-from megatron_hypermoe.training.arguments import ArgumentError, parse_args
-from megatron_hypermoe.training.checkpointing import (CheckpointError, TrainState,
-                                                      latest_iteration, load_checkpoint,
-                                                      save_checkpoint)
-from megatron_hypermoe.training.deepspeed_mpu import MegatronMPU
-from megatron_hypermoe.training.ds_config import DeepSpeedConfigError, resolve_config
-from megatron_hypermoe.training.expert_parallel import (deepspeed_recognises_megatron_moe,
-                                                        register_expert_parallel,
-                                                        split_moe_param_groups)
+from megatron_hypermoe.errors import TrainingStopped
+from megatron_hypermoe.model.generation import generate_ids
+from megatron_hypermoe.model.gpt import causal_attention_mask
+from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
+from megatron_hypermoe.training.checkpointing import (TrainState, latest_iteration,
+                                                      load_checkpoint, save_checkpoint)
 from megatron_hypermoe.training.flops import parameter_counts, training_flops_per_iteration
 from megatron_hypermoe.training.lr_schedule import learning_rate
-from megatron_hypermoe.training.metrics import (AuxLossesPaused, ExpertLoadCounter,
-                                                MetricsWriter, expert_load_scalars,
-                                                hyper_output_rms, take_aux_losses)
-
-USER_ERRORS = (ArgumentError, DataError, CheckpointError, DeepSpeedConfigError)
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps in a row); one-line message."""
+from megatron_hypermoe.training.metrics import (AUX_LOSS_KEYS, AuxLossesPaused,
+                                                ExpertLoadCounter, MetricsWriter, ProgressBar,
+                                                expert_load_values, hyper_output_rms,
+                                                take_aux_losses)
+from megatron_hypermoe.training.setup import (build_engine, build_model, initialize_parallel,
+                                              training_device)
 
 
 def print_rank0(*values, **kwargs):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*values, **kwargs, flush=True)
-
-
-def padded_vocab_size(vocab_size: int, args) -> int:
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return int(math.ceil(vocab_size / multiple) * multiple)
-
-
-def model_config(args):
-    sizes = dict(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups, hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout, init_method_std=args.init_method_std,
-        bf16=args.bf16, fp16=args.fp16,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float16 if args.fp16
-        else torch.float32,
-    )
-    if args.moe_type != "dense":
-        sizes.update(
-            num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
-            moe_aux_loss_coeff=args.moe_aux_loss_coeff, moe_z_loss_coeff=args.moe_z_loss_coeff,
-            moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-            expert_model_parallel_size=args.expert_model_parallel_size,
-            hyper_adapter_dim=args.hyper_adapter_dim, hyper_hidden_size=args.hyper_hidden_size,
-            hyper_expert_embedding_dim=args.hyper_expert_embedding_dim,
-            hyper_selection_hidden_size=args.hyper_selection_hidden_size,
-            hyper_selection_output_size=args.hyper_selection_output_size,
-            hyper_layer_embedding_dim=args.hyper_layer_embedding_dim,
-            hyper_expert_impl=args.hyper_expert_impl,
-        )
-    return make_config(args.moe_type, **sizes)
-
-
-def optimizer_param_groups(model, weight_decay: float, expert_parallel: bool):
-    """Megatron's rule: no weight decay on biases and norm weights (1-D parameters); with
-    expert parallelism, experts in their own groups (DeepSpeed reduces them differently)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim == 1 else decay).append(param)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    return split_moe_param_groups(groups) if expert_parallel else groups
 
 
 def masked_lm_loss(model, batch, device):
@@ -116,37 +54,21 @@ class Trainer:
         self.args = args
         self.stop_requested = False
         self.last_eval_iteration = None
-        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.last_saved_iteration = None
+        self.metrics = None
+        self.device = training_device()
 
     # Setup ----------------------------------------------------------------------------------------
     def setup(self):
-        import deepspeed
-
         args = self.args
-        initialize_distributed(args.tensor_model_parallel_size,
-                               args.expert_model_parallel_size, args.seed)
+        initialize_parallel(args)
         self.rank = dist.get_rank()
         # Tensor-parallel peers read the same batches; data-parallel ranks read different ones.
         self.data_parallel_rank = parallel_state.get_data_parallel_rank()
         self.tokenizer = build_tokenizer(args)
         args.padded_vocab_size = padded_vocab_size(self.tokenizer.vocab_size, args)
         self.config = model_config(args)
-        model = build_gpt_model(self.config, args.padded_vocab_size,
-                                args.max_position_embeddings)
-        initialize_from_global_names(model, self.config, args.seed)
-        # Norms, router and the HyperMoE path see one sequence slice per TP rank: sum their
-        # gradients over the TP group (DeepSpeed only reduces over data-parallel ranks).
-        allreduce_sequence_parallel_grads_in_backward(model)
-        expert_parallel = args.expert_model_parallel_size > 1
-        if expert_parallel:
-            register_expert_parallel(model, args.num_experts, args.expert_model_parallel_size)
-        optimizer = torch.optim.AdamW(
-            optimizer_param_groups(model, args.weight_decay, expert_parallel), lr=args.lr,
-            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-        with deepspeed_recognises_megatron_moe() if expert_parallel else nullcontext():
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=model.to(self.device), optimizer=optimizer, config=resolve_config(args),
-                mpu=MegatronMPU())
+        self.engine, self.optimizer = build_engine(build_model(self.config, args), args)
         self.model = self.engine.module
         self.state = TrainState()
         if args.load and args.load == args.save and latest_iteration(args.load) is None:
@@ -226,12 +148,8 @@ class Trainer:
         if val_loss is None:
             return
         iteration = self.state.iteration
-        ppl = math.exp(min(val_loss, 50.0))
-        print_rank0(f" validation at iteration {iteration} | lm loss {val_loss:.4f} | "
-                    f"ppl {ppl:.2f}")
-        self.metrics.scalars(iteration, {"lm loss validation": val_loss,
-                                         "lm loss validation ppl": ppl})
-        self.metrics.record({"iteration": iteration, "val_loss": val_loss, "val_ppl": ppl})
+        values = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        self.metrics.log(iteration, values, prefix=f" validation at iteration {iteration}")
 
     # Training -------------------------------------------------------------------------------------
     def train_step(self, batches):
@@ -265,60 +183,47 @@ class Trainer:
         return mean_loss, lr, skipped
 
     def log_training(self, loss, lr, elapsed, iterations):
+        """Collective (aux losses and expert loads are reduced over ranks); rank 0 writes."""
         args = self.args
-        iteration = self.state.iteration
-        ms = 1000.0 * elapsed / iterations
-        tokens_per_s = args.global_batch_size * args.seq_length * iterations / elapsed
-        tflops = self.flops_per_iteration * iterations / elapsed / args.world_size / 1e12
         grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        values = {
+            "lm_loss": loss, "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "ms_per_iter": 1000.0 * elapsed / iterations,
+            "tokens_per_s": args.global_batch_size * args.seq_length * iterations / elapsed,
+            "tflops_per_device": (self.flops_per_iteration * iterations / elapsed
+                                  / args.world_size / 1e12),
+            "skipped_iterations": self.state.skipped_iterations,
+        }
         aux = take_aux_losses(iterations * args.gradient_accumulation_steps)
+        values.update({AUX_LOSS_KEYS.get(name, name): value for name, value in aux.items()})
         load = self.expert_load.take()
-        rms = hyper_output_rms(self.model)
-        aux_loss = aux.get("load_balancing_loss")
-        line = (f" iteration {iteration:8d}/{args.train_iters:8d} | lm loss {loss:.4f} | "
-                + (f"aux loss {aux_loss:.4f} | " if aux_loss is not None else "")
-                + f"lr {lr:.3e} | grad norm {grad_norm:.3f} | {ms:.1f} ms/iter | "
-                f"{tokens_per_s:,.0f} tokens/s | {tflops:.4f} TFLOP/s/device | "
-                f"skipped {self.state.skipped_iterations}")
-        print_rank0(line)
-        scalars = {"lm loss": loss, "learning-rate": lr, "grad-norm": grad_norm,
-                   "iteration-time": ms / 1000.0, "tokens-per-second": tokens_per_s,
-                   "TFLOPs-per-device": tflops,
-                   "skipped-iterations": float(self.state.skipped_iterations)}
-        scalars.update(aux)
-        record = {"iteration": iteration, "lm_loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "ms_per_iter": ms, "tokens_per_s": tokens_per_s,
-                  "tflops_per_device": tflops,
-                  "skipped_iterations": self.state.skipped_iterations}
-        if aux_loss is not None:
-            record["aux_loss"] = aux_loss
-        if "z_loss" in aux:
-            record["z_loss"] = aux["z_loss"]
         if load is not None:
-            scalars.update(expert_load_scalars(load))
-            fractions = load / load.sum(dim=1, keepdim=True).clamp_min(1)
-            record["expert_load"] = fractions.tolist()
-            record["max_over_mean_load"] = (fractions.max(1).values /
-                                            fractions.mean(1)).tolist()
-        for layer, value in enumerate(rms):
-            scalars[f"hypermoe/layer_{layer}_hyper_output_rms"] = value
+            values.update(expert_load_values(load))
+        rms = hyper_output_rms(self.model)
         if rms:
-            record["hyper_output_rms"] = rms
-        self.metrics.scalars(iteration, scalars)
-        self.metrics.record(record)
+            values["hyper_output_rms"] = rms
+        iteration = self.state.iteration
+        self.metrics.log(iteration, values,
+                         prefix=f" iteration {iteration:8d}/{args.train_iters:8d}")
 
     def save(self):
         directory = save_checkpoint(self.engine, self.args, self.state,
                                     tokenizer=tokenizer_fingerprint(self.args, self.tokenizer))
+        self.last_saved_iteration = self.state.iteration
         print_rank0(f"saved checkpoint {directory}")
 
+    def save_unless_just_saved(self):
+        if self.args.save and self.last_saved_iteration != self.state.iteration:
+            self.save()
+
     def train(self):
+        """Train to --train-iters; False if it stopped early (SIGTERM or --exit-interval)."""
         args = self.args
         batches = iter(self.train_loader())
         consecutive_skips = 0
         last_log_time, iterations_since_log = time.time(), 0
-        progress = _Progress(args.train_iters, self.state.iteration, self.rank == 0)
+        progress = ProgressBar(args.train_iters, self.state.iteration, self.rank == 0)
         while self.state.iteration < args.train_iters:
             loss, lr, skipped = self.train_step(batches)
             self.state.iteration += 1
@@ -347,14 +252,23 @@ class Trainer:
                     self.state.iteration % args.save_interval == 0:
                 self.save()
             if self._should_exit():
-                if args.save and not (args.save_interval and
-                                      self.state.iteration % args.save_interval == 0):
-                    self.save()
+                self.save_unless_just_saved()
                 print_rank0(f"exiting at iteration {self.state.iteration} "
                             f"({'SIGTERM' if self.stop_requested else '--exit-interval'})")
                 return False
         progress.close()
         return True
+
+    def finish(self):
+        """After a completed run: a last evaluation and checkpoint unless just done, a sample."""
+        if self.last_eval_iteration != self.state.iteration:
+            self.log_evaluation(self.evaluate())
+        self.save_unless_just_saved()
+        sample = self.sample_text()
+        if sample is not None:
+            print_rank0("---- generated sample ----")
+            print_rank0(sample)
+            print_rank0("--------------------------")
 
     def _should_exit(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
@@ -376,62 +290,6 @@ class Trainer:
                                eod=self.tokenizer.eod, vocab_size=self.tokenizer.vocab_size)
         return self.tokenizer.detokenize(prompt + new_ids) if self.rank == 0 else None
 
-
-class _Progress:
-    """A progress bar with ETA on a terminal; the log lines carry progress otherwise."""
-
-    def __init__(self, total, start, enabled):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="iter", file=sys.stderr)
-
-    def update(self, iteration):
-        if self.bar is not None:
-            self.bar.n = iteration
-            self.bar.refresh()
-
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def main(argv=None) -> int:
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    trainer = None
-    try:
-        args = parse_args(argv, world_size)
-        trainer = Trainer(args)
-        signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
-        trainer.setup()
-        if args.eval_only:
-            trainer.log_evaluation(trainer.evaluate())
-            dist.barrier()
-            destroy_distributed()
-            return 0
-        finished = trainer.train()
-        if finished:
-            if trainer.last_eval_iteration != trainer.state.iteration:
-                trainer.log_evaluation(trainer.evaluate())
-            if args.save and not (args.save_interval and
-                                  trainer.state.iteration % args.save_interval == 0):
-                trainer.save()
-            sample = trainer.sample_text()
-            if sample is not None:
-                print_rank0("---- generated sample ----")
-                print_rank0(sample)
-                print_rank0("--------------------------")
-        # Leave together: a rank that exits while its peer is still inside a gloo collective
-        # makes the peer abort.
-        dist.barrier()
-        destroy_distributed()
-        return 0
-    except USER_ERRORS + (TrainingStopped,) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if trainer is not None and getattr(trainer, "metrics", None) is not None:
-            trainer.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()

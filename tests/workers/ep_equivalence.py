@@ -11,37 +11,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_hypermoe.initialization import global_parameter_name, initialize_from_global_names
-from megatron_hypermoe.parallel import destroy_distributed, initialize_distributed
-from tests.model_factory import batch, lm_loss, tiny_model
-
-CASES = [(moe_type, dispatcher) for moe_type in ("hypermoe", "moe")
-         for dispatcher in ("alltoall", "allgather")]
-INIT_SEED = 42
-
-
-def build(moe_type, dispatcher):
-    """The equivalence tests' model: tiny, top-2 of 4 experts, weights from global names."""
-    model, config = tiny_model(moe_type, moe_router_topk=2, moe_token_dispatcher_type=dispatcher)
-    initialize_from_global_names(model, config, INIT_SEED)
-    if moe_type == "hypermoe":
-        with torch.no_grad():  # make the HyperExpert's contribution large enough to matter
-            for head in ("down_weight", "up_weight"):
-                getattr(model.hypernetwork, head).weight.mul_(1000)
-    return model, config
-
-
-def loss_and_global_grads(model, config, data_seed):
-    model.zero_grad(set_to_none=True)
-    loss = lm_loss(model, *batch(seed=data_seed))
-    loss.backward()
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    num_local = config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
-    grads = {
-        global_parameter_name(name, num_local, ep_rank): p.grad.detach().clone()
-        for name, p in model.named_parameters()
-    }
-    return loss.detach(), grads
+from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
+from megatron_hypermoe.parallel.experts import is_expert_parameter
+from tests.helpers import EP_CASES, ep_case_model, loss_and_global_grads
 
 
 def main():
@@ -50,8 +22,13 @@ def main():
     args = parser.parse_args()
     initialize_distributed(expert_model_parallel_size=2, seed=7)
     rank = dist.get_rank()
-    for moe_type, dispatcher in CASES:
-        model, config = build(moe_type, dispatcher)
+    assert parallel_state.get_expert_model_parallel_world_size() == 2
+    for moe_type, dispatcher in EP_CASES:
+        model, config = ep_case_model(moe_type, dispatcher)
+        # The one expert predicate (by name) picks exactly the parameters megatron marks as
+        # expert-parallel (allreduce=False), which is what DeepSpeed goes by.
+        for name, param in model.named_parameters():
+            assert is_expert_parameter(name) == (not getattr(param, "allreduce", True)), name
         loss, grads = loss_and_global_grads(model, config, data_seed=100 + rank)
         torch.save({"loss": loss, "grads": grads},
                    os.path.join(args.out, f"{moe_type}_{dispatcher}_rank{rank}.pt"))

@@ -16,7 +16,7 @@ import shutil
 from typing import Optional
 
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
-from megatron_hypermoe.training.checkpointing import CheckpointError
+from megatron_hypermoe.errors import CheckpointError
 
 MEGATRON_TOKENIZER_FILE = "megatron_tokenizer.json"
 _HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_hypermoe.hypernetwork import ExpertSelectionEmbedding, HyperNetwork
+from megatron_hypermoe.model.hypernetwork import ExpertSelectionEmbedding, HyperNetwork
 
 
 def distinct_selected_sets(routing_map: torch.Tensor):

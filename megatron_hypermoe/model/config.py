@@ -8,12 +8,14 @@ One dataclass drives the whole model. ``moe_type`` picks the MLP of every layer:
   the hypernetwork);
 - ``dense``: megatron-core's dense MLP.
 
-Sizes use the paper's names in comments (r, d_g, d_e, d_p, d_h, d_l) and Megatron-style names as
-fields, matching the ``--hyper-*`` command-line flags.
+The six HyperMoE sizes are defined once, in :data:`HYPER_SIZES`: the config fields, the
+``--hyper-*`` flags, the checkpoint's shape fields and the Hugging Face config fields are all
+generated from it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,24 +23,44 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_hypermoe.errors import ConfigError
+
 MOE_TYPES = ("hypermoe", "moe", "moe_adapter", "dense")
 HYPER_EXPERT_IMPLS = ("auto", "grouped", "factored", "naive")
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message is one line naming the fix."""
+@dataclass(frozen=True)
+class HyperSize:
+    name: str  # config field, flag (--hyper-...), checkpoint and Hugging Face config field
+    symbol: str  # the paper's name
+    default: int  # the paper's value
+    meaning: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+HYPER_SIZES = (
+    HyperSize("hyper_adapter_dim", "r", 64, "HyperExpert bottleneck"),
+    HyperSize("hyper_hidden_size", "d_g", 128, "hypernetwork hidden size"),
+    HyperSize("hyper_expert_embedding_dim", "d_e", 128, "per-layer expert embedding"),
+    HyperSize("hyper_selection_hidden_size", "d_p", 128, "selection MLP hidden size"),
+    HyperSize("hyper_selection_output_size", "d_h", 128, "selection MLP output size"),
+    HyperSize("hyper_layer_embedding_dim", "d_l", 10,
+              "layer embedding in the shared hypernetwork"),
+)
+HYPER_SIZE_NAMES = tuple(size.name for size in HYPER_SIZES)
+
+# The size fields as a dataclass of their own, mixed into HyperMoEConfig below.
+HyperSizes = dataclasses.make_dataclass(
+    "HyperSizes", [(size.name, int, dataclasses.field(default=size.default))
+                   for size in HYPER_SIZES])
 
 
 @dataclass
-class HyperMoEConfig(TransformerConfig):
+class HyperMoEConfig(TransformerConfig, HyperSizes):
     moe_type: str = "hypermoe"
-
-    hyper_adapter_dim: int = 64  # r: HyperExpert bottleneck
-    hyper_hidden_size: int = 128  # d_g: hypernetwork hidden size
-    hyper_expert_embedding_dim: int = 128  # d_e: per-layer expert embedding
-    hyper_selection_hidden_size: int = 128  # d_p: selection MLP hidden size
-    hyper_selection_output_size: int = 128  # d_h: selection MLP output size
-    hyper_layer_embedding_dim: int = 10  # d_l: layer embedding in the shared hypernetwork
 
     # How the HyperExpert is computed. "auto" picks "grouped" (one generated HyperExpert per
     # distinct selected set, applied as a grouped matmul) unless distinct sets exceed
@@ -76,14 +98,7 @@ class HyperMoEConfig(TransformerConfig):
                               "integer")
         if self.moe_type != "hypermoe":
             return
-        for name in (
-            "hyper_adapter_dim",
-            "hyper_hidden_size",
-            "hyper_expert_embedding_dim",
-            "hyper_selection_hidden_size",
-            "hyper_selection_output_size",
-            "hyper_layer_embedding_dim",
-        ):
+        for name in HYPER_SIZE_NAMES:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")

@@ -18,10 +18,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_hypermoe.adapter_moe_layer import AdapterMoELayer
-from megatron_hypermoe.config import HyperMoEConfig
-from megatron_hypermoe.hypermoe_layer import HyperMoELayer
-from megatron_hypermoe.hypernetwork import HyperNetwork
+from megatron_hypermoe.model.adapter_layer import AdapterMoELayer
+from megatron_hypermoe.model.config import HyperMoEConfig
+from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
+from megatron_hypermoe.model.hypernetwork import HyperNetwork
 
 
 SIDE_PATH_LAYERS = {"hypermoe": HyperMoELayer, "moe_adapter": AdapterMoELayer}

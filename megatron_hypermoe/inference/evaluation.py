@@ -16,6 +16,10 @@ from typing import Callable, Iterable, List
 
 import torch
 
+from megatron_hypermoe.data.corpus import iter_documents
+from megatron_hypermoe.errors import DataError
+from megatron_hypermoe.model.gpt import causal_attention_mask
+
 
 @dataclasses.dataclass
 class Perplexity:
@@ -68,8 +72,6 @@ def perplexity(token_nll: Callable, ids: List[int], words: int, seq_length: int,
 
 
 def megatron_token_nll(model):
-    from megatron_hypermoe.model import causal_attention_mask
-
     def score(inputs, targets):
         device = next(model.parameters()).device
         inputs, targets = inputs.to(device), targets.to(device)
@@ -89,53 +91,24 @@ def hf_token_nll(model):
     return score
 
 
-def main(argv=None) -> int:
-    import argparse
-    import json
+def corpus_ids(loaded, inputs, json_keys):
+    """(token ids, words) of every document in ``inputs``, with the loaded model's tokenizer."""
+    texts = (text for document in iter_documents(inputs, json_keys)
+             for text in document.fields.values())
+    ids, words = token_stream(texts, loaded.tokenizer, loaded.tokenizer.eod)
+    if len(ids) < 2:
+        raise DataError(f"{' '.join(inputs)} holds no text to evaluate")
+    return ids, words
 
-    from megatron_hypermoe.data.corpus import DataError, iter_documents
-    from megatron_hypermoe.hf.model_source import add_model_source_args, load_model
-    from megatron_hypermoe.training.checkpointing import CheckpointError
 
-    parser = argparse.ArgumentParser(
-        description="Perplexity of a checkpoint (--load) or Hugging Face directory (--hf) on a "
-                    "text/jsonl/parquet/csv file, with the model's own tokenizer.")
-    add_model_source_args(parser)
-    parser.add_argument("--input", nargs="+", required=True)
-    parser.add_argument("--json-keys", nargs="+", default=["text"])
-    parser.add_argument("--seq-length", type=int, default=None,
-                        help="window length; default the model's maximum")
-    parser.add_argument("--word-level", action="store_true",
-                        help="also report perplexity per whitespace-separated word")
-    parser.add_argument("--json", action="store_true",
-                        help="make the last line a JSON object (ppl, tokens, ...)")
-    args = parser.parse_args(argv)
-    try:
-        loaded = load_model(args)
-        seq_length = args.seq_length or loaded.max_sequence_length
-        if seq_length > loaded.max_sequence_length:
-            raise DataError(f"--seq-length {seq_length} exceeds the model's maximum "
-                            f"{loaded.max_sequence_length}")
-        texts = (text for document in iter_documents(args.input, args.json_keys)
-                 for text in document.fields.values())
-        ids, words = token_stream(texts, loaded.tokenizer, loaded.tokenizer.eod)
-        if len(ids) < 2:
-            raise DataError(f"{' '.join(args.input)} holds no text to evaluate")
-        score = megatron_token_nll(loaded.model) if loaded.kind == "megatron" \
-            else hf_token_nll(loaded.model)
-        result = perplexity(score, ids, words, seq_length)
-    except (CheckpointError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    line = f"{result.tokens:,} tokens: loss {result.nll / result.tokens:.4f}, ppl {result.ppl:.3f}"
-    if args.word_level:
-        line += f"; {result.words:,} words: word-level ppl {result.word_ppl:.3f}"
-    print(line)
-    if args.json:
-        summary = {"ppl": result.ppl, "loss": result.nll / result.tokens,
-                   "tokens": result.tokens, "model": args.load or args.hf,
-                   "seq_length": seq_length}
-        if args.word_level:
-            summary.update(word_ppl=result.word_ppl, words=result.words)
-        print(json.dumps(summary))
-    return 0
+def evaluate_model(loaded, inputs, json_keys=("text",), seq_length=None) -> Perplexity:
+    """Perplexity of a loaded model (:mod:`~megatron_hypermoe.inference.model_source`) on the
+    documents in ``inputs``; windows of ``seq_length`` (default: the model's maximum)."""
+    seq_length = seq_length or loaded.max_sequence_length
+    if seq_length > loaded.max_sequence_length:
+        raise DataError(f"--seq-length {seq_length} exceeds the model's maximum "
+                        f"{loaded.max_sequence_length}")
+    ids, words = corpus_ids(loaded, inputs, json_keys)
+    score = megatron_token_nll(loaded.model) if loaded.kind == "megatron" \
+        else hf_token_nll(loaded.model)
+    return perplexity(score, ids, words, seq_length)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from megatron_hypermoe.megatron_compat import apply_patches
+from megatron_hypermoe.compat.megatron_core import apply_patches
 
 
 def free_port() -> int:

@@ -1,10 +1,11 @@
-"""Each of the megatron-core patches (four for CPU, two everywhere), and the guards around them."""
+"""Every compatibility patch: the megatron-core ones (four for CPU, two everywhere) and the
+DeepSpeed private-API touches, each with the version guard around it."""
 
 import pytest
 import torch
 
-import megatron_hypermoe.megatron_compat as cpu_compat
-from tests.conftest import run_torchrun
+import megatron_hypermoe.compat.megatron_core as cpu_compat
+from tests.helpers import run_torchrun
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -117,7 +118,7 @@ def test_alltoall_dispatcher_builds_without_cuda_stream_and_runs():
     # Its EP=2 split handling (numpy splits) runs in test_parallel_equivalence.
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-    from tests.model_factory import batch, lm_loss, tiny_model
+    from tests.helpers import batch, lm_loss, tiny_model
 
     assert isinstance(MoEAlltoAllTokenDispatcher.cuda_dtoh_stream, str)
 
@@ -134,3 +135,70 @@ def test_alltoall_dispatcher_builds_without_cuda_stream_and_runs():
 def test_sequence_parallel_norm_and_uneven_all_gather_over_two_ranks():
     output = run_torchrun(2, "tp_collectives.py")
     assert output.count("tp collectives OK") == 2
+
+
+# DeepSpeed's private API (compat/deepspeed.py) ---------------------------------------------------
+def test_deepspeed_glue_refuses_another_deepspeed_version(monkeypatch):
+    import deepspeed
+
+    from megatron_hypermoe.compat import deepspeed as ds_compat
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.20.0")
+    with pytest.raises(RuntimeError, match=r"deepspeed==0\.19\.8, found 0\.20\.0"):
+        ds_compat.register_expert_groups("ep_size_2", None, None)
+    with pytest.raises(RuntimeError, match=r"deepspeed==0\.19\.8"):
+        with ds_compat.engine_treats_as_moe(torch.nn.Linear):
+            pass
+
+
+def test_expert_groups_land_where_deepspeed_reads_them(monkeypatch):
+    from deepspeed.utils import groups
+
+    from megatron_hypermoe.compat.deepspeed import register_expert_groups
+
+    monkeypatch.setattr(groups, "_EXPERT_PARALLEL_GROUP", {})
+    monkeypatch.setattr(groups, "_EXPERT_DATA_PARALLEL_GROUP", {})
+    register_expert_groups("ep_size_2", "ep-group", "edp-group")
+    assert groups._get_expert_parallel_group("ep_size_2") == "ep-group"
+    assert groups._get_expert_data_parallel_group("ep_size_2") == "edp-group"
+
+
+def test_engine_treats_megatron_moe_as_moe_only_while_building():
+    import deepspeed.runtime.engine as engine_module
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_hypermoe.compat.deepspeed import engine_treats_as_moe
+
+    original = engine_module.MoE
+    with engine_treats_as_moe(MoELayer):
+        assert issubclass(MoELayer, engine_module.MoE) or MoELayer in engine_module.MoE
+    assert engine_module.MoE is original
+
+
+def test_deepspeed_files_load_weights_only(tmp_path):
+    """A record DeepSpeed writes loads; a pickle that would run code is a one-line refusal."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from megatron_hypermoe.compat.deepspeed import load_deepspeed_file
+    from megatron_hypermoe.errors import CheckpointError
+
+    good = tmp_path / "good.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "scaler": DynamicLossScaler(
+        init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2,
+        consecutive_hysteresis=False)}, good)
+    assert torch.equal(load_deepspeed_file(str(good))["module"]["w"], torch.ones(2))
+    bad = tmp_path / "bad.pt"
+    torch.save({"module": _Exploit(str(tmp_path / "pwned"))}, bad)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_deepspeed_file(str(bad))
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(CheckpointError, match="is missing"):
+        load_deepspeed_file(str(tmp_path / "absent.pt"))
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -21,22 +21,13 @@ import zlib
 import torch
 from megatron.core import parallel_state
 
-from megatron_hypermoe.config import HyperMoEConfig
-from megatron_hypermoe.hypernetwork import HYPERFANIN_SCALE
-from megatron_hypermoe.tensor_sharding import shard
+from megatron_hypermoe.model.config import HyperMoEConfig
+from megatron_hypermoe.model.hypernetwork import HYPERFANIN_SCALE
+from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
+from megatron_hypermoe.parallel.tensor_sharding import shard
 
-_LOCAL_EXPERT = re.compile(r"\.local_experts\.(\d+)\.")
 _HYPERNET_HEAD = re.compile(r"hypernetwork\.(down_weight|down_bias|up_weight|up_bias)\.weight$")
 _OUTPUT_PROJECTION = re.compile(r"(linear_proj|linear_fc2)\.weight$")
-
-
-def global_parameter_name(name: str, num_local_experts: int, ep_rank: int) -> str:
-    """Rename local expert i on EP rank p to global expert p * num_local_experts + i."""
-
-    def to_global(match):
-        return f".local_experts.{ep_rank * num_local_experts + int(match.group(1))}."
-
-    return _LOCAL_EXPERT.sub(to_global, name)
 
 
 def _name_seed(seed: int, global_name: str) -> int:
@@ -78,8 +69,7 @@ def _assign_by_global_name(model: torch.nn.Module, config: HyperMoEConfig, full_
     num_local_experts = (config.num_moe_experts or ep_size) // ep_size
     for name, param in model.named_parameters():
         global_name = global_parameter_name(name, num_local_experts, ep_rank)
-        is_expert = not getattr(param, "allreduce", True)
-        if is_expert:
+        if is_expert_parameter(name):
             tp_size = parallel_state.get_expert_tensor_parallel_world_size()
             tp_rank = parallel_state.get_expert_tensor_parallel_rank()
         else:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from typing import List
 
 import torch
 
-from megatron_hypermoe.hypermoe_layer import HyperMoELayer
-from megatron_hypermoe.moe_side_path import SidePathMoELayer
+from megatron_hypermoe.errors import CheckpointError
+from megatron_hypermoe.inference.evaluation import corpus_ids, megatron_token_nll, windows
+from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
+from megatron_hypermoe.model.side_path import SidePathMoELayer
 
 
 @dataclasses.dataclass
@@ -154,57 +155,30 @@ def text_summary(summary: List[dict], moe_type: str, tokens: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    import argparse
-
-    from megatron_hypermoe.data.corpus import DataError, iter_documents
-    from megatron_hypermoe.evaluation import megatron_token_nll, token_stream, windows
-    from megatron_hypermoe.hf.model_source import load_model
-    from megatron_hypermoe.training.checkpointing import CheckpointError
-
-    parser = argparse.ArgumentParser(
-        description="Expert load, selection-embedding similarity and HyperExpert contribution "
-                    "of a checkpoint on some text; PNGs + summary.")
-    parser.add_argument("load", help="checkpoint directory (a run's --save)")
-    parser.add_argument("--input", nargs="+", required=True, help="text/jsonl/... to run on")
-    parser.add_argument("--json-keys", nargs="+", default=["text"])
-    parser.add_argument("--output-dir", default=None, help="default: LOAD/analysis")
-    parser.add_argument("--max-tokens", type=int, default=20000)
-    parser.add_argument("--iteration", type=int, default=None)
-    parser.add_argument("--tokenizer-model", default=None)
-    args = parser.parse_args(argv)
-    args.hf = None
-    try:
-        loaded = load_model(args)
-        texts = (text for document in iter_documents(args.input, args.json_keys)
-                 for text in document.fields.values())
-        ids, _ = token_stream(texts, loaded.tokenizer, loaded.tokenizer.eod)
-        ids = ids[:args.max_tokens + 1]
-        if len(ids) < 2:
-            raise DataError(f"{' '.join(args.input)} holds no text to analyse")
-        analyzer = ExpertAnalyzer(loaded.model)
-        if not analyzer.layers:
-            raise CheckpointError(f"{args.load} is a dense model: it has no experts to analyse")
-    except (CheckpointError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+@torch.no_grad()
+def analyze_model(loaded, inputs, json_keys=("text",), max_tokens: int = 20000):
+    """Run a loaded checkpoint (:mod:`~megatron_hypermoe.inference.model_source`) over the first
+    ``max_tokens`` tokens of ``inputs``; returns (per-layer summary, tokens, MoE layer class)."""
+    ids, _ = corpus_ids(loaded, inputs, json_keys)
+    ids = ids[:max_tokens + 1]
+    analyzer = ExpertAnalyzer(loaded.model)
+    if not analyzer.layers:
+        raise CheckpointError(f"{loaded.source} is a dense model: it has no experts to analyse")
     score = megatron_token_nll(loaded.model)
     tokens = 0
-    with torch.no_grad():
-        for inputs, targets in windows(ids, loaded.max_sequence_length):
-            score(torch.tensor([inputs]), torch.tensor([targets]))
-            tokens += len(inputs)
-    summary = analyzer.summary()
-    output_dir = args.output_dir or os.path.join(args.load, "analysis")
+    for window, targets in windows(ids, loaded.max_sequence_length):
+        score(torch.tensor([window]), torch.tensor([targets]))
+        tokens += len(window)
+    return analyzer.summary(), tokens, type(analyzer.layers[0]).__name__
+
+
+def write_analysis(summary: List[dict], tokens: int, moe_type: str, output_dir: str):
+    """PNGs, summary.txt and analysis.json under output_dir; returns (summary text, files)."""
     os.makedirs(output_dir, exist_ok=True)
     written = plot_analysis(summary, output_dir)
-    moe_type = type(analyzer.layers[0]).__name__
     text = text_summary(summary, moe_type, tokens)
     with open(os.path.join(output_dir, "summary.txt"), "w") as handle:
         handle.write(text + "\n")
     with open(os.path.join(output_dir, "analysis.json"), "w") as handle:
         json.dump({"tokens": tokens, "layers": summary}, handle, indent=1)
-    print(text)
-    print("wrote " + ", ".join(written + ["summary.txt", "analysis.json"]))
-    return 0
-
+    return text, written + ["summary.txt", "analysis.json"]

@@ -6,7 +6,7 @@ selection MLP d_e -> d_p -> d_h. It turns "which experts did this token NOT sele
 ``HyperNetwork`` (ONE per model, shared by every HyperMoE layer): the layer embedding table and the
 network that maps concat(z, LayerEmb[l]) to a hidden code h [d_g]; four linear heads read the
 HyperExpert's weights off h. The heads are exposed as modules, not only as a "generate" call,
-because the fast forms in :mod:`megatron_hypermoe.hyper_expert` contract with their weights
+because the fast forms in :mod:`megatron_hypermoe.model.hyper_expert` contract with their weights
 directly instead of generating per-token matrices.
 
 Initialisation: the four heads use the paper's "hyperfanin" uniform init scaled by 1e-3 with zero
@@ -21,8 +21,8 @@ import math
 import torch
 from torch import nn
 
-from megatron_hypermoe.config import HyperMoEConfig
-from megatron_hypermoe.sequence_parallel import mark_sequence_parallel
+from megatron_hypermoe.model.config import HyperMoEConfig
+from megatron_hypermoe.parallel.sequence_parallel import mark_sequence_parallel
 
 HYPERFANIN_SCALE = 1e-3
 

@@ -17,7 +17,7 @@ they replace private functions.
    skip the stream, turn the split tensors into numpy arrays.
 5. MoE with tensor parallelism needs sequence parallelism, which the torch norm wrapper refuses:
    allow it and mark the norm's parameters ``sequence_parallel`` like megatron's other norms, so
-   their gradients get the tensor-parallel all-reduce (``megatron_hypermoe.sequence_parallel``).
+   their gradients get the tensor-parallel all-reduce (``megatron_hypermoe.parallel.sequence_parallel``).
 6. gloo cannot ``all_gather`` tensors of different sizes (``_gather_along_first_dim`` with split
    sizes, used with expert tensor parallelism): pad to the largest, gather, trim.
 """

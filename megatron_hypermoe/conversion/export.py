@@ -1,4 +1,4 @@
-"""Our checkpoint (any TP/EP layout) -> a Hugging Face directory; the megatron model it holds.
+"""Our checkpoint (any TP/EP layout) -> a Hugging Face directory.
 
 ``dense`` becomes a native LlamaForCausalLM directory and ``moe`` a native MixtralForCausalLM one
 (no custom code). ``hypermoe`` keeps every Mixtral key and adds the HyperMoE ones, with
@@ -16,55 +16,16 @@ import shutil
 import tempfile
 from typing import Optional
 
-import torch
-
-from megatron_hypermoe.hf.mapping import to_hf
-from megatron_hypermoe.hf.tokenizer_files import checked_training_tokenizer, write_tokenizer_files
+import megatron_hypermoe.hf
+from megatron_hypermoe.data.tokenizer_files import checked_training_tokenizer, write_tokenizer_files
+from megatron_hypermoe.errors import CheckpointError
+from megatron_hypermoe.hf.mapping import NameMapShape, to_hf
+from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
 from megatron_hypermoe.training.checkpoint_reader import Checkpoint, read_checkpoint
-from megatron_hypermoe.training.checkpointing import CheckpointError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HF_FILES_DIRECTORY = os.path.dirname(os.path.abspath(megatron_hypermoe.hf.__file__))
 REMOTE_CODE_FILES = ("configuration_hypermoe.py", "modeling_hypermoe.py")
 ROPE_THETA = 10000.0  # megatron-core GPTModel's default rotary base, which we build with
-
-
-def single_process_args(checkpoint: Checkpoint):
-    """The checkpoint's arguments for one fp32 process (TP=1, EP=1): the full model."""
-    args = checkpoint.args
-    args.tensor_model_parallel_size = 1
-    args.expert_model_parallel_size = 1
-    args.sequence_parallel = False
-    args.bf16 = args.fp16 = False
-    return args
-
-
-def megatron_config(checkpoint: Checkpoint):
-    from megatron_hypermoe.training.trainer import model_config
-
-    return model_config(single_process_args(checkpoint))
-
-
-def build_megatron_model(checkpoint: Checkpoint):
-    """The checkpoint's model in this process (megatron parallel state initialised, TP=EP=1)."""
-    from megatron_hypermoe.model import build_gpt_model
-
-    args = single_process_args(checkpoint)
-    config = megatron_config(checkpoint)
-    model = build_gpt_model(config, args.padded_vocab_size, args.max_position_embeddings)
-    missing, unexpected = model.load_state_dict(checkpoint.state, strict=False)
-    missing = [name for name in missing if not name.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{checkpoint.directory} does not fit the model it describes "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval(), config
-
-
-def model_shape(checkpoint: Checkpoint) -> dict:
-    args = checkpoint.args
-    return dict(moe_type=args.moe_type, num_layers=args.num_layers,
-                num_attention_heads=args.num_attention_heads,
-                num_query_groups=args.num_query_groups or args.num_attention_heads,
-                hidden_size=args.hidden_size, num_experts=args.num_experts)
 
 
 def check_representable(checkpoint: Checkpoint) -> None:
@@ -82,7 +43,7 @@ def check_representable(checkpoint: Checkpoint) -> None:
 
 def hf_config(checkpoint: Checkpoint, eod: Optional[int]) -> dict:
     args = checkpoint.args
-    config = megatron_config(checkpoint)
+    config = checkpoint.model_config()
     dtype = "bfloat16" if checkpoint.meta["args"].get("bf16") else "float32"
     common = dict(
         vocab_size=args.padded_vocab_size, hidden_size=args.hidden_size,
@@ -110,11 +71,7 @@ def hf_config(checkpoint: Checkpoint, eod: Optional[int]) -> dict:
                   "AutoModelForCausalLM": "modeling_hypermoe.HyperMoeForCausalLM"},
         # megatron: top-k > 1 softmaxes the k selected logits; top-1 keeps the probability.
         norm_topk_prob=args.moe_router_topk > 1,
-        hyper_adapter_dim=args.hyper_adapter_dim, hyper_hidden_size=args.hyper_hidden_size,
-        hyper_expert_embedding_dim=args.hyper_expert_embedding_dim,
-        hyper_selection_hidden_size=args.hyper_selection_hidden_size,
-        hyper_selection_output_size=args.hyper_selection_output_size,
-        hyper_layer_embedding_dim=args.hyper_layer_embedding_dim, **moe)
+        **{name: getattr(config, name) for name in HYPER_SIZE_NAMES}, **moe)
 
 
 def write_hf_directory(output: str, state: dict, config: dict, write_extra) -> None:
@@ -133,7 +90,8 @@ def write_hf_directory(output: str, state: dict, config: dict, write_extra) -> N
             json.dump(config, handle, indent=1)
         if config["model_type"] == "hypermoe":
             for name in REMOTE_CODE_FILES:
-                shutil.copyfile(os.path.join(HERE, name), os.path.join(staging, name))
+                shutil.copyfile(os.path.join(HF_FILES_DIRECTORY, name),
+                                os.path.join(staging, name))
         write_extra(staging)
         if os.path.isdir(output):
             os.rmdir(output)  # empty, checked above
@@ -152,45 +110,7 @@ def export_checkpoint(load_dir: str, output: str, iteration: Optional[int] = Non
         checkpoint.args, checkpoint.meta.get("tokenizer"), tokenizer_model)
     eod = None if tokenizer_args.tokenizer_type == "NullTokenizer" else int(tokenizer.eod)
     config = hf_config(checkpoint, eod)
-    state = to_hf(checkpoint.state, model_shape(checkpoint))
+    state = to_hf(checkpoint.state, NameMapShape.of(checkpoint.model_config()))
     write_hf_directory(output, state, config,
                        lambda staging: write_tokenizer_files(tokenizer_args, tokenizer, staging))
     return config
-
-
-def load_hf_model(directory: str):
-    """An exported (or any Llama/Mixtral/HyperMoE) directory as an fp32 transformers model."""
-    from transformers import AutoModelForCausalLM
-
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise CheckpointError(f"{directory} is not a Hugging Face model directory (no "
-                              "config.json)")
-    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True,
-                                                 dtype=torch.float32)
-    return model.eval()
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    from megatron_hypermoe.data.corpus import DataError
-
-    parser = argparse.ArgumentParser(
-        description="Convert a megatron-hypermoe checkpoint (any TP/EP layout) to a Hugging "
-                    "Face directory: dense -> Llama, moe -> Mixtral, hypermoe -> HyperMoE "
-                    "(trust_remote_code).")
-    parser.add_argument("--load", required=True, help="checkpoint directory (a run's --save)")
-    parser.add_argument("--output", required=True, help="new Hugging Face directory")
-    parser.add_argument("--iteration", type=int, default=None, help="default: the latest")
-    parser.add_argument("--tokenizer-model", default=None,
-                        help="the training tokenizer, if it is no longer where training read it")
-    args = parser.parse_args(argv)
-    try:
-        config = export_checkpoint(args.load, args.output, args.iteration, args.tokenizer_model)
-    except (CheckpointError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {config['architectures'][0]} ({config['num_hidden_layers']} layers) to "
-          f"{args.output}")
-    return 0

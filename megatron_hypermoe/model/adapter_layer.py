@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_hypermoe.moe_side_path import SidePathMoELayer
-from megatron_hypermoe.sequence_parallel import mark_sequence_parallel
+from megatron_hypermoe.model.side_path import SidePathMoELayer
+from megatron_hypermoe.parallel.sequence_parallel import mark_sequence_parallel
 
 
 class BottleneckAdapter(nn.Module):

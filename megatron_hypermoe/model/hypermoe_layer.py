@@ -1,7 +1,7 @@
 """HyperMoELayer: megatron-core's MoELayer plus the HyperExpert side path.
 
 Router, token dispatcher and experts are megatron-core's, untouched (see
-:class:`~megatron_hypermoe.moe_side_path.SidePathMoELayer`, which records the routing and adds
+:class:`~megatron_hypermoe.model.side_path.SidePathMoELayer`, which records the routing and adds
 the side path after the combine). Under expert parallelism the HyperExpert therefore runs on each
 token's home rank, on that rank's tokens, with no extra collective.
 
@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from megatron_hypermoe.hyper_expert import hyper_expert_output
-from megatron_hypermoe.hypernetwork import ExpertSelectionEmbedding, HyperNetwork
-from megatron_hypermoe.moe_side_path import SidePathMoELayer
+from megatron_hypermoe.model.hyper_expert import hyper_expert_output
+from megatron_hypermoe.model.hypernetwork import ExpertSelectionEmbedding, HyperNetwork
+from megatron_hypermoe.model.side_path import SidePathMoELayer
 
 
 class HyperMoELayer(SidePathMoELayer):

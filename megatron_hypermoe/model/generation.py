@@ -11,7 +11,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megatron_hypermoe.model import causal_attention_mask
+from megatron_hypermoe.model.gpt import causal_attention_mask
 
 
 def _tensor_parallel_size() -> int:
@@ -62,42 +62,3 @@ def _sample_top_p(logits, top_p, generator):
     sorted_probs = sorted_probs * keep
     choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
     return int(order[choice])
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    from megatron_hypermoe.data.corpus import DataError
-    from megatron_hypermoe.hf.model_source import (add_model_source_args, as_megatron_callable,
-                                                   load_model)
-    from megatron_hypermoe.training.checkpointing import CheckpointError
-
-    parser = argparse.ArgumentParser(
-        description="Generate text from a checkpoint (--load) or Hugging Face directory (--hf):"
-                    " greedy or nucleus (top-p) sampling.")
-    add_model_source_args(parser)
-    parser.add_argument("--prompt", default="\n")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--greedy", action="store_true")
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args(argv)
-    if not 0.0 < args.top_p <= 1.0 or args.temperature <= 0:
-        print("error: --top-p must be in (0, 1] and --temperature positive", file=sys.stderr)
-        return 1
-    try:
-        loaded = load_model(args)
-    except (CheckpointError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    tokenizer = loaded.tokenizer
-    prompt = tokenizer.tokenize(args.prompt) or [tokenizer.eod]
-    new = generate_ids(as_megatron_callable(loaded), prompt, args.max_new_tokens,
-                       loaded.max_sequence_length, greedy=args.greedy, top_p=args.top_p,
-                       temperature=args.temperature, eod=tokenizer.eod,
-                       generator=torch.Generator().manual_seed(args.seed),
-                       vocab_size=loaded.vocab_size)
-    print(tokenizer.detokenize(prompt + new))
-    return 0

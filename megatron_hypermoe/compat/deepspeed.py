@@ -1,0 +1,108 @@
+"""Every use of DeepSpeed 0.19.8's private API, version-checked.
+
+DeepSpeed's public API has no way to (a) register expert-parallel process groups that someone
+else created, (b) have its engine treat a MoE layer class other than its own as MoE, or (c) load
+its checkpoint files without unpickling arbitrary objects. Each is done here, against 0.19.8
+exactly: any other version is refused with a message saying which to install.
+
+a. :func:`register_expert_groups`: DeepSpeed reduces expert gradients over the groups it keeps
+   in ``deepspeed.utils.groups._EXPERT_PARALLEL_GROUP`` / ``_EXPERT_DATA_PARALLEL_GROUP`` under
+   a group name; we put megatron-core's groups there.
+b. :func:`engine_treats_as_moe`: ``deepspeed.runtime.engine`` decides whether the model has MoE
+   layers by ``isinstance(module, MoE)`` against its module-level name ``MoE``; while the engine
+   is built, that name also covers megatron-core's ``MoELayer``.
+c. :func:`install_weights_only_checkpoint_engine`: the engine's ``checkpoint_engine`` attribute
+   is replaced by a subclass of DeepSpeed's torch engine that loads with ``weights_only=True``,
+   allowing only DeepSpeed's plain record classes (loss scalers, ZeRO stage enum, fragment
+   address), so a tampered file cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from megatron_hypermoe.errors import CheckpointError
+
+SUPPORTED_DEEPSPEED_VERSION = "0.19.8"
+
+
+def deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def check_deepspeed_version() -> None:
+    version = deepspeed_version()
+    if version != SUPPORTED_DEEPSPEED_VERSION:
+        raise RuntimeError(
+            f"megatron_hypermoe's DeepSpeed glue is written for deepspeed=="
+            f"{SUPPORTED_DEEPSPEED_VERSION}, found {version}: "
+            f"pip install deepspeed=={SUPPORTED_DEEPSPEED_VERSION}")
+
+
+# a ------------------------------------------------------------------------------------------------
+def register_expert_groups(group_name: str, expert_parallel_group,
+                           expert_data_parallel_group) -> None:
+    """Make DeepSpeed reduce the experts tagged ``param.group_name = group_name`` over these."""
+    check_deepspeed_version()
+    from deepspeed.utils import groups
+
+    groups._EXPERT_PARALLEL_GROUP[group_name] = expert_parallel_group
+    groups._EXPERT_DATA_PARALLEL_GROUP[group_name] = expert_data_parallel_group
+
+
+# b ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def engine_treats_as_moe(layer_class):
+    """While DeepSpeed builds its engine, instances of ``layer_class`` count as MoE layers."""
+    check_deepspeed_version()
+    import deepspeed.runtime.engine as engine_module
+
+    original = engine_module.MoE
+    engine_module.MoE = (original, layer_class)
+    try:
+        yield
+    finally:
+        engine_module.MoE = original
+
+
+# c ------------------------------------------------------------------------------------------------
+def deepspeed_record_classes():
+    """The only non-tensor classes DeepSpeed 0.19.8 pickles into its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_file(path: str, map_location=None):
+    """torch.load of one of DeepSpeed's .pt files with weights_only=True; a missing file or one
+    that holds anything but tensors and DeepSpeed's records is a CheckpointError."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_record_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is "
+                              "incomplete") from None
+    except Exception as error:
+        reason = str(error).strip().splitlines()
+        unsupported = [line for line in reason if "Unsupported global" in line]
+        detail = unsupported[0].strip() if unsupported else type(error).__name__
+        raise CheckpointError(f"refusing to load {path}: it holds more than tensors "
+                              f"and DeepSpeed's plain records ({detail[:160]})") from None
+
+
+def install_weights_only_checkpoint_engine(engine) -> None:
+    """Make ``engine.load_checkpoint`` read every file through :func:`load_deepspeed_file`."""
+    check_deepspeed_version()
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_deepspeed_file(path, map_location)
+
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)

@@ -1,0 +1,73 @@
+"""Set up a run's parallel layout and engine, before any training step (torchtitan's
+"parallelize" step): process groups, the model built and initialised, the tensor-parallel hooks,
+expert groups registered with DeepSpeed, the optimizer, and DeepSpeed's engine with megatron's
+mpu. The loop (``training/trainer.py``) and the Hugging Face importer both start here.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from megatron_hypermoe.model.gpt import build_gpt_model
+from megatron_hypermoe.model.initialization import initialize_from_global_names
+from megatron_hypermoe.parallel.deepspeed_mpu import MegatronMPU
+from megatron_hypermoe.parallel.distributed import initialize_distributed
+from megatron_hypermoe.parallel.expert_parallel import (deepspeed_recognises_megatron_moe,
+                                                        register_expert_parallel,
+                                                        split_moe_param_groups)
+from megatron_hypermoe.parallel.sequence_parallel import \
+    allreduce_sequence_parallel_grads_in_backward
+from megatron_hypermoe.training.ds_config import resolve_config
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def initialize_parallel(args) -> None:
+    """torch.distributed and megatron-core's TP/EP groups for the flags' layout."""
+    initialize_distributed(args.tensor_model_parallel_size, args.expert_model_parallel_size,
+                           args.seed)
+
+
+def build_model(config, args, initialize: bool = True):
+    """This rank's shard of the model; with ``initialize`` every weight drawn from (seed, global
+    name), so any layout starts from the same model."""
+    model = build_gpt_model(config, args.padded_vocab_size, args.max_position_embeddings)
+    if initialize:
+        initialize_from_global_names(model, config, args.seed)
+    return model
+
+
+def optimizer_param_groups(model, weight_decay: float, expert_parallel: bool):
+    """Megatron's rule: no weight decay on biases and norm weights (1-D parameters); with
+    expert parallelism, experts in their own groups (DeepSpeed reduces them differently)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim == 1 else decay).append(param)
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return split_moe_param_groups(groups) if expert_parallel else groups
+
+
+def build_engine(model, args):
+    """Wrap a built model for training: returns (DeepSpeed engine, its optimizer)."""
+    import deepspeed
+
+    # Norms, router and the HyperMoE path see one sequence slice per TP rank: sum their
+    # gradients over the TP group (DeepSpeed only reduces over data-parallel ranks).
+    allreduce_sequence_parallel_grads_in_backward(model)
+    expert_parallel = args.expert_model_parallel_size > 1
+    if expert_parallel:
+        register_expert_parallel(model, args.num_experts, args.expert_model_parallel_size)
+    optimizer = torch.optim.AdamW(
+        optimizer_param_groups(model, args.weight_decay, expert_parallel), lr=args.lr,
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    with deepspeed_recognises_megatron_moe() if expert_parallel else nullcontext():
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model.to(training_device()), optimizer=optimizer, config=resolve_config(args),
+            mpu=MegatronMPU())
+    return engine, optimizer
