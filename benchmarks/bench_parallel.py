@@ -20,9 +20,9 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from megatron_hypermoe.parallel.distributed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG = ["--moe-type", "hypermoe", "--num-layers", "4", "--hidden-size", "256",
           "--ffn-hidden-size", "512", "--num-attention-heads", "4", "--seq-length", "128",

@@ -21,9 +21,9 @@ import time
 
 import psutil
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from megatron_hypermoe.data.default_corpus import prepare_default_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_with_peak_rss(command):

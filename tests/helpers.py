@@ -64,6 +64,21 @@ def lm_loss(model, tokens, position_ids, labels):
     return per_token.float().mean()
 
 
+def random_tokens(batch=2, length=SEQ, vocab=VOCAB, seed=0):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def megatron_logits(model, ids):
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    return model(ids, positions, causal_attention_mask(ids.shape[1])).float()
+
+
+@torch.no_grad()
+def hf_logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits.float()
+
+
 def tiny_flags(**overrides):
     """The tiny model as pretrain_gpt_hypermoe.py flags (config field names as in TINY)."""
     flag_of = {field: flag for flag, field in {**MODEL_CONFIG_FLAGS, **MOE_CONFIG_FLAGS}.items()}

@@ -41,8 +41,8 @@ def tok_namespace(tokenizer_type, tokenizer_model=None, vocab_file=None, merge_f
 
 
 def run_preprocess(corpus, inputs, prefix, *extra):
-    return preprocess_data.main(["--input", *inputs, "--output-prefix", str(prefix), *sp_args(corpus),
-                            *extra])
+    return preprocess_data.main(["--input", *inputs, "--output-prefix", str(prefix),
+                                 *sp_args(corpus), *extra])
 
 
 def files_with_prefix(directory, stem):

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from megatron_hypermoe.conversion.export import export_checkpoint
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.inference.model_source import build_megatron_model, load_hf_model
-from megatron_hypermoe.model.gpt import causal_attention_mask
 from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
-from tests.helpers import TINY, TINY_MODEL, pretrain, run_tool
+from tests.helpers import (TINY, TINY_MODEL, hf_logits, megatron_logits, pretrain,
+                           random_tokens, run_tool)
 
 pytestmark = [pytest.mark.usefixtures("megatron_single_process"), pytest.mark.slow]
 
@@ -70,19 +70,9 @@ def exported(checkpoint, tmp_path_factory):
     return make
 
 
-def tokens(batch=2, length=32, vocab=400, seed=0):
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def megatron_logits(model, ids):
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    return model(ids, positions, causal_attention_mask(ids.shape[1])).float()
-
-
-@torch.no_grad()
-def hf_logits(model, ids):
-    return model(input_ids=ids, use_cache=False).logits.float()
+def tokens(batch=2, length=32, seed=0):
+    """Token ids of the trained checkpoints' vocabulary (the dataset fixture's 400)."""
+    return random_tokens(batch, length, vocab=400, seed=seed)
 
 
 ARCHITECTURES = {"hypermoe": "HyperMoeForCausalLM", "moe": "MixtralForCausalLM",

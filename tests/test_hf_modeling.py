@@ -6,25 +6,9 @@ import torch
 
 from megatron_hypermoe.hf.mapping import NameMapShape, to_hf
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
-from megatron_hypermoe.model.gpt import causal_attention_mask
-from tests.helpers import VOCAB, tiny_model
+from tests.helpers import VOCAB, hf_logits, megatron_logits, random_tokens, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
-
-
-def tokens(batch=2, length=16, vocab=VOCAB, seed=0):
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def megatron_logits(model, ids):
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    return model(ids, positions, causal_attention_mask(ids.shape[1])).float()
-
-
-@torch.no_grad()
-def hf_logits(model, ids):
-    return model(input_ids=ids, use_cache=False).logits.float()
 
 
 @pytest.mark.parametrize("topk", [1, 2])
@@ -52,7 +36,7 @@ def test_hf_hypermoe_matches_megatron_with_a_large_hyper_path(topk):
     hf = HyperMoeForCausalLM(hf_config).eval()
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     hf.load_state_dict(to_hf(state, NameMapShape.of(config)), strict=True)
-    ids = tokens()
+    ids = random_tokens()
     reference = megatron_logits(model.eval(), ids)
     assert (hf_logits(hf, ids) - reference).abs().max().item() <= 1e-4
     with torch.no_grad():

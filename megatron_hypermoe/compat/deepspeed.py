@@ -23,6 +23,7 @@ import contextlib
 
 import torch
 
+from megatron_hypermoe.compat import require_version
 from megatron_hypermoe.errors import CheckpointError
 
 SUPPORTED_DEEPSPEED_VERSION = "0.19.8"
@@ -35,12 +36,8 @@ def deepspeed_version() -> str:
 
 
 def check_deepspeed_version() -> None:
-    version = deepspeed_version()
-    if version != SUPPORTED_DEEPSPEED_VERSION:
-        raise RuntimeError(
-            f"megatron_hypermoe's DeepSpeed glue is written for deepspeed=="
-            f"{SUPPORTED_DEEPSPEED_VERSION}, found {version}: "
-            f"pip install deepspeed=={SUPPORTED_DEEPSPEED_VERSION}")
+    require_version("deepspeed", deepspeed_version(), SUPPORTED_DEEPSPEED_VERSION,
+                    "DeepSpeed glue")
 
 
 # a ------------------------------------------------------------------------------------------------

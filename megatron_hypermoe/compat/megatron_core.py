@@ -17,7 +17,7 @@ they replace private functions.
    skip the stream, turn the split tensors into numpy arrays.
 5. MoE with tensor parallelism needs sequence parallelism, which the torch norm wrapper refuses:
    allow it and mark the norm's parameters ``sequence_parallel`` like megatron's other norms, so
-   their gradients get the tensor-parallel all-reduce (``megatron_hypermoe.parallel.sequence_parallel``).
+   their gradients get the tensor-parallel all-reduce (``parallel/sequence_parallel.py``).
 6. gloo cannot ``all_gather`` tensors of different sizes (``_gather_along_first_dim`` with split
    sizes, used with expert tensor parallelism): pad to the largest, gather, trim.
 """
@@ -28,6 +28,8 @@ import contextlib
 import functools
 
 import torch
+
+from megatron_hypermoe.compat import require_version
 
 SUPPORTED_MEGATRON_CORE_VERSION = "0.16.1"
 
@@ -46,13 +48,8 @@ def cpu_patches_applied() -> bool:
 
 
 def _check_version() -> None:
-    version = megatron_core_version()
-    if version != SUPPORTED_MEGATRON_CORE_VERSION:
-        raise RuntimeError(
-            f"megatron_hypermoe's megatron-core patches are written for megatron-core=="
-            f"{SUPPORTED_MEGATRON_CORE_VERSION}, found {version}: "
-            f"pip install megatron-core=={SUPPORTED_MEGATRON_CORE_VERSION}"
-        )
+    require_version("megatron-core", megatron_core_version(), SUPPORTED_MEGATRON_CORE_VERSION,
+                    "megatron-core patches")
 
 
 def apply_patches() -> None:

@@ -4,8 +4,9 @@ The HF config becomes a megatron config object directly; the weights are mapped 
 names (``hf.mapping.from_hf``), cut into each rank's shard by global name (any TP/EP layout: run
 under torchrun for more than one rank), wrapped in the training engine
 (``training/setup.py``) and saved as iteration 0 with a fresh optimizer, together with the flags
-a run of this model has; train on with ``--load DIR --finetune`` or plain ``--load DIR``. ``--upcycle`` turns a dense Llama into an MoE
-or HyperMoE with E copies of each MLP, a fresh router and a fresh hyper path (how the paper
+a run of this model has; train on with ``--load DIR --finetune`` or plain ``--load DIR``.
+``--upcycle`` turns a dense Llama into an MoE or HyperMoE with E copies of each MLP, a fresh
+router and a fresh hyper path (how the paper
 built its GPT-2 MoE). Only safetensors weights are read: nothing is unpickled.
 """
 

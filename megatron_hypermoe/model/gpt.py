@@ -2,8 +2,8 @@
 
 ``get_layer_spec(config)`` returns megatron-core's local (torch-only) GPT layer spec with the MLP
 chosen by ``config.moe_type``; for ``hypermoe`` (``moe_adapter``) it swaps megatron's MoELayer
-for HyperMoELayer (AdapterMoELayer) and leaves every other submodule alone. ``build_gpt_model`` builds the GPTModel (RoPE positions) and,
-for ``hypermoe``, the one shared hypernetwork.
+for HyperMoELayer (AdapterMoELayer) and leaves every other submodule alone. ``build_gpt_model``
+builds the GPTModel (RoPE positions) and, for ``hypermoe``, the one shared hypernetwork.
 """
 
 from __future__ import annotations

@@ -19,9 +19,6 @@ from megatron.core import parallel_state
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
 
-EXPERT_FILE_PATTERN = "experts_ep_rank_*_tp_rank_*.safetensors"
-
-
 def expert_file_name(ep_rank: int, expert_tp_rank: int) -> str:
     """One file per (EP rank, expert-TP rank): with expert tensor parallelism each holds a shard
     of its experts; the tensor names inside are global (``local_experts.<global id>``)."""
@@ -58,8 +55,8 @@ def restore_local_experts(engine, directory: str, num_experts: int) -> None:
     found = set()
     # Every EP rank's file of this rank's expert-TP shard (a checkpoint saved with a different
     # EP size is refused before this point, by its recorded layout).
-    own_shard = f"experts_ep_rank_*_tp_rank_{parallel_state.get_expert_tensor_parallel_rank():02d}" \
-        ".safetensors"
+    expert_tp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    own_shard = f"experts_ep_rank_*_tp_rank_{expert_tp_rank:02d}.safetensors"
     with torch.no_grad():
         for path in sorted(glob.glob(os.path.join(directory, own_shard))):
             with safe_open(path, framework="pt") as handle:
