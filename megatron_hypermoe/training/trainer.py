@@ -273,7 +273,9 @@ class Trainer:
     def _should_exit(self) -> bool:
         flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
         dist.all_reduce(flag)  # every rank stops at the same iteration
-        self.stop_requested = bool(flag.item())
+        # "or": a SIGTERM that lands during the all-reduce must not be overwritten by the
+        # value read before it (it would then be lost, and the run would go on).
+        self.stop_requested = self.stop_requested or bool(flag.item())
         interval = self.args.exit_interval
         return self.stop_requested or bool(interval and self.state.iteration % interval == 0)
 

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
 from megatron_hypermoe.parallel.experts import is_expert_parameter
-from tests.helpers import EP_CASES, ep_case_model, loss_and_global_grads
+from tests.helpers import EP_CASES, ep_case_model, loss_and_global_grads, tiny_model
 
 
 def main():
@@ -23,12 +23,16 @@ def main():
     initialize_distributed(expert_model_parallel_size=2, seed=7)
     rank = dist.get_rank()
     assert parallel_state.get_expert_model_parallel_world_size() == 2
+    for moe_type in ("hypermoe", "moe", "moe_adapter"):
+        # The one expert predicate (by name) picks exactly the parameters megatron marks as
+        # expert-parallel (allreduce=False) when the config says EP > 1, as the trainer's does:
+        # what DeepSpeed goes by.
+        model, _ = tiny_model(moe_type, expert_model_parallel_size=2)
+        marked = {n for n, p in model.named_parameters() if not getattr(p, "allreduce", True)}
+        assert marked and marked == {n for n, _ in model.named_parameters()
+                                     if is_expert_parameter(n)}, moe_type
     for moe_type, dispatcher in EP_CASES:
         model, config = ep_case_model(moe_type, dispatcher)
-        # The one expert predicate (by name) picks exactly the parameters megatron marks as
-        # expert-parallel (allreduce=False), which is what DeepSpeed goes by.
-        for name, param in model.named_parameters():
-            assert is_expert_parameter(name) == (not getattr(param, "allreduce", True)), name
         loss, grads = loss_and_global_grads(model, config, data_seed=100 + rank)
         torch.save({"loss": loss, "grads": grads},
                    os.path.join(args.out, f"{moe_type}_{dispatcher}_rank{rank}.pt"))
