@@ -118,3 +118,86 @@ def test_args_for_model_records_the_flags_model_config_reads(moe_type):
 def test_unsupported_parallel_layouts_are_refused(flags, world_size, message):
     with pytest.raises(ArgumentError, match=re.escape(message)):
         parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", *flags], world_size)
+
+
+# Options to reproduce the authors' runs ---------------------------------------------------------
+def test_hyper_lr_mult_takes_a_number_or_the_one_over_d_g_rule():
+    from megatron_hypermoe.training.arguments import hyper_lr_mult
+
+    base = [*TINY_MODEL, "--mock-data", "--train-iters", "1"]
+    assert hyper_lr_mult(parse_args(base)) == 1.0
+    assert hyper_lr_mult(parse_args(base + ["--hyper-lr-mult", "0.25"])) == 0.25
+    args = parse_args(base + ["--hyper-lr-mult", "1/d_g"])
+    assert args.hyper_lr_mult == "1/d_g" and hyper_lr_mult(args) == 1 / 16  # d_g of TINY
+    for bad in ("fast", "-1"):
+        with pytest.raises(SystemExit):
+            parse_args(base + ["--hyper-lr-mult", bad])
+
+
+@pytest.mark.parametrize("flag", [["--hyper-init", "normal"], ["--hyper-lr-mult", "0.1"]])
+@pytest.mark.parametrize("moe_type", ["moe", "moe_adapter", "dense"])
+def test_hypermoe_only_flags_are_refused_for_other_variants(flag, moe_type):
+    with pytest.raises(ArgumentError, match=f"{flag[0]} applies to --moe-type hypermoe only"):
+        parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", "--moe-type", moe_type,
+                    *flag])
+
+
+@pytest.mark.parametrize("flags,topk,pre_softmax,renormalize", [
+    ([], 2, False, False), ([], 1, True, False),
+    (["--moe-router-pre-softmax"], 2, True, False),
+    (["--moe-router-renormalize"], 1, True, True),
+])
+def test_routing_flags_reach_the_config(flags, topk, pre_softmax, renormalize):
+    from megatron_hypermoe.training.arguments import model_config
+
+    config = model_config(parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
+                                      "--moe-router-topk", str(topk), *flags]))
+    assert (config.moe_router_pre_softmax, config.moe_router_renormalize) == \
+        (pre_softmax, renormalize)
+
+
+def test_post_softmax_top1_is_a_one_line_error_pointing_at_renormalize():
+    from megatron_hypermoe.training.arguments import model_config
+
+    args = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
+                       "--moe-router-topk", "1", "--no-moe-router-pre-softmax"])
+    with pytest.raises(ConfigError, match="use --moe-router-renormalize") as error:
+        model_config(args)
+    assert "\n" not in str(error.value)
+
+
+def test_optimizer_groups_give_exactly_the_generating_weights_their_multiplier(
+        megatron_single_process):
+    """The hypernetwork's fc and four head weights, and nothing else, get lr_mult; at 1 there
+    is no extra group (checkpoints keep their optimizer layout)."""
+    from megatron_hypermoe.training.setup import optimizer_param_groups
+    from tests.helpers import tiny_model
+
+    model, _ = tiny_model("hypermoe")
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = optimizer_param_groups(model, 0.1, expert_parallel=False, hyper_lr_mult=1 / 16)
+    hyper = [g for g in groups if g.get("lr_mult") is not None]
+    assert len(hyper) == 1 and hyper[0]["lr_mult"] == 1 / 16 and hyper[0]["weight_decay"] == 0.1
+    assert sorted(names[id(p)] for p in hyper[0]["params"]) == [
+        f"hypernetwork.{w}.weight" for w in
+        ("down_bias", "down_weight", "fc", "up_bias", "up_weight")]
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    assert [g["name"] for g in optimizer_param_groups(model, 0.1, False, 1.0)] == \
+        ["decay", "no_decay"]
+    moe, _ = tiny_model("moe")
+    assert len(optimizer_param_groups(moe, 0.1, False, 0.5)) == 2
+
+
+def test_resuming_with_other_optimizer_groups_is_refused_in_one_line():
+    from megatron_hypermoe.training.checkpointing import check_optimizer_groups
+
+    run = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1"])
+    check_optimizer_groups({"args": {"hyper_lr_mult": 1.0}}, run)
+    check_optimizer_groups({"args": {}}, run)  # written before the flag existed
+    scaled = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
+                         "--hyper-lr-mult", "0.5"])
+    check_optimizer_groups({"args": {"hyper_lr_mult": "1/d_g", "hyper_hidden_size": 16}},
+                           scaled)
+    with pytest.raises(CheckpointError, match="trained with --hyper-lr-mult 1, this run has "
+                                              "0.5.*--no-load-optim"):
+        check_optimizer_groups({"args": {"hyper_lr_mult": 1.0}}, scaled)

@@ -31,6 +31,13 @@ RUNS = {
                      2),
     "moe": (["--moe-type", "moe"], 1),
     "dense": (["--moe-type", "dense"], 1),
+    # top-1 with renormalised gates: a Mixtral (gate exactly 1)
+    "moe_top1_renormalised": (["--moe-type", "moe", "--moe-router-topk", "1",
+                               "--moe-router-renormalize"], 1),
+    # the authors' GPT-2 setting: normal-initialised heads, top-1 gate of exactly 1, and the
+    # generating weights' lr scaled by 1/d_g
+    "hypermoe_authors": (["--moe-router-topk", "1", "--moe-router-renormalize",
+                          "--hyper-init", "normal", "--hyper-lr-mult", "1/d_g"], 1),
 }
 
 
@@ -87,6 +94,22 @@ def test_hf_logits_equal_megatron_logits(name, checkpoint, exported):
     ids = tokens()
     difference = (hf_logits(hf, ids) - megatron_logits(megatron, ids)).abs().max().item()
     assert difference <= 1e-4, difference
+
+
+def test_the_authors_setting_travels_through_hf_and_back(checkpoint, exported, tmp_path):
+    """--hyper-init, --hyper-lr-mult and the renormalised top-1 gate are recorded in the
+    checkpoint, written to config.json, and read back by the importer."""
+    recorded = read_checkpoint(str(checkpoint("hypermoe_authors"))).meta["args"]
+    assert (recorded["hyper_init"], recorded["hyper_lr_mult"],
+            recorded["moe_router_renormalize"]) == ("normal", "1/d_g", True)
+    config = json.loads((exported("hypermoe_authors") / "config.json").read_text())
+    assert (config["hyper_init"], config["hyper_lr_mult"], config["norm_topk_prob"],
+            config["num_experts_per_tok"]) == ("normal", "1/d_g", True, 1)
+    convert_back(exported("hypermoe_authors"), tmp_path / "back")
+    back = read_checkpoint(str(tmp_path / "back"))
+    assert (back.args.hyper_init, back.args.hyper_lr_mult, back.args.moe_router_renormalize) \
+        == ("normal", "1/d_g", True)
+    assert back.model_config().moe_router_renormalize
 
 
 def test_native_exports_have_no_custom_code_and_hypermoe_has_the_documented_keys(exported):
@@ -245,7 +268,8 @@ def test_missing_expert_shard_is_refused_and_nothing_written(checkpoint, tmp_pat
 @pytest.mark.parametrize("problem,message", [
     ("not_a_checkpoint", "is not a checkpoint directory"),
     ("tokenizer", "does not match the one the checkpoint was trained with"),
-    ("moe_top1", "a top-1 megatron MoE cannot be exported as MixtralForCausalLM"),
+    ("moe_top1", "a top-1 megatron MoE with unrenormalised gates cannot be exported as "
+                 "MixtralForCausalLM"),
     ("output_exists", "exists and is not empty"),
 ])
 def test_export_refusals(problem, message, checkpoint, corpus_file, tmp_path):

@@ -1,25 +1,29 @@
 """The Hugging Face HyperMoE modeling file against megatron, in-process (no checkpoints): the
 name map and the shipped modeling code compute the same function."""
 
+import math
+
 import pytest
 import torch
 
 from megatron_hypermoe.hf.mapping import NameMapShape, to_hf
-from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
+from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, gates_renormalised, routing_fields
 from tests.helpers import VOCAB, hf_logits, megatron_logits, random_tokens, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
 
-@pytest.mark.parametrize("topk", [1, 2])
-def test_hf_hypermoe_matches_megatron_with_a_large_hyper_path(topk):
-    """Mapping + modeling file, with the HyperExpert made large enough to matter, top-1
-    (megatron's unrenormalised probability) and top-2."""
+@pytest.mark.parametrize("topk,renormalised", [(1, False), (2, True), (1, True), (2, False)])
+def test_hf_hypermoe_matches_megatron_with_a_large_hyper_path(topk, renormalised):
+    """Mapping + modeling file, with the HyperExpert made large enough to matter: top-1 and
+    top-2 with their default routing (top-1: softmax over all experts, unrenormalised; top-2
+    renormalised), and the other way round (top-1 gate exactly 1; top-2 unrenormalised)."""
     from megatron_hypermoe.hf.configuration_hypermoe import HyperMoeConfig
     from megatron_hypermoe.hf.modeling_hypermoe import HyperMoeForCausalLM
     from megatron_hypermoe.model.initialization import initialize_from_global_names
 
-    model, config = tiny_model("hypermoe", moe_router_topk=topk)
+    model, config = tiny_model("hypermoe", moe_router_topk=topk,
+                               **routing_fields(topk, renormalised))
     initialize_from_global_names(model, config, seed=3)
     with torch.no_grad():  # make the HyperExpert's output comparable to the MLP's
         model.hypernetwork.fc.weight.mul_(30)
@@ -31,7 +35,7 @@ def test_hf_hypermoe_matches_megatron_with_a_large_hyper_path(topk):
         vocab_size=VOCAB, hidden_size=config.hidden_size, intermediate_size=config.ffn_hidden_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_attention_heads,
         max_position_embeddings=16, num_local_experts=config.num_moe_experts,
-        num_experts_per_tok=topk, norm_topk_prob=topk > 1,
+        num_experts_per_tok=topk, norm_topk_prob=gates_renormalised(config),
         **{name: getattr(config, name) for name in HYPER_SIZE_NAMES})
     hf = HyperMoeForCausalLM(hf_config).eval()
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -44,3 +48,34 @@ def test_hf_hypermoe_matches_megatron_with_a_large_hyper_path(topk):
         for head in ("down_weight", "up_weight", "up_bias"):
             getattr(hf.model.hypernet, head).weight.zero_()
     assert (hf_logits(hf, ids) - reference).abs().max().item() > 1e-2  # the hyper path matters
+
+
+@pytest.mark.parametrize("hyper_init", ["hyperfanin", "normal"])
+def test_hf_modeling_initialises_the_heads_as_megatron_does(hyper_init):
+    """A HyperMoE built fresh from its HF config starts its heads the way ours do: the same
+    hyperfanin bound per head (and the same scale constant), or N(0, initializer_range)."""
+    from megatron_hypermoe.hf import modeling_hypermoe
+    from megatron_hypermoe.hf.configuration_hypermoe import HyperMoeConfig
+    from megatron_hypermoe.model.hypernetwork import HYPERFANIN_SCALE, HyperNetwork, head_fan_in
+
+    assert modeling_hypermoe.HYPERFANIN_SCALE == HYPERFANIN_SCALE
+    torch.manual_seed(0)
+    _, config = tiny_model("hypermoe", hyper_init=hyper_init, hidden_size=128,
+                           hyper_hidden_size=64)
+    ours = HyperNetwork(config)
+    hf = modeling_hypermoe.HyperMoeForCausalLM(HyperMoeConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_local_experts=4, num_experts_per_tok=2,
+        hyper_init=hyper_init, initializer_range=config.init_method_std,
+        **{name: getattr(config, name) for name in HYPER_SIZE_NAMES}))
+    for head in ("down_weight", "down_bias", "up_weight", "up_bias"):
+        mine = getattr(ours, head).weight.detach()
+        theirs = getattr(hf.model.hypernet, head).weight.detach()
+        assert mine.numel() == theirs.numel()
+        if hyper_init == "normal":
+            for weights in (mine, theirs):
+                assert abs(weights.std().item() / config.init_method_std - 1) < 0.1, head
+        else:  # uniform within the same per-head bound (both fill it)
+            bound = HYPERFANIN_SCALE * math.sqrt(3.0 / head_fan_in(head, config))
+            for weights in (mine, theirs):
+                assert 0.9 * bound < weights.abs().max().item() <= bound, head

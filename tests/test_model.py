@@ -219,3 +219,46 @@ def test_static_adapter_starts_as_the_moe_and_then_learns():
     d, r = config.hidden_size, config.hyper_adapter_dim
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(adapter) - count(moe) == config.num_layers * (2 * d * r + r + d)
+
+
+# Options to reproduce the authors' runs ---------------------------------------------------------
+def test_renormalised_top1_gate_is_exactly_one_and_the_router_learns_from_aux_loss_only():
+    """--moe-router-renormalize: a top-1 gate of exactly 1 (Mixtral, the authors' GPT-2), so
+    the LM loss gives the router no gradient; the load-balancing loss still does."""
+    from megatron_hypermoe.model.config import routing_fields
+    from megatron_hypermoe.model.router import RenormalisingTopKRouter
+
+    def router_grad(aux_coeff, **routing):
+        model, _ = tiny_model("hypermoe", moe_router_topk=1, moe_aux_loss_coeff=aux_coeff,
+                              seed=3, **routing)
+        probs = []
+        model.decoder.layers[0].mlp.router.register_forward_hook(
+            lambda m, i, o: probs.append(o[0].detach()))
+        run_and_record(model, batch(seed=2))
+        return model.decoder.layers[0].mlp.router.weight.grad, probs[0], model
+
+    default_grad, probs, model = router_grad(0.0)  # the default: the probability, not 1
+    assert type(model.decoder.layers[0].mlp.router) is not RenormalisingTopKRouter
+    assert probs[probs > 0].max() < 1 and default_grad.abs().max() > 0
+    grad, probs, model = router_grad(0.0, **routing_fields(1, renormalised=True))
+    assert type(model.decoder.layers[0].mlp.router) is RenormalisingTopKRouter
+    assert torch.equal(probs[probs > 0], torch.ones_like(probs[probs > 0]))
+    # d(p/p)/dp is 0 up to rounding
+    assert grad.abs().max() < 1e-6 * default_grad.abs().max()
+    grad, _, _ = router_grad(1e-2, **routing_fields(1, renormalised=True))
+    assert grad.abs().max() > 1e-3 * default_grad.abs().max()
+
+
+@pytest.mark.parametrize("hyper_init", ["hyperfanin", "normal"])
+def test_layout_independent_init_follows_hyper_init(hyper_init):
+    """Initialisation by global name draws the heads as the modules do: hyperfanin x 1e-3 (the
+    HyperExpert starts near zero) or N(0, init_method_std) (the authors' actual start)."""
+    model, config = tiny_model("hypermoe", hyper_init=hyper_init, hidden_size=128,
+                               hyper_hidden_size=64)
+    initialize_from_global_names(model, config, seed=1)
+    heads = [getattr(model.hypernetwork, h).weight.detach() for h in HYPER_HEADS]
+    if hyper_init == "normal":
+        for weight in heads:
+            assert abs(weight.std().item() / config.init_method_std - 1) < 0.1
+    else:
+        assert max(weight.abs().max().item() for weight in heads) < 1e-3

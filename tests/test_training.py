@@ -330,3 +330,31 @@ def test_tensor_and_expert_parallel_checkpoint_resumes(dataset, single_process_r
     assert [r["iteration"] for r in resumed] == [1, 2, 3]
     assert relative(resumed[2]["lm_loss"], reference[2]["lm_loss"]) < 1e-5
     assert relative(resumed[2]["grad_norm"], reference[2]["grad_norm"]) < 1e-5
+
+
+# Options to reproduce the authors' runs ---------------------------------------------------------
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", [
+    ["--expert-model-parallel-size", "2", "--zero-stage", "2"],
+    ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--zero-stage", "1"],
+], ids=["ep2-zero2", "tp2-zero1"])
+def test_hyper_lr_mult_reaches_its_group_at_every_step_and_after_resume(layout, tmp_path):
+    from tests.helpers import run_torchrun
+
+    run_torchrun(2, "lr_groups.py", "--save", str(tmp_path / "ckpt"), "--", *layout,
+                 timeout=240)
+
+
+def test_hyper_lr_mult_zero_freezes_exactly_the_generating_weights(dataset, tmp_path):
+    """--hyper-lr-mult 0 under ZeRO: the hypernetwork's fc and head weights stay as a zero
+    learning rate leaves them; everything else trains."""
+    common = [*TINY_MODEL, *dataset, "--train-iters", "1", "--weight-decay", "0.1",
+              "--zero-stage", "2"]
+    pretrain(*common, "--hyper-lr-mult", "0", "--save", str(tmp_path / "frozen"))
+    pretrain(*common, "--lr", "0", "--save", str(tmp_path / "lr0"))
+    frozen, reference = _load_module(tmp_path / "frozen"), _load_module(tmp_path / "lr0")
+    generating = {f"hypernetwork.{w}.weight" for w in
+                  ("fc", "down_weight", "down_bias", "up_weight", "up_bias")}
+    for name in reference:
+        same = torch.equal(frozen[name], reference[name])
+        assert same == (name in generating), name

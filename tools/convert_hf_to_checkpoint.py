@@ -17,9 +17,9 @@ import torch
 
 from megatron_hypermoe.conversion.import_hf import import_hf
 from megatron_hypermoe.errors import CheckpointError, exit_on_user_error
-from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
+from megatron_hypermoe.model.config import HYPER_INITS, HYPER_SIZE_NAMES
 from megatron_hypermoe.parallel.distributed import destroy_distributed
-from megatron_hypermoe.training.arguments import add_hyper_size_args
+from megatron_hypermoe.training.arguments import add_hyper_size_args, hyper_lr_mult_value
 
 
 @exit_on_user_error
@@ -30,11 +30,18 @@ def main(argv=None) -> int:
     parser.add_argument("--upcycle", action="store_true",
                         help="dense Llama -> MoE/HyperMoE: every MLP becomes --num-experts "
                              "copies, with a fresh router and hyper path")
-    parser.add_argument("--moe-type", choices=("hypermoe", "moe", "moe_adapter"), default=None)
-    parser.add_argument("--num-experts", type=int, default=None)
-    parser.add_argument("--moe-router-topk", type=int, default=None)
-    add_hyper_size_args(parser.add_argument_group("HyperMoE sizes when upcycling"),
-                        default_from_model=True)
+    group = parser.add_argument_group("the MoE when upcycling (otherwise they come from the "
+                                      "model)")
+    group.add_argument("--moe-type", choices=("hypermoe", "moe", "moe_adapter"), default=None)
+    group.add_argument("--num-experts", type=int, default=None)
+    group.add_argument("--moe-router-topk", type=int, default=None)
+    group.add_argument("--moe-router-pre-softmax", action=argparse.BooleanOptionalAction,
+                       default=None, help="as for pretrain_gpt_hypermoe.py")
+    group.add_argument("--moe-router-renormalize", action="store_true", default=None,
+                       help="as for pretrain_gpt_hypermoe.py")
+    add_hyper_size_args(group, default_from_model=True)
+    group.add_argument("--hyper-init", choices=HYPER_INITS, default=None)
+    group.add_argument("--hyper-lr-mult", type=hyper_lr_mult_value, default=None)
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--expert-model-parallel-size", type=int, default=1)
     parser.add_argument("--zero-stage", type=int, default=1, choices=(1, 2),
@@ -46,9 +53,13 @@ def main(argv=None) -> int:
     if os.path.exists(args.save) and os.listdir(args.save):
         raise CheckpointError(f"--save {args.save} exists and is not empty: choose a new "
                               "directory")
+    upcycle_fields = dict(num_moe_experts=args.num_experts, moe_router_topk=args.moe_router_topk,
+                          moe_router_pre_softmax=args.moe_router_pre_softmax,
+                          moe_router_renormalize=args.moe_router_renormalize,
+                          hyper_init=args.hyper_init,
+                          **{name: getattr(args, name) for name in HYPER_SIZE_NAMES})
     import_hf(args.hf, args.save, upcycle=args.upcycle, moe_type=args.moe_type,
-              num_experts=args.num_experts, topk=args.moe_router_topk,
-              hyper_sizes={name: getattr(args, name) for name in HYPER_SIZE_NAMES},
+              upcycle_fields=upcycle_fields, hyper_lr_mult=args.hyper_lr_mult,
               tensor_model_parallel_size=args.tensor_model_parallel_size,
               expert_model_parallel_size=args.expert_model_parallel_size,
               zero_stage=args.zero_stage, seed=args.seed)

@@ -20,7 +20,7 @@ import megatron_hypermoe.hf
 from megatron_hypermoe.data.tokenizer_files import checked_training_tokenizer, write_tokenizer_files
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.hf.mapping import NameMapShape, to_hf
-from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
+from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, gates_renormalised
 from megatron_hypermoe.training.checkpoint_reader import Checkpoint, read_checkpoint
 
 HF_FILES_DIRECTORY = os.path.dirname(os.path.abspath(megatron_hypermoe.hf.__file__))
@@ -34,11 +34,13 @@ def check_representable(checkpoint: Checkpoint) -> None:
         raise CheckpointError("moe_adapter (the static-adapter ablation) has no Hugging Face "
                               "architecture to export to; it exists for benchmarks/"
                               "compare_variants.py")
-    if args.moe_type == "moe" and args.moe_router_topk == 1:
+    if args.moe_type == "moe" and not gates_renormalised(checkpoint.model_config()):
+        top1 = "top-1 " if args.moe_router_topk == 1 else ""
         raise CheckpointError(
-            "a top-1 megatron MoE cannot be exported as MixtralForCausalLM exactly: Mixtral "
-            "renormalises the selected experts' weights (giving 1.0), megatron's top-1 keeps the "
-            "softmax probability; train with --moe-router-topk 2 or more to export to Mixtral")
+            f"a {top1}megatron MoE with unrenormalised gates cannot be exported as "
+            "MixtralForCausalLM exactly: Mixtral renormalises the selected experts' weights, "
+            "pre-softmax routing (the default for top-1) keeps the softmax probabilities; train "
+            "with --moe-router-renormalize to export to Mixtral")
 
 
 def hf_config(checkpoint: Checkpoint, eod: Optional[int]) -> dict:
@@ -69,9 +71,9 @@ def hf_config(checkpoint: Checkpoint, eod: Optional[int]) -> dict:
         model_type="hypermoe", architectures=["HyperMoeForCausalLM"],
         auto_map={"AutoConfig": "configuration_hypermoe.HyperMoeConfig",
                   "AutoModelForCausalLM": "modeling_hypermoe.HyperMoeForCausalLM"},
-        # megatron: top-k > 1 softmaxes the k selected logits; top-1 keeps the probability.
-        norm_topk_prob=args.moe_router_topk > 1,
-        **{name: getattr(config, name) for name in HYPER_SIZE_NAMES}, **moe)
+        norm_topk_prob=gates_renormalised(config),
+        **{name: getattr(config, name) for name in HYPER_SIZE_NAMES},
+        hyper_init=config.hyper_init, hyper_lr_mult=args.hyper_lr_mult, **moe)
 
 
 def write_hf_directory(output: str, state: dict, config: dict, write_extra) -> None:

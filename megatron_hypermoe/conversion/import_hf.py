@@ -21,7 +21,7 @@ from typing import Optional
 from megatron_hypermoe.data.tokenizer_files import hf_directory_tokenizer
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.hf.mapping import NameMapShape, from_hf
-from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, make_config
+from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, make_config, routing_fields
 
 SOURCE_TYPES = {"llama": "dense", "mixtral": "moe", "hypermoe": "hypermoe"}
 _DENSE_MLP = re.compile(r"^(decoder\.layers\.\d+\.mlp\.)(linear_fc[12]\.weight)$")
@@ -62,12 +62,6 @@ def check_representable(config: dict) -> None:
     heads = config["num_attention_heads"]
     if config.get("head_dim") not in (None, config["hidden_size"] // heads):
         problems.append(f"head_dim {config['head_dim']} != hidden_size / heads")
-    if config["model_type"] == "mixtral" and config["num_experts_per_tok"] == 1:
-        problems.append("Mixtral top-1 (it renormalises the weight to 1.0; megatron's top-1 "
-                        "keeps the softmax probability)")
-    if config["model_type"] == "hypermoe" and \
-            config.get("norm_topk_prob") != (config["num_experts_per_tok"] > 1):
-        problems.append("norm_topk_prob must be true exactly when num_experts_per_tok > 1")
     if problems:
         raise CheckpointError("cannot represent this model in megatron-hypermoe: "
                               + "; ".join(problems))
@@ -109,11 +103,11 @@ def _vocab_divisor(tokenizer_vocab: int, hf_vocab: int, tp: int) -> int:
                           "the tokenizer does not match this model")
 
 
-def megatron_config(hf_config: dict, moe_type: str, num_experts: Optional[int] = None,
-                    topk: Optional[int] = None, hyper_sizes: Optional[dict] = None,
+def megatron_config(hf_config: dict, moe_type: str, upcycle_fields: Optional[dict] = None,
                     tensor_model_parallel_size: int = 1, expert_model_parallel_size: int = 1):
-    """The megatron config of an HF Llama/Mixtral/HyperMoE config, as ``moe_type`` (the source's
-    own type, or an upcycling target with ``num_experts``, ``topk`` and ``hyper_sizes``)."""
+    """The megatron config of an HF Llama/Mixtral/HyperMoE config, as ``moe_type``: the source's
+    own type, or an upcycling target whose MoE fields (experts, top-k, routing, hyper sizes and
+    init) ``upcycle_fields`` sets."""
     heads = hf_config["num_attention_heads"]
     fields = dict(
         num_layers=hf_config["num_hidden_layers"], hidden_size=hf_config["hidden_size"],
@@ -123,21 +117,28 @@ def megatron_config(hf_config: dict, moe_type: str, num_experts: Optional[int] =
         tensor_model_parallel_size=tensor_model_parallel_size,
         sequence_parallel=tensor_model_parallel_size > 1,
         expert_model_parallel_size=expert_model_parallel_size,
-        num_moe_experts=num_experts or hf_config.get("num_local_experts"),
-        moe_router_topk=topk or hf_config.get("num_experts_per_tok", 1),
+        num_moe_experts=hf_config.get("num_local_experts"),
+        moe_router_topk=hf_config.get("num_experts_per_tok", 1),
     )
+    if hf_config["model_type"] == "mixtral":  # renormalised top-k weights (1.0 for top-1)
+        fields.update(routing_fields(fields["moe_router_topk"], renormalised=True))
     if hf_config["model_type"] == "hypermoe":
         fields.update({name: hf_config[name] for name in HYPER_SIZE_NAMES})
-    fields.update(hyper_sizes or {})
+        fields.update(routing_fields(fields["moe_router_topk"],
+                                     renormalised=hf_config.get("norm_topk_prob", False)))
+        fields["hyper_init"] = hf_config.get("hyper_init", "hyperfanin")
+    fields.update(upcycle_fields or {})
     return make_config(moe_type, **fields)
 
 
 def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[str] = None,
-              num_experts: Optional[int] = None, topk: Optional[int] = None,
-              hyper_sizes: Optional[dict] = None, tensor_model_parallel_size: int = 1,
-              expert_model_parallel_size: int = 1, zero_stage: int = 1,
-              seed: int = 1234) -> str:
-    """Convert (collective under torchrun). Returns the checkpoint directory written."""
+              upcycle_fields: Optional[dict] = None, hyper_lr_mult=None,
+              tensor_model_parallel_size: int = 1, expert_model_parallel_size: int = 1,
+              zero_stage: int = 1, seed: int = 1234) -> str:
+    """Convert (collective under torchrun). Returns the checkpoint directory written.
+    ``upcycle_fields``: config fields of the upcycled MoE (``num_moe_experts``,
+    ``moe_router_topk``, ``moe_router_pre_softmax``, hyper sizes, ``hyper_init``); None values
+    are left to the defaults."""
     import torch.distributed as dist
 
     from megatron_hypermoe.data.tokenizer import tokenizer_fingerprint
@@ -149,18 +150,21 @@ def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[
     hf_config = read_hf_config(hf_dir)
     check_representable(hf_config)
     source = SOURCE_TYPES[hf_config["model_type"]]
-    hyper_sizes = {name: value for name, value in (hyper_sizes or {}).items()
-                   if value is not None}
+    upcycle_fields = {name: value for name, value in (upcycle_fields or {}).items()
+                      if value is not None}
     if upcycle and source != "dense":
         raise CheckpointError("--upcycle starts from a dense (llama) model; this one is "
                               f"{hf_config['model_type']}")
-    if not upcycle and (moe_type or num_experts or topk or hyper_sizes):
-        raise CheckpointError("--moe-type/--num-experts/--moe-router-topk/--hyper-* only apply "
-                              "with --upcycle; otherwise they come from the model")
+    if not upcycle and (moe_type or upcycle_fields or hyper_lr_mult is not None):
+        raise CheckpointError("--moe-type/--num-experts/--moe-router-topk/--moe-router-pre-"
+                              "softmax/--hyper-* only apply with --upcycle; otherwise they come "
+                              "from the model")
     target = (moe_type or "hypermoe") if upcycle else source
+    if hyper_lr_mult is None:
+        hyper_lr_mult = hf_config.get("hyper_lr_mult", 1.0) if target == "hypermoe" else 1.0
     tokenizer_args, tokenizer = hf_directory_tokenizer(hf_dir)
     tp, ep = tensor_model_parallel_size, expert_model_parallel_size
-    config = megatron_config(hf_config, target, num_experts, topk, hyper_sizes, tp, ep)
+    config = megatron_config(hf_config, target, upcycle_fields, tp, ep)
     positions = hf_config["max_position_embeddings"]
     args = args_for_model(
         config, int(os.environ.get("WORLD_SIZE", "1")),
@@ -168,7 +172,7 @@ def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[
         make_vocab_size_divisible_by=_vocab_divisor(int(tokenizer.vocab_size),
                                                     hf_config["vocab_size"], tp),
         **vars(tokenizer_args), mock_data=True, train_iters=1, micro_batch_size=1,
-        zero_stage=zero_stage, seed=seed, save=save)
+        zero_stage=zero_stage, seed=seed, save=save, hyper_lr_mult=hyper_lr_mult)
     args.padded_vocab_size = hf_config["vocab_size"]
     source_shape = NameMapShape.of(config)._replace(moe_type=source)
     try:

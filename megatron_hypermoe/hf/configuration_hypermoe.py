@@ -18,8 +18,8 @@ class HyperMoeConfig(PretrainedConfig):
                  num_local_experts=8, num_experts_per_tok=1, norm_topk_prob=False,
                  hyper_adapter_dim=64, hyper_hidden_size=128, hyper_expert_embedding_dim=128,
                  hyper_selection_hidden_size=128, hyper_selection_output_size=128,
-                 hyper_layer_embedding_dim=10, use_cache=True, tie_word_embeddings=False,
-                 **kwargs):
+                 hyper_layer_embedding_dim=10, hyper_init="hyperfanin", hyper_lr_mult=1.0,
+                 use_cache=True, tie_word_embeddings=False, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -34,8 +34,9 @@ class HyperMoeConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.num_local_experts = num_local_experts
         self.num_experts_per_tok = num_experts_per_tok
-        # True: softmax over the k selected logits (Mixtral, megatron top-k > 1).
-        # False: softmax over all experts, keep the k largest unrenormalised (megatron top-1).
+        # True: softmax over the k selected logits (Mixtral; megatron's post-softmax routing).
+        # False: softmax over all experts, keep the k largest unrenormalised (megatron's
+        # pre-softmax routing, its default for top-1).
         self.norm_topk_prob = norm_topk_prob
         self.hyper_adapter_dim = hyper_adapter_dim
         self.hyper_hidden_size = hyper_hidden_size
@@ -43,5 +44,11 @@ class HyperMoeConfig(PretrainedConfig):
         self.hyper_selection_hidden_size = hyper_selection_hidden_size
         self.hyper_selection_output_size = hyper_selection_output_size
         self.hyper_layer_embedding_dim = hyper_layer_embedding_dim
+        # How the hypernetwork's heads start when this model is built fresh ("hyperfanin": the
+        # paper's uniform x 1e-3; "normal": N(0, initializer_range)), and the learning-rate
+        # multiplier its generating weights were trained with (a number or "1/d_g"; recorded
+        # for whoever trains on).
+        self.hyper_init = hyper_init
+        self.hyper_lr_mult = hyper_lr_mult
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

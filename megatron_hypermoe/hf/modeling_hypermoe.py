@@ -26,6 +26,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_hypermoe import HyperMoeConfig
 
+HYPERFANIN_SCALE = 1e-3  # the paper's scale of the heads' uniform "hyperfanin" init
+
 
 class HyperMoeRMSNorm(nn.Module):
     def __init__(self, hidden_size, eps):
@@ -118,6 +120,15 @@ class HyperMoeSelection(nn.Module):
         return self.fc2(torch.relu(self.fc1(unselected @ self.embedding.weight)))
 
 
+class HyperMoeHead(nn.Linear):
+    """A linear head of the hypernetwork; ``fan_in`` is the fan-in of its hyperfanin init:
+    d_g times the input size of the weight it generates (1 for a generated bias)."""
+
+    def __init__(self, hyper_hidden_size, outputs, generated_input_size):
+        super().__init__(hyper_hidden_size, outputs)
+        self.fan_in = hyper_hidden_size * generated_input_size
+
+
 class HyperMoeHyperNetwork(nn.Module):
     """Shared by every layer: (z, layer) -> h -> the HyperExpert's weights."""
 
@@ -129,10 +140,10 @@ class HyperMoeHyperNetwork(nn.Module):
                                             config.hyper_layer_embedding_dim)
         self.fc = nn.Linear(config.hyper_selection_output_size + config.hyper_layer_embedding_dim,
                             d_g)
-        self.down_weight = nn.Linear(d_g, d * r)
-        self.down_bias = nn.Linear(d_g, r)
-        self.up_weight = nn.Linear(d_g, r * d)
-        self.up_bias = nn.Linear(d_g, d)
+        self.down_weight = HyperMoeHead(d_g, d * r, d)
+        self.down_bias = HyperMoeHead(d_g, r, 1)
+        self.up_weight = HyperMoeHead(d_g, r * d, r)
+        self.up_bias = HyperMoeHead(d_g, d, 1)
 
     def forward(self, x, selected, selection, layer_idx):
         """y_hyper [T, d] for x [T, d] and the [T, E] boolean map of selected experts."""
@@ -205,7 +216,12 @@ class HyperMoePreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, HyperMoeHead) and \
+                getattr(self.config, "hyper_init", "hyperfanin") == "hyperfanin":
+            bound = HYPERFANIN_SCALE * math.sqrt(3.0 / module.fan_in)  # the paper's init
+            module.weight.data.uniform_(-bound, bound)
+            module.bias.data.zero_()
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.data.normal_(0.0, std)
             if getattr(module, "bias", None) is not None:
                 module.bias.data.zero_()

@@ -27,6 +27,10 @@ from megatron_hypermoe.errors import ConfigError
 
 MOE_TYPES = ("hypermoe", "moe", "moe_adapter", "dense")
 HYPER_EXPERT_IMPLS = ("auto", "grouped", "factored", "naive")
+# How the hypernetwork's four weight heads start: the paper's "hyperfanin" uniform scaled by
+# 1e-3 (the HyperExpert starts near zero), or N(0, init_method_std) like every other weight,
+# which is how the authors' GPT-2 runs actually started (post_init re-initialised the heads).
+HYPER_INITS = ("hyperfanin", "normal")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,11 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
     # per-token form, kept as the reference the fast forms are tested against.
     hyper_expert_impl: str = "auto"
     hyper_factored_min_sets_fraction: float = 0.5
+    hyper_init: str = "hyperfanin"  # one of HYPER_INITS
+    # Divide the selected experts' routing weights by their sum (a top-1 gate is then exactly
+    # 1, as in Mixtral and the authors' GPT-2 code). megatron-core's post-softmax routing does
+    # this for top-k > 1 but refuses top-1; pre-softmax + this gives the same gates for any k.
+    moe_router_renormalize: bool = False
 
     def __post_init__(self):
         self._validate_hypermoe_fields()
@@ -92,6 +101,11 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
                 f"moe_router_topk={self.moe_router_topk} must be between 1 and "
                 f"num_moe_experts={self.num_moe_experts}"
             )
+        if self.moe_router_topk == 1 and self.moe_router_pre_softmax is False:
+            raise ConfigError("post-softmax routing with top-1 (moe_router_pre_softmax=False) is "
+                              "refused by megatron-core (a softmax over one logit has no "
+                              "gradient): for a top-1 gate of exactly 1 use "
+                              "--moe-router-renormalize")
         if self.moe_type == "moe_adapter" and (not isinstance(self.hyper_adapter_dim, int)
                                                or self.hyper_adapter_dim < 1):
             raise ConfigError(f"hyper_adapter_dim={self.hyper_adapter_dim!r} must be a positive "
@@ -107,6 +121,9 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
                 f"hyper_expert_impl={self.hyper_expert_impl!r} is not one of "
                 f"{', '.join(HYPER_EXPERT_IMPLS)}"
             )
+        if self.hyper_init not in HYPER_INITS:
+            raise ConfigError(f"hyper_init={self.hyper_init!r} is not one of "
+                              f"{', '.join(HYPER_INITS)}")
         if not 0.0 < self.hyper_factored_min_sets_fraction <= 1.0:
             raise ConfigError(
                 f"hyper_factored_min_sets_fraction={self.hyper_factored_min_sets_fraction} "
@@ -156,6 +173,21 @@ def make_config(moe_type: str = "hypermoe", **overrides) -> HyperMoEConfig:
     else:
         fields.setdefault("moe_ffn_hidden_size", fields.get("ffn_hidden_size"))
     return HyperMoEConfig(moe_type=moe_type, **fields)
+
+
+def gates_renormalised(config) -> bool:
+    """Whether the selected experts' weights sum to 1 (Hugging Face's ``norm_topk_prob``)."""
+    return not config.moe_router_pre_softmax or config.moe_router_renormalize
+
+
+def routing_fields(topk: int, renormalised: bool) -> dict:
+    """The config fields that give renormalised (or unrenormalised) top-k gates: megatron's own
+    post-softmax routing where it allows it, pre-softmax + renormalisation for top-1."""
+    if not renormalised:
+        return dict(moe_router_pre_softmax=True, moe_router_renormalize=False)
+    if topk == 1:
+        return dict(moe_router_pre_softmax=True, moe_router_renormalize=True)
+    return dict(moe_router_pre_softmax=False, moe_router_renormalize=False)
 
 
 def num_hypermoe_parameters(config: HyperMoEConfig, num_hypermoe_layers: Optional[int] = None):

@@ -22,12 +22,16 @@ from megatron_hypermoe.model.adapter_layer import AdapterMoELayer
 from megatron_hypermoe.model.config import HyperMoEConfig
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
 from megatron_hypermoe.model.hypernetwork import HyperNetwork
+from megatron_hypermoe.model.router import RenormalisingTopKRouter
 
 
 SIDE_PATH_LAYERS = {"hypermoe": HyperMoELayer, "moe_adapter": AdapterMoELayer}
 
 
 def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
+    """megatron-core's local GPT layer spec; for the MoE variants, its MLP swapped for the
+    variant's layer class and, with ``moe_router_renormalize``, its router for the
+    renormalising one. Every other submodule stays megatron's."""
     num_experts = None if config.moe_type == "dense" else config.num_moe_experts
     spec = get_gpt_layer_local_spec(
         num_experts=num_experts,
@@ -35,13 +39,16 @@ def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
         qk_layernorm=config.qk_layernorm,
         normalization=config.normalization,
     )
-    side_path_layer = SIDE_PATH_LAYERS.get(config.moe_type)
-    if side_path_layer is None:
+    if config.moe_type == "dense":
         return spec
-    mlp = dataclasses.replace(spec.submodules.mlp, module=side_path_layer)
-    return dataclasses.replace(
-        spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp)
-    )
+    mlp = spec.submodules.mlp
+    if config.moe_router_renormalize:
+        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(
+            mlp.submodules, router=RenormalisingTopKRouter))
+    side_path_layer = SIDE_PATH_LAYERS.get(config.moe_type)
+    if side_path_layer is not None:
+        mlp = dataclasses.replace(mlp, module=side_path_layer)
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
 
 
 class HyperMoEGPTModel(GPTModel):

@@ -10,8 +10,10 @@ because the fast forms in :mod:`megatron_hypermoe.model.hyper_expert` contract w
 directly instead of generating per-token matrices.
 
 Initialisation: the four heads use the paper's "hyperfanin" uniform init scaled by 1e-3 with zero
-biases, so the HyperExpert output starts near zero and HyperMoE starts as the plain MoE. Every
-other weight uses megatron's ``config.init_method`` (normal, std ``init_method_std``), biases zero.
+biases, so the HyperExpert output starts near zero and HyperMoE starts as the plain MoE
+(``hyper_init="normal"``: N(0, init_method_std) instead, as the authors' GPT-2 runs started).
+Every other weight uses megatron's ``config.init_method`` (normal, std ``init_method_std``),
+biases zero.
 """
 
 from __future__ import annotations
@@ -35,21 +37,37 @@ def _linear(in_features: int, out_features: int, config: HyperMoEConfig) -> nn.L
     return layer
 
 
+def head_fan_in(head: str, config: HyperMoEConfig) -> int:
+    """The fan-in of the paper's hyperfanin bound for one of the four heads: the generating
+    code's size times the generated weight's input size."""
+    d_g = config.hyper_hidden_size
+    return {"down_weight": d_g * config.hidden_size, "up_weight": d_g * config.hyper_adapter_dim,
+            "down_bias": d_g, "up_bias": d_g}[head]
+
+
+def init_head_weight_(weight: torch.Tensor, head: str, config: HyperMoEConfig,
+                      generator=None) -> torch.Tensor:
+    """In place, by ``config.hyper_init``: hyperfanin (uniform, scaled by HYPERFANIN_SCALE) or
+    normal(0, init_method_std)."""
+    if config.hyper_init == "normal":
+        return weight.normal_(0.0, config.init_method_std, generator=generator)
+    bound = HYPERFANIN_SCALE * math.sqrt(3.0 / head_fan_in(head, config))
+    return weight.uniform_(-bound, bound, generator=generator)
+
+
 class HyperHead(nn.Module):
     """A linear head h -> h @ weight + bias whose weight is stored [in, out], not nn.Linear's
     [out, in]: out is huge (d*r) and the batch tiny (one row per distinct selected set), and in
     this layout the weight gradient h^T @ grad is a plain row-major product (2-5x faster on CPU
     than the transposed one nn.Linear needs)."""
 
-    def __init__(self, in_features: int, out_features: int, bound_fan_in: int,
-                 config: HyperMoEConfig):
+    def __init__(self, head: str, in_features: int, out_features: int, config: HyperMoEConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_features, out_features,
                                                dtype=config.params_dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=config.params_dtype))
-        bound = HYPERFANIN_SCALE * math.sqrt(3.0 / bound_fan_in)
         with torch.no_grad():
-            self.weight.uniform_(-bound, bound)
+            init_head_weight_(self.weight, head, config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.bias, h, self.weight)
@@ -108,11 +126,20 @@ class HyperNetwork(nn.Module):
             config.init_method(self.layer_embedding.weight)
         self.fc = _linear(d_h + d_l, d_g, config)
 
-        self.down_weight = HyperHead(d_g, d * r, d_g * d, config)
-        self.down_bias = HyperHead(d_g, r, d_g, config)
-        self.up_weight = HyperHead(d_g, r * d, d_g * r, config)
-        self.up_bias = HyperHead(d_g, d, d_g, config)
+        self.down_weight = HyperHead("down_weight", d_g, d * r, config)
+        self.down_bias = HyperHead("down_bias", d_g, r, config)
+        self.up_weight = HyperHead("up_weight", d_g, r * d, config)
+        self.up_bias = HyperHead("up_bias", d_g, d, config)
         mark_sequence_parallel(self, config.sequence_parallel)
+
+    def generating_weights(self):
+        """The weights that generate the HyperExpert (fc and the four heads; not biases or the
+        layer embedding): each generated entry sums d_g of the heads' weights, so under Adam
+        they move the HyperExpert about d_g times as fast as a static weight would move
+        (``--hyper-lr-mult`` scales their learning rate)."""
+        return [self.fc.weight] + [head.weight for head in
+                                   (self.down_weight, self.down_bias, self.up_weight,
+                                    self.up_bias)]
 
     def hidden(self, z: torch.Tensor, layer_index: int) -> torch.Tensor:
         """h = relu(fc(concat(z, LayerEmb[layer_index]))) for z [N, d_h] -> [N, d_g]."""

@@ -22,7 +22,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_hypermoe.model.config import HyperMoEConfig
-from megatron_hypermoe.model.hypernetwork import HYPERFANIN_SCALE
+from megatron_hypermoe.model.hypernetwork import init_head_weight_
 from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
 from megatron_hypermoe.parallel.tensor_sharding import shard
 
@@ -48,14 +48,7 @@ def _draw(global_name: str, shape, config: HyperMoEConfig, generator) -> torch.T
         return torch.ones(shape)
     head = _HYPERNET_HEAD.search(global_name)
     if head:
-        fan = {
-            "down_weight": config.hyper_hidden_size * config.hidden_size,
-            "up_weight": config.hyper_hidden_size * config.hyper_adapter_dim,
-            "down_bias": config.hyper_hidden_size,
-            "up_bias": config.hyper_hidden_size,
-        }[head.group(1)]
-        bound = HYPERFANIN_SCALE * math.sqrt(3.0 / fan)
-        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+        return init_head_weight_(torch.empty(shape), head.group(1), config, generator)
     std = config.init_method_std
     if _OUTPUT_PROJECTION.search(global_name):
         std = std / math.sqrt(2.0 * config.num_layers)

@@ -17,8 +17,9 @@ import torch
 
 from megatron_hypermoe.data.tokenizer import add_tokenizer_args
 from megatron_hypermoe.errors import ArgumentError
-from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_SIZE_NAMES, HYPER_SIZES,
-                                            MOE_TYPES, HyperMoEConfig, make_config)
+from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
+                                            HYPER_SIZES, MOE_TYPES, HyperMoEConfig,
+                                            make_config)
 
 # flag (argparse dest) -> HyperMoEConfig field, for every flag that is a model config field.
 MODEL_CONFIG_FLAGS = {
@@ -36,7 +37,9 @@ MOE_CONFIG_FLAGS = {
     "moe_aux_loss_coeff": "moe_aux_loss_coeff", "moe_z_loss_coeff": "moe_z_loss_coeff",
     "moe_token_dispatcher_type": "moe_token_dispatcher_type",
     "expert_model_parallel_size": "expert_model_parallel_size",
-    "hyper_expert_impl": "hyper_expert_impl",
+    "hyper_expert_impl": "hyper_expert_impl", "hyper_init": "hyper_init",
+    "moe_router_pre_softmax": "moe_router_pre_softmax",
+    "moe_router_renormalize": "moe_router_renormalize",
     **{name: name for name in HYPER_SIZE_NAMES},
 }
 
@@ -64,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-topk", type=int, default=1)
     g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-router-pre-softmax", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="softmax over all experts before the top-k (the k weights are not "
+                        "renormalised); --no-moe-router-pre-softmax: top-k, then softmax over "
+                        "the k (megatron-core refuses it for top-1). Default: pre-softmax for "
+                        "top-1 (Switch), post-softmax for top-k > 1")
+    g.add_argument("--moe-router-renormalize", action="store_true",
+                   help="divide the selected experts' weights by their sum: with pre-softmax "
+                        "the gates of post-softmax, for any k; a top-1 gate is exactly 1 (the "
+                        "router then learns from the load-balancing loss only), as in Mixtral "
+                        "and the authors' GPT-2 runs")
     g.add_argument("--moe-token-dispatcher-type", choices=("alltoall", "allgather"),
                    default="alltoall")
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
@@ -79,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("HyperMoE (paper defaults)")
     add_hyper_size_args(g)
     g.add_argument("--hyper-expert-impl", choices=HYPER_EXPERT_IMPLS, default="auto")
+    g.add_argument("--hyper-init", choices=HYPER_INITS, default="hyperfanin",
+                   help="the four weight heads: the paper's hyperfanin x 1e-3 (the HyperExpert "
+                        "starts near 0), or N(0, --init-method-std) as the authors' GPT-2 runs "
+                        "actually started")
+    g.add_argument("--hyper-lr-mult", type=hyper_lr_mult_value, default=1.0,
+                   help="learning-rate multiplier for the hypernetwork's generating weights "
+                        "(its fc and the four heads' weights): a number, or 1/d_g (each "
+                        "generated entry sums d_g head weights, so their effective step is d_g "
+                        "times a static weight's)")
 
     g = parser.add_argument_group("batch and optimisation")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -152,6 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+HYPER_LR_MULT_RULES = ("1/d_g",)
+
+
+def hyper_lr_mult_value(text: str):
+    """A positive number, or the rule 1/d_g."""
+    if text in HYPER_LR_MULT_RULES:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor one of "
+                                         f"{', '.join(HYPER_LR_MULT_RULES)}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def hyper_lr_mult(args) -> float:
+    """The multiplier --hyper-lr-mult gives (a rule resolved by the model's sizes)."""
+    if args.hyper_lr_mult == "1/d_g":
+        return 1.0 / args.hyper_hidden_size
+    return float(args.hyper_lr_mult)
+
+
 def add_hyper_size_args(group, default_from_model: bool = False) -> None:
     """The ``--hyper-*`` size flags, from :data:`HYPER_SIZES` (defaults: the paper's, or None
     where the value comes from a model being converted)."""
@@ -218,6 +265,12 @@ def finalize_args(args, world_size: int) -> None:
     if world_size % model_parallel:
         raise ArgumentError(f"world size {world_size} is not divisible by TP x EP = "
                             f"{model_parallel}")
+    if args.moe_type != "hypermoe":
+        for flag, value, default in (("--hyper-init", args.hyper_init, "hyperfanin"),
+                                     ("--hyper-lr-mult", args.hyper_lr_mult, 1.0)):
+            if value != default:
+                raise ArgumentError(f"{flag} applies to --moe-type hypermoe only (this run is "
+                                    f"{args.moe_type}): drop it")
     if args.zero_stage == 3 and args.moe_type != "dense":
         raise ArgumentError("ZeRO stage 3 does not support MoE layers (DeepSpeed partitions "
                             "expert parameters only with stages 1 and 2): use --zero-stage 2")
@@ -269,6 +322,8 @@ def model_config(args) -> HyperMoEConfig:
     fields = {field: getattr(args, flag) for flag, field in MODEL_CONFIG_FLAGS.items()}
     if args.moe_type != "dense":
         fields.update({field: getattr(args, flag) for flag, field in MOE_CONFIG_FLAGS.items()})
+        if fields["moe_router_pre_softmax"] is None:
+            del fields["moe_router_pre_softmax"]  # make_config's default for the top-k
     fields["params_dtype"] = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 \
         else torch.float32
     return make_config(args.moe_type, **fields)
@@ -277,6 +332,11 @@ def model_config(args) -> HyperMoEConfig:
 def default_args() -> argparse.Namespace:
     """Every flag at its default, nothing parsed (finalize_args not applied)."""
     return build_parser().parse_args([])
+
+
+def recorded_args(recorded: dict) -> argparse.Namespace:
+    """The flags a checkpoint recorded, with the defaults of flags added since it was written."""
+    return argparse.Namespace(**{**vars(default_args()), **recorded})
 
 
 def args_for_model(config: HyperMoEConfig, world_size: int, **flags) -> argparse.Namespace:

@@ -23,7 +23,7 @@ from megatron_hypermoe.compat.deepspeed import load_deepspeed_file
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.parallel.experts import is_expert_parameter
 from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim
-from megatron_hypermoe.training.arguments import model_config
+from megatron_hypermoe.training.arguments import model_config, recorded_args
 from megatron_hypermoe.training.checkpointing import META_FILE, read_latest, tag_for
 from megatron_hypermoe.training.expert_checkpoint import expert_file_name
 
@@ -36,8 +36,8 @@ class Checkpoint:
 
     @property
     def args(self) -> argparse.Namespace:
-        """The training run's flags, as recorded."""
-        return argparse.Namespace(**self.meta["args"])
+        """The training run's flags, as recorded (flags added since: their defaults)."""
+        return recorded_args(self.meta["args"])
 
     def single_process_args(self) -> argparse.Namespace:
         """The run's flags for one fp32 process (TP=1, EP=1): the whole model in one place."""

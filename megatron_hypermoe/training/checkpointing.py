@@ -37,6 +37,7 @@ import torch.distributed as dist
 from megatron_hypermoe.compat.deepspeed import install_weights_only_checkpoint_engine
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
+from megatron_hypermoe.training.arguments import hyper_lr_mult, recorded_args
 from megatron_hypermoe.training.expert_checkpoint import (restore_local_experts,
                                                           save_local_experts)
 
@@ -228,11 +229,25 @@ def check_model_shape(meta: dict, args) -> None:
                                   "another checkpoint")
 
 
+def check_optimizer_groups(meta: dict, args) -> None:
+    """DeepSpeed's optimizer files hold one flat partition per parameter group: a run whose
+    groups differ (--hyper-lr-mult 1 has no group of its own, any other value has) cannot take
+    them."""
+    saved = hyper_lr_mult(recorded_args(meta.get("args", {})))
+    if (saved != 1.0) != (hyper_lr_mult(args) != 1.0):
+        raise CheckpointError(f"checkpoint was trained with --hyper-lr-mult {saved:g}, this run "
+                              f"has {hyper_lr_mult(args):g}: the optimizer's parameter groups "
+                              "differ; keep the value, or add --no-load-optim to start the "
+                              "optimizer afresh")
+
+
 def load_checkpoint(engine, args) -> TrainState:
     """Restore weights, optimizer, RNG and the train state (collective)."""
     tag, meta = read_latest(args.load)
     check_model_shape(meta, args)
     load_optimizer = not (args.finetune or args.no_load_optim)
+    if load_optimizer:
+        check_optimizer_groups(meta, args)
     install_weights_only_checkpoint_engine(engine)
     path, _ = engine.load_checkpoint(args.load, tag=tag, load_optimizer_states=load_optimizer,
                                      load_lr_scheduler_states=False,

@@ -19,6 +19,7 @@ from megatron_hypermoe.parallel.expert_parallel import (deepspeed_recognises_meg
                                                         split_moe_param_groups)
 from megatron_hypermoe.parallel.sequence_parallel import \
     allreduce_sequence_parallel_grads_in_backward
+from megatron_hypermoe.training.arguments import hyper_lr_mult
 from megatron_hypermoe.training.ds_config import resolve_config
 
 
@@ -41,15 +42,28 @@ def build_model(config, args, initialize: bool = True):
     return model
 
 
-def optimizer_param_groups(model, weight_decay: float, expert_parallel: bool):
+def optimizer_param_groups(model, weight_decay: float, expert_parallel: bool,
+                           hyper_lr_mult: float = 1.0):
     """Megatron's rule: no weight decay on biases and norm weights (1-D parameters); with
-    expert parallelism, experts in their own groups (DeepSpeed reduces them differently)."""
-    decay, no_decay = [], []
+    ``hyper_lr_mult`` != 1 the hypernetwork's generating weights in a group of their own whose
+    ``lr_mult`` (Megatron's key) the trainer applies at every step; with expert parallelism,
+    experts in their own groups (DeepSpeed reduces them differently)."""
+    hypernetwork = getattr(model, "hypernetwork", None)
+    generating = {id(p) for p in hypernetwork.generating_weights()} \
+        if hypernetwork is not None and hyper_lr_mult != 1.0 else set()
+    decay, no_decay, hyper = [], [], []
     for param in model.parameters():
-        if param.requires_grad:
+        if not param.requires_grad:
+            continue
+        if id(param) in generating:
+            hyper.append(param)
+        else:
             (no_decay if param.ndim == 1 else decay).append(param)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    if hyper:
+        groups.append({"name": "hyper_generating", "params": hyper,
+                       "weight_decay": weight_decay, "lr_mult": hyper_lr_mult})
     return split_moe_param_groups(groups) if expert_parallel else groups
 
 
@@ -64,7 +78,8 @@ def build_engine(model, args):
     if expert_parallel:
         register_expert_parallel(model, args.num_experts, args.expert_model_parallel_size)
     optimizer = torch.optim.AdamW(
-        optimizer_param_groups(model, args.weight_decay, expert_parallel), lr=args.lr,
+        optimizer_param_groups(model, args.weight_decay, expert_parallel, hyper_lr_mult(args)),
+        lr=args.lr,
         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
     with deepspeed_recognises_megatron_moe() if expert_parallel else nullcontext():
         engine, optimizer, _, _ = deepspeed.initialize(

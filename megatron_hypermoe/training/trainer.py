@@ -158,7 +158,7 @@ class Trainer:
         args = self.args
         lr = learning_rate(self.state.iteration, args)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         skipped_before = self.engine.skipped_steps
         losses = []
         for micro in range(args.gradient_accumulation_steps):
