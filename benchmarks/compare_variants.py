@@ -110,6 +110,9 @@ def parse_args(argv=None):
     parser.add_argument("--bf16", action="store_true", help="train in bf16 (GPUs)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (GPUs shared round-robin); wall times get contended")
+    parser.add_argument("--reuse-finished", action="store_true",
+                        help="take a run's result from an earlier invocation with the same work "
+                             "dir when its command was identical (resume a long study)")
     parser.add_argument("--json", action="store_true", help="last line: a JSON summary")
     args = parser.parse_args(argv)
     args.size = dict(QUICK if args.quick else DEFAULT)
@@ -267,14 +270,21 @@ def upcycle_sources(seed, data_path, tokenizer_model, args, devices):
 def train(variant, seed, data_path, tokenizer_model, args, devices, source=None):
     run_dir = os.path.join(args.work_dir, f"{run_name(variant)}_seed{seed}")
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    os.makedirs(run_dir, exist_ok=True)
-    if os.path.exists(metrics):
-        os.remove(metrics)
     train_seed = seed + SECOND_PHASE_SEED_OFFSET if source else seed
     command = train_command(variant, train_seed, data_path, tokenizer_model, args,
                             args.size["train_iters"], metrics)
     if source:
         command += ["--load", source, "--finetune"]
+    finished = os.path.join(run_dir, "result.json")
+    if args.reuse_finished and os.path.isfile(finished):
+        with open(finished) as handle:
+            result = json.load(handle)
+        if result["command"] == shlex.join(command):  # the same run, done before
+            return result
+    os.makedirs(run_dir, exist_ok=True)
+    for stale in (metrics, finished):
+        if os.path.exists(stale):
+            os.remove(stale)
     device = devices.get()
     try:
         start = time.time()
@@ -286,11 +296,16 @@ def train(variant, seed, data_path, tokenizer_model, args, devices, source=None)
     train_rows = [r for r in rows if "lm_loss" in r]
     evals = validation_ppls(metrics)
     sizes = next(r for r in rows if "parameters" in r)
-    return dict(variant=variant, seed=seed, wall_s=wall, evals=evals, final_ppl=evals[-1][1],
-                tokens_per_s=statistics.median(r["tokens_per_s"] for r in train_rows[1:] or
-                                               train_rows),
-                total_params=sizes["parameters"], active_params=sizes["active_parameters"],
-                command=shlex.join(command))
+    result = dict(variant=variant, seed=seed, wall_s=wall, evals=evals,
+                  final_ppl=evals[-1][1],
+                  tokens_per_s=statistics.median(r["tokens_per_s"] for r in train_rows[1:] or
+                                                 train_rows),
+                  total_params=sizes["parameters"], active_params=sizes["active_parameters"],
+                  command=shlex.join(command))
+    with open(finished + ".tmp", "w") as handle:  # a later --reuse-finished picks it up
+        json.dump(result, handle)
+    os.replace(finished + ".tmp", finished)
+    return result
 
 
 def device_pool(jobs):
