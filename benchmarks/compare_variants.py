@@ -96,6 +96,10 @@ def parse_args(argv=None):
     parser.add_argument("--topk", type=int, default=1)
     parser.add_argument("--train-iters", type=int, default=None)
     parser.add_argument("--hyper-adapter-dim", type=int, default=None, help="r (default d/4)")
+    parser.add_argument("--hidden-size", type=int, default=None,
+                        help="model width (default 192; --quick 64)")
+    parser.add_argument("--ffn-hidden-size", type=int, default=None,
+                        help="each expert's FFN (default 2 x the hidden size)")
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "compare_variants"))
     parser.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "RESULTS.md"))
@@ -118,6 +122,11 @@ def parse_args(argv=None):
     args.size = dict(QUICK if args.quick else DEFAULT)
     if args.train_iters:
         args.size["train_iters"] = args.train_iters
+    if args.hidden_size:
+        args.size["hidden_size"] = args.hidden_size
+        args.size["ffn_hidden_size"] = 2 * args.hidden_size
+    if args.ffn_hidden_size:
+        args.size["ffn_hidden_size"] = args.ffn_hidden_size
     args.seeds = args.seeds or args.size["seeds"]
     args.hyper_adapter_dim = args.hyper_adapter_dim or args.size["hidden_size"] // 4
     args.plot = args.plot or os.path.splitext(args.results)[0] + ".png"

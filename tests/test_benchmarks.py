@@ -26,6 +26,9 @@ def test_compare_variants_specs_become_trainer_flags():
     flags = compare.variant_flags("hypermoe:r=16,dg=32,renorm", args)
     assert flags[-5:] == ["--hyper-adapter-dim", "16", "--hyper-hidden-size", "32",
                           "--moe-router-renormalize"]  # after the default r: the option wins
+    wide = compare.parse_args(["--hidden-size", "128", "--hyper-adapter-dim", "64"])
+    assert (wide.size["hidden_size"], wide.size["ffn_hidden_size"], wide.hyper_adapter_dim) == \
+        (128, 256, 64)
     assert compare.run_name("hypermoe:lr=1/d_g,init=normal") == \
         "hypermoe__lr-1overd_g_init-normal"
     for bad in ("switch", "moe:lr=0.1", "dense:renorm", "hypermoe:renorm=1", "hypermoe:lr"):
