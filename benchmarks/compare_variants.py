@@ -305,8 +305,11 @@ def train(variant, seed, data_path, tokenizer_model, args, devices, source=None)
     train_rows = [r for r in rows if "lm_loss" in r]
     evals = validation_ppls(metrics)
     sizes = next(r for r in rows if "parameters" in r)
+    # The side path's size next to the experts' (mean over layers), where there is one.
+    side = [(r["iteration"], statistics.mean(r["side_over_experts_rms"])) for r in train_rows
+            if "side_over_experts_rms" in r]
     result = dict(variant=variant, seed=seed, wall_s=wall, evals=evals,
-                  final_ppl=evals[-1][1],
+                  final_ppl=evals[-1][1], side_rms=side,
                   tokens_per_s=statistics.median(r["tokens_per_s"] for r in train_rows[1:] or
                                                  train_rows),
                   total_params=sizes["parameters"], active_params=sizes["active_parameters"],
@@ -341,7 +344,9 @@ def summarise(results, baseline="moe"):
             seeds=len(runs), total_params=runs[0]["total_params"],
             active_params=runs[0]["active_params"],
             tokens_per_s=statistics.mean(r["tokens_per_s"] for r in runs),
-            wall_s=statistics.mean(r["wall_s"] for r in runs))
+            wall_s=statistics.mean(r["wall_s"] for r in runs),
+            side_rms=(statistics.mean(r["side_rms"][-1][1] for r in runs)
+                      if all(r.get("side_rms") for r in runs) else float("nan")))
     if baseline in table:
         moe_ppl = {r["seed"]: r["final_ppl"] for r in results if r["variant"] == baseline}
         for variant, row in table.items():
@@ -357,13 +362,20 @@ def summarise(results, baseline="moe"):
 
 
 def plot(results, path):
+    """Validation perplexity (mean over seeds, band min..max) and, for the variants with a side
+    path, its RMS relative to the experts' output over training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for variant in dict.fromkeys(r["variant"] for r in results):
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    with_side = [v for v in variants
+                 if all(r.get("side_rms") for r in results if r["variant"] == v)]
+    figure, axes = plt.subplots(1, 2 if with_side else 1, figsize=(13 if with_side else 7, 4.5),
+                                squeeze=False)
+    axis = axes[0][0]
+    for variant in variants:
         curves = [r["evals"] for r in results if r["variant"] == variant]
         iterations = [i for i, _ in curves[0]]
         values = [[ppl for _, ppl in curve] for curve in curves]
@@ -376,7 +388,20 @@ def plot(results, path):
     axis.set_ylabel("validation perplexity")
     axis.set_yscale("log")
     axis.set_title("validation perplexity: mean over seeds, band = min..max")
-    axis.legend()
+    axis.legend(fontsize=8)
+    if with_side:
+        axis = axes[0][1]
+        for variant in with_side:
+            curves = [r["side_rms"] for r in results if r["variant"] == variant]
+            iterations = [i for i, _ in curves[0]]
+            mean = [statistics.mean(column) for column in
+                    zip(*[[value for _, value in curve] for curve in curves])]
+            axis.plot(iterations, mean, label=variant)
+        axis.set_xlabel("iteration")
+        axis.set_ylabel("RMS(side path) / RMS(experts), mean over layers")
+        axis.set_yscale("log")
+        axis.set_title("how large the side path is (training batches)")
+        axis.legend(fontsize=8)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=120)
@@ -432,8 +457,9 @@ def write_report(args, table, results, path, sources_ppl=()):
         *([f"{args.jobs} runs at once: wall times and tokens/s are contended, compare them "
            "only within this table.", ""] if args.jobs > 1 else []),
         f"| variant | val ppl (mean ± std) | minus {args.baseline}, same seed | params total | "
-        f"active / token | tokens/s | wall s / run | time vs {args.baseline} |",
-        "|---|---|---|---|---|---|---|---|",
+        f"active / token | tokens/s | wall s / run | time vs {args.baseline} | "
+        "side/experts RMS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, row in table.items():
         lines.append(
@@ -442,7 +468,7 @@ def write_report(args, table, results, path, sources_ppl=()):
             f"{row.get('ppl_minus_moe_std', float('nan')):.2f} | "
             f"{row['total_params'] / 1e6:.2f}M | {row['active_params'] / 1e6:.2f}M | "
             f"{row['tokens_per_s']:,.0f} | {row['wall_s']:.0f} | "
-            f"{row.get('time_over_moe', float('nan')):.2f} |")
+            f"{row.get('time_over_moe', float('nan')):.2f} | {row['side_rms']:.3f} |")
     lines += ["", f"![validation curves]({os.path.basename(args.plot)})", "",
               "Per run (final validation perplexity):", ""]
     for r in results:

@@ -39,10 +39,6 @@ class HyperMoELayer(SidePathMoELayer):
         """0-based global layer index into the hypernetwork's layer embedding."""
         return self.layer_number - 1
 
-    @property
-    def last_hyper_output_rms(self):
-        return self.last_side_output_rms
-
     def side_output(self, hidden_states, routing_map):
         return self.hyper_expert(hidden_states, routing_map)
 

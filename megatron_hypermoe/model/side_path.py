@@ -21,7 +21,9 @@ class SidePathMoELayer(MoELayer):
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         super().__init__(config, submodules, layer_number, pg_collection)
         self._routed = None
-        self.last_side_output_rms = None  # for logging: RMS of the side path's last output
+        # For logging: RMS of the side path's last output, and relative to the experts' output.
+        self.last_side_output_rms = None
+        self.last_side_over_experts_rms = None
         # Analysis hook: called (layer, input, routing_map, experts_output, side_output).
         self.output_recorder: Optional[Callable] = None
 
@@ -41,6 +43,8 @@ class SidePathMoELayer(MoELayer):
         self._routed = None
         side = self.side_output(hidden_states, routing_map).view_as(output)
         self.last_side_output_rms = side.detach().float().pow(2).mean().sqrt()
+        experts_rms = output.detach().float().pow(2).mean().sqrt()
+        self.last_side_over_experts_rms = self.last_side_output_rms / experts_rms.clamp_min(1e-30)
         if self.output_recorder is not None:
             self.output_recorder(self, hidden_states, routing_map, output, side)
         return output + side

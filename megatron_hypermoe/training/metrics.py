@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
+from megatron_hypermoe.model.side_path import SidePathMoELayer
 
 
 class ExpertLoadCounter:
@@ -58,9 +59,17 @@ class ExpertLoadCounter:
         return counts
 
 
-def hyper_output_rms(model) -> List[float]:
-    return [float(layer.last_hyper_output_rms) for layer in model.modules()
-            if isinstance(layer, HyperMoELayer) and layer.last_hyper_output_rms is not None]
+def side_path_values(model) -> dict:
+    """Per layer, from the last forward: the HyperExpert's output RMS (HyperMoE), and for any
+    side path (HyperMoE, the static adapter) its RMS relative to the experts' output."""
+    layers = [m for m in model.modules()
+              if isinstance(m, SidePathMoELayer) and m.last_side_output_rms is not None]
+    values = {}
+    if layers:
+        values["side_over_experts_rms"] = [float(m.last_side_over_experts_rms) for m in layers]
+    if layers and isinstance(layers[0], HyperMoELayer):
+        values["hyper_output_rms"] = [float(m.last_side_output_rms) for m in layers]
+    return values
 
 
 def _reduce_over_ranks(entry) -> torch.Tensor:
@@ -138,6 +147,7 @@ LOGGED = (
     Logged("expert_load", "moe/layer_{layer}_expert_{expert}_load"),
     Logged("max_over_mean_load", "moe/layer_{layer}_max_over_mean_load"),
     Logged("hyper_output_rms", "hypermoe/layer_{layer}_hyper_output_rms"),
+    Logged("side_over_experts_rms", "moe/layer_{layer}_side_over_experts_rms"),
     Logged("val_loss", "lm loss validation", "lm loss {:.4f}"),
     Logged("val_ppl", "lm loss validation ppl", "ppl {:.2f}"),
 )

@@ -28,7 +28,7 @@ from megatron_hypermoe.training.flops import parameter_counts, training_flops_pe
 from megatron_hypermoe.training.lr_schedule import learning_rate
 from megatron_hypermoe.training.metrics import (AUX_LOSS_KEYS, AuxLossesPaused,
                                                 ExpertLoadCounter, MetricsWriter, ProgressBar,
-                                                expert_load_values, hyper_output_rms,
+                                                expert_load_values, side_path_values,
                                                 take_aux_losses)
 from megatron_hypermoe.training.setup import (build_engine, build_model, initialize_parallel,
                                               training_device)
@@ -200,9 +200,7 @@ class Trainer:
         load = self.expert_load.take()
         if load is not None:
             values.update(expert_load_values(load))
-        rms = hyper_output_rms(self.model)
-        if rms:
-            values["hyper_output_rms"] = rms
+        values.update(side_path_values(self.model))
         iteration = self.state.iteration
         self.metrics.log(iteration, values,
                          prefix=f" iteration {iteration:8d}/{args.train_iters:8d}")
