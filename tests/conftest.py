@@ -25,10 +25,10 @@ def megatron_single_process():
     destroy_distributed()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """A tiny tokenized corpus and the training flags that read it (shared by the training,
-    conversion and comparison tests; one per test module)."""
+    conversion and comparison tests; built once per session)."""
     from tools import preprocess_data, train_tokenizer
 
     root = tmp_path_factory.mktemp("train_data")
