@@ -233,7 +233,9 @@ def check_optimizer_groups(meta: dict, args) -> None:
     """DeepSpeed's optimizer files hold one flat partition per parameter group: a run whose
     groups differ (--hyper-lr-mult 1 has no group of its own, any other value has) cannot take
     them."""
-    saved = hyper_lr_mult(recorded_args(meta.get("args", {})))
+    recorded = meta.get("args", {})
+    # a checkpoint from before --hyper-lr-mult existed trained with 1 (not today's default)
+    saved = hyper_lr_mult(recorded_args({"hyper_lr_mult": 1.0, **recorded}))
     if (saved != 1.0) != (hyper_lr_mult(args) != 1.0):
         raise CheckpointError(f"checkpoint was trained with --hyper-lr-mult {saved:g}, this run "
                               f"has {hyper_lr_mult(args):g}: the optimizer's parameter groups "
