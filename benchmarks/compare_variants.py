@@ -211,9 +211,10 @@ def child_environment(args, device=None):
     return environment
 
 
-def index_cache(args, run_dir):
-    # Concurrent runs would race to write the same dataset index files: one cache each then.
-    return os.path.join(args.work_dir if args.jobs == 1 else run_dir, "index-cache")
+def index_cache(run_dir):
+    """Each run builds its dataset index in its own folder: runs at once cannot race on it, and
+    a run's command (what --reuse-finished matches) does not depend on --jobs."""
+    return os.path.join(run_dir, "index-cache")
 
 
 def train_command(variant, seed, data_path, tokenizer_model, args, train_iters, metrics):
@@ -227,7 +228,7 @@ def train_command(variant, seed, data_path, tokenizer_model, args, train_iters, 
         "--lr-warmup-iters", str(size["warmup"]), "--lr-decay-style", "cosine",
         "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", str(seed),
         "--data-path", data_path, "--split", "95,5,0",
-        "--data-cache-path", index_cache(args, os.path.dirname(metrics)),
+        "--data-cache-path", index_cache(os.path.dirname(metrics)),
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
         "--log-interval", str(size["eval_interval"]), "--eval-interval",
         str(size["eval_interval"]), "--eval-iters", str(size["eval_iters"]),
