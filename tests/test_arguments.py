@@ -125,10 +125,15 @@ def test_hyper_lr_mult_takes_a_number_or_the_one_over_d_g_rule():
     from megatron_hypermoe.training.arguments import hyper_lr_mult
 
     base = [*TINY_MODEL, "--mock-data", "--train-iters", "1"]
-    assert hyper_lr_mult(parse_args(base)) == 1.0
+    assert hyper_lr_mult(parse_args(base + ["--hyper-lr-mult", "1"])) == 1.0  # the paper's
     assert hyper_lr_mult(parse_args(base + ["--hyper-lr-mult", "0.25"])) == 0.25
     args = parse_args(base + ["--hyper-lr-mult", "1/d_g"])
     assert args.hyper_lr_mult == "1/d_g" and hyper_lr_mult(args) == 1 / 16  # d_g of TINY
+    default = parse_args(base)  # the study's choice for hypermoe; nothing to scale elsewhere
+    assert default.hyper_lr_mult == "1/d_g" and hyper_lr_mult(default) == 1 / 16
+    tiny_moe = [*TINY_MODEL, "--mock-data", "--train-iters", "1", "--moe-type", "moe"]
+    assert parse_args(tiny_moe).hyper_lr_mult == 1.0
+    assert parse_args(tiny_moe + ["--hyper-lr-mult", "1"]).hyper_lr_mult == 1.0
     for bad in ("fast", "-1"):
         with pytest.raises(SystemExit):
             parse_args(base + ["--hyper-lr-mult", bad])
@@ -191,13 +196,18 @@ def test_optimizer_groups_give_exactly_the_generating_weights_their_multiplier(
 def test_resuming_with_other_optimizer_groups_is_refused_in_one_line():
     from megatron_hypermoe.training.checkpointing import check_optimizer_groups
 
-    run = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1"])
+    run = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", "--hyper-lr-mult", "1"])
     check_optimizer_groups({"args": {"hyper_lr_mult": 1.0}}, run)
-    check_optimizer_groups({"args": {}}, run)  # written before the flag existed
+    check_optimizer_groups({"args": {}}, run)  # written before the flag existed: it trained with 1
     scaled = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
                          "--hyper-lr-mult", "0.5"])
     check_optimizer_groups({"args": {"hyper_lr_mult": "1/d_g", "hyper_hidden_size": 16}},
                            scaled)
     with pytest.raises(CheckpointError, match="trained with --hyper-lr-mult 1, this run has "
-                                              "0.5.*--no-load-optim"):
+                                              "0.5.*pass --hyper-lr-mult 1 to keep.*--no-load-optim"):
         check_optimizer_groups({"args": {"hyper_lr_mult": 1.0}}, scaled)
+    default = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1"])
+    with pytest.raises(CheckpointError, match="trained with --hyper-lr-mult 1, this run has "):
+        check_optimizer_groups({"args": {}}, default)  # the default changed since: said, not lost
+    moe = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", "--moe-type", "moe"])
+    check_optimizer_groups({"args": {"moe_type": "moe"}}, moe)

@@ -160,8 +160,8 @@ def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[
                               "softmax/--hyper-* only apply with --upcycle; otherwise they come "
                               "from the model")
     target = (moe_type or "hypermoe") if upcycle else source
-    if hyper_lr_mult is None:
-        hyper_lr_mult = hf_config.get("hyper_lr_mult", 1.0) if target == "hypermoe" else 1.0
+    if hyper_lr_mult is None and source == "hypermoe":  # as it trained (1 before it was recorded)
+        hyper_lr_mult = hf_config.get("hyper_lr_mult", 1.0)
     tokenizer_args, tokenizer = hf_directory_tokenizer(hf_dir)
     tp, ep = tensor_model_parallel_size, expert_model_parallel_size
     config = megatron_config(hf_config, target, upcycle_fields, tp, ep)

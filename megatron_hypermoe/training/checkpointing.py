@@ -233,14 +233,16 @@ def check_optimizer_groups(meta: dict, args) -> None:
     """DeepSpeed's optimizer files hold one flat partition per parameter group: a run whose
     groups differ (--hyper-lr-mult 1 has no group of its own, any other value has) cannot take
     them."""
-    recorded = meta.get("args", {})
-    # a checkpoint from before --hyper-lr-mult existed trained with 1 (not today's default)
-    saved = hyper_lr_mult(recorded_args({"hyper_lr_mult": 1.0, **recorded}))
+    recorded = recorded_args(meta.get("args", {}))
+    saved = hyper_lr_mult(recorded)
+    as_passed = recorded.hyper_lr_mult  # a number, or the rule it was given as
+    as_passed = as_passed if isinstance(as_passed, str) else f"{as_passed:g}"
     if (saved != 1.0) != (hyper_lr_mult(args) != 1.0):
         raise CheckpointError(f"checkpoint was trained with --hyper-lr-mult {saved:g}, this run "
                               f"has {hyper_lr_mult(args):g}: the optimizer's parameter groups "
-                              "differ; keep the value, or add --no-load-optim to start the "
-                              "optimizer afresh")
+                              f"differ; pass --hyper-lr-mult {as_passed} to keep "
+                              "the checkpoint's, or add --no-load-optim to start the optimizer "
+                              "afresh")
 
 
 def load_checkpoint(engine, args) -> TrainState:
