@@ -47,3 +47,16 @@ def test_compare_variants_trainer_accepts_every_option():
     config = model_config(run)
     assert (config.hyper_adapter_dim, config.hyper_hidden_size, config.hyper_init,
             config.moe_router_renormalize, hyper_lr_mult(run)) == (16, 32, "normal", True, 1 / 32)
+
+
+def test_compare_variants_run_command_does_not_depend_on_jobs():
+    """--reuse-finished matches a run by its command: running the study again with another
+    --jobs must find the finished runs (it once retrained and discarded them)."""
+    compare = load_script("compare_variants")
+    commands = []
+    for jobs in ("1", "2"):
+        args = compare.parse_args(["--quick", "--jobs", jobs])
+        commands.append(compare.train_command("hypermoe", 1234, "data/x", "tok.model", args, 10,
+                                              "runs/x/hypermoe_seed1234/metrics.jsonl"))
+    assert commands[0] == commands[1]
+    assert commands[0][commands[0].index("--hyper-lr-mult") + 1] == "1/d_g"  # spelled out
