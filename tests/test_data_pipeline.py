@@ -68,6 +68,7 @@ def test_round_trip_sentencepiece_gpt2_bpe_and_hf_directory(corpus, tmp_path):
     GPT2Tokenizer(vocab=vocab, merges=merges).save_pretrained(str(hf_dir))
     text = "Where shall we meet again?\n\n  In thunder, Ælfric — naïve café 1600!\n"
     for namespace in (tok_namespace("SentencePieceTokenizer", corpus["sp_model"]),
+                      tok_namespace("Llama2Tokenizer", corpus["sp_model"]),
                       tok_namespace("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges),
                       tok_namespace("HuggingFaceTokenizer", str(hf_dir))):
         tokenizer = build_tokenizer(namespace)

@@ -310,7 +310,29 @@ def test_import_refusals(exported, tmp_path):
     scaled = tmp_path / "scaled"
     shutil.copytree(exported("dense"), scaled)
     config = json.loads((scaled / "config.json").read_text())
-    config["rope_theta"] = 500000.0
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
     (scaled / "config.json").write_text(json.dumps(config))
     output = convert_back(scaled, tmp_path / "c", expect=1)
-    assert "rope_theta 500000.0" in output and not (tmp_path / "c").exists()
+    assert "rope scaling" in output and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_rope_theta_and_rms_norm_eps_round_trip(name, exported, tmp_path):
+    """A Llama/Mixtral with another RoPE base and norm epsilon imports to a model that computes
+    the same logits, and exports back to the same two values."""
+    changed = tmp_path / "changed"
+    shutil.copytree(exported(name), changed)
+    config = json.loads((changed / "config.json").read_text())
+    config.update(rope_theta=500000.0, rms_norm_eps=1e-3)
+    (changed / "config.json").write_text(json.dumps(config))
+    convert_back(changed, tmp_path / "ours")
+    checkpoint = read_checkpoint(str(tmp_path / "ours"))
+    assert (checkpoint.args.rotary_base, checkpoint.args.norm_epsilon) == (500000.0, 1e-3)
+    ids = tokens()
+    ours = megatron_logits(build_megatron_model(checkpoint)[0], ids)
+    theirs = hf_logits(load_hf_model(str(changed)), ids)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert (ours - hf_logits(load_hf_model(str(exported(name))), ids)).abs().max() > 1e-3
+    export_checkpoint(str(tmp_path / "ours"), str(tmp_path / "again"))
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert (again["rope_theta"], again["rms_norm_eps"]) == (500000.0, 1e-3)

@@ -25,7 +25,6 @@ from megatron_hypermoe.training.checkpoint_reader import Checkpoint, read_checkp
 
 HF_FILES_DIRECTORY = os.path.dirname(os.path.abspath(megatron_hypermoe.hf.__file__))
 REMOTE_CODE_FILES = ("configuration_hypermoe.py", "modeling_hypermoe.py")
-ROPE_THETA = 10000.0  # megatron-core GPTModel's default rotary base, which we build with
 
 
 def check_representable(checkpoint: Checkpoint) -> None:
@@ -53,7 +52,7 @@ def hf_config(checkpoint: Checkpoint, eod: Optional[int]) -> dict:
         num_attention_heads=args.num_attention_heads,
         num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels,
         hidden_act="silu", max_position_embeddings=args.max_position_embeddings,
-        rms_norm_eps=config.layernorm_epsilon, rope_theta=ROPE_THETA,
+        rms_norm_eps=config.layernorm_epsilon, rope_theta=config.rotary_base,
         initializer_range=args.init_method_std, tie_word_embeddings=False, use_cache=True,
         torch_dtype=dtype, attention_dropout=0.0,
     )

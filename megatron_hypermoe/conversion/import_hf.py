@@ -24,6 +24,8 @@ from megatron_hypermoe.hf.mapping import NameMapShape, from_hf
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, make_config, routing_fields
 
 SOURCE_TYPES = {"llama": "dense", "mixtral": "moe", "hypermoe": "hypermoe"}
+# What each transformers config class assumes when config.json leaves rms_norm_eps out.
+HF_DEFAULT_RMS_NORM_EPS = {"llama": 1e-6, "mixtral": 1e-5, "hypermoe": 1e-5}
 _DENSE_MLP = re.compile(r"^(decoder\.layers\.\d+\.mlp\.)(linear_fc[12]\.weight)$")
 
 
@@ -51,8 +53,6 @@ def check_representable(config: dict) -> None:
     problems = []
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {config['hidden_act']} (SwiGLU with silu only)")
-    if _rope_theta(config) != 10000.0:
-        problems.append(f"rope_theta {_rope_theta(config)} (10000 only)")
     scaling = config.get("rope_scaling") or (config.get("rope_parameters") or {}).get("rope_type")
     if scaling not in (None, "default"):
         problems.append(f"rope scaling {scaling}")
@@ -114,6 +114,9 @@ def megatron_config(hf_config: dict, moe_type: str, upcycle_fields: Optional[dic
         ffn_hidden_size=hf_config["intermediate_size"], num_attention_heads=heads,
         num_query_groups=hf_config.get("num_key_value_heads") or heads,
         init_method_std=hf_config.get("initializer_range", 0.02),
+        rotary_base=_rope_theta(hf_config),
+        layernorm_epsilon=hf_config.get("rms_norm_eps",
+                                        HF_DEFAULT_RMS_NORM_EPS[hf_config["model_type"]]),
         tensor_model_parallel_size=tensor_model_parallel_size,
         sequence_parallel=tensor_model_parallel_size > 1,
         expert_model_parallel_size=expert_model_parallel_size,

@@ -15,14 +15,18 @@ from typing import Optional
 
 from megatron_hypermoe.errors import DataError
 
-TOKENIZER_TYPES = (
-    "SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
+# The SentencePiece types megatron-core reads the same way (a .model file); Llama2Tokenizer is
+# the name Megatron-LM's Llama and Mixtral scripts pass.
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+TOKENIZER_TYPES = (*SENTENCEPIECE_TYPES, "HuggingFaceTokenizer", "GPT2BPETokenizer",
+                   "NullTokenizer")
 
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, required=False,
-                       help="SentencePieceTokenizer (--tokenizer-model FILE.model), "
+                       help="SentencePieceTokenizer, GPTSentencePieceTokenizer or "
+                            "Llama2Tokenizer (--tokenizer-model FILE.model), "
                             "HuggingFaceTokenizer (--tokenizer-model DIR), "
                             "GPT2BPETokenizer (--vocab-file and --merge-file), "
                             "NullTokenizer (--vocab-size; ids only, for --mock-data)")
@@ -45,7 +49,7 @@ def validate_tokenizer_args(args) -> None:
     kind = args.tokenizer_type
     if kind is None:
         raise DataError("--tokenizer-type is required: one of " + ", ".join(TOKENIZER_TYPES))
-    if kind == "SentencePieceTokenizer":
+    if kind in SENTENCEPIECE_TYPES:
         _require(args.tokenizer_model, "--tokenizer-model", kind)
     elif kind == "HuggingFaceTokenizer":
         _require(args.tokenizer_model, "--tokenizer-model", kind, kind="dir")
@@ -119,7 +123,7 @@ def tokenizer_fingerprint(args, tokenizer) -> dict:
     """What identifies the tokenizer a dataset was written with."""
     if args.tokenizer_type == "NullTokenizer":
         files = []
-    elif args.tokenizer_type == "SentencePieceTokenizer":
+    elif args.tokenizer_type in SENTENCEPIECE_TYPES:
         files = [args.tokenizer_model]
     elif args.tokenizer_type == "GPT2BPETokenizer":
         files = [args.vocab_file, args.merge_file]

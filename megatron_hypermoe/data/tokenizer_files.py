@@ -15,7 +15,8 @@ import os
 import shutil
 from typing import Optional
 
-from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
+from megatron_hypermoe.data.tokenizer import (SENTENCEPIECE_TYPES, build_tokenizer,
+                                              tokenizer_fingerprint)
 from megatron_hypermoe.errors import CheckpointError
 
 MEGATRON_TOKENIZER_FILE = "megatron_tokenizer.json"
@@ -60,7 +61,7 @@ def write_tokenizer_files(args, tokenizer, directory: str) -> None:
     record = {"tokenizer_type": kind, "eod": int(tokenizer.eod),
               "vocab_size": int(tokenizer.vocab_size)}
     hf_config = None
-    if kind == "SentencePieceTokenizer":
+    if kind in SENTENCEPIECE_TYPES:
         shutil.copyfile(args.tokenizer_model, os.path.join(directory, "tokenizer.model"))
         record["tokenizer_model"] = "tokenizer.model"
         hf_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False,

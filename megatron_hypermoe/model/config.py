@@ -77,6 +77,9 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
     # 1, as in Mixtral and the authors' GPT-2 code). megatron-core's post-softmax routing does
     # this for top-k > 1 but refuses top-1; pre-softmax + this gives the same gates for any k.
     moe_router_renormalize: bool = False
+    # RoPE's base (Megatron's --rotary-base, Hugging Face's rope_theta). A GPTModel argument in
+    # megatron-core, kept here so that one config object describes the whole model.
+    rotary_base: float = 10000.0
 
     def __post_init__(self):
         self._validate_hypermoe_fields()

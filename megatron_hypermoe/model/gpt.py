@@ -90,6 +90,7 @@ def build_gpt_model(config: HyperMoEConfig, vocab_size: int, max_sequence_length
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length,
         position_embedding_type="rope",
+        rotary_base=config.rotary_base,
         share_embeddings_and_output_weights=False,
     )
     kwargs.update(gpt_kwargs)

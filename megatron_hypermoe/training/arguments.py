@@ -27,6 +27,7 @@ MODEL_CONFIG_FLAGS = {
     "ffn_hidden_size": "ffn_hidden_size", "num_attention_heads": "num_attention_heads",
     "num_query_groups": "num_query_groups", "hidden_dropout": "hidden_dropout",
     "attention_dropout": "attention_dropout", "init_method_std": "init_method_std",
+    "rotary_base": "rotary_base", "norm_epsilon": "layernorm_epsilon",
     "bf16": "bf16", "fp16": "fp16",
     "tensor_model_parallel_size": "tensor_model_parallel_size",
     "sequence_parallel": "sequence_parallel",
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (rope_theta)")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="RMSNorm epsilon")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
 
     g = parser.add_argument_group("mixture of experts")
