@@ -17,6 +17,7 @@ import torch
 
 from megatron_hypermoe.data.tokenizer import add_tokenizer_args
 from megatron_hypermoe.errors import ArgumentError
+from megatron_hypermoe.training.megatron_flags import add_megatron_flags, check_megatron_flags
 from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
                                             HYPER_SIZES, MOE_TYPES, HyperMoEConfig,
                                             make_config)
@@ -47,13 +48,18 @@ MOE_CONFIG_FLAGS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Pretrain a HyperMoE / MoE / dense GPT.",
-                                     allow_abbrev=False)
+                                     allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--hidden-size", type=int, default=256)
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
     g.add_argument("--num-attention-heads", type=int, default=4)
-    g.add_argument("--num-query-groups", type=int, default=None)
+    g.add_argument("--num-query-groups", type=int, default=None,
+                   help="key/value head groups (default: one per head, or 1 with "
+                        "--group-query-attention)")
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="grouped-query attention with --num-query-groups groups")
     g.add_argument("--seq-length", type=int, default=256)
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="default --seq-length")
@@ -66,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("mixture of experts")
     g.add_argument("--moe-type", choices=MOE_TYPES, default="hypermoe")
-    g.add_argument("--num-experts", type=int, default=8)
-    g.add_argument("--moe-router-topk", type=int, default=1)
+    g.add_argument("--num-experts", type=int, nargs="+", default=8,
+                   help="experts per MoE layer (Megatron-DeepSpeed's per-layer list is "
+                        "accepted when every entry is the same)")
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
+                   help="each expert's hidden size (default --ffn-hidden-size)")
+    g.add_argument("--moe-router-topk", "--topk", type=int, default=1)
     g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
     g.add_argument("--moe-router-pre-softmax", action=argparse.BooleanOptionalAction,
@@ -83,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the authors' GPT-2 runs")
     g.add_argument("--moe-token-dispatcher-type", choices=("alltoall", "allgather"),
                    default="alltoall")
-    g.add_argument("--expert-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", "--moe-expert-parallel-size", type=int,
+                   default=1)
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="only the default (= --tensor-model-parallel-size) is supported")
@@ -142,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-data", action="store_true")
     g.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     add_tokenizer_args(parser)
+    add_megatron_flags(parser)
+    show_every_default(parser)
 
     g = parser.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed", action="store_true",
@@ -173,10 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-only", action="store_true", help="evaluate --load and exit")
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-file", default=None, help="JSON lines of every logged value")
+    g.add_argument("--moe-per-layer-logging", action="store_true",
+                   help="also log each MoE layer's aux losses (as <loss>_per_layer)")
     g.add_argument("--generate-tokens", type=int, default=0,
                    help="at the end, print a sample of this many tokens")
     g.add_argument("--generate-prompt", default="\n")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="disable Python's automatic garbage collection; collect every "
+                        "--manual-gc-interval iterations instead (all ranks at the same step)")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: iterations between collections (0: never)")
     return parser
+
+
+def show_every_default(parser: argparse.ArgumentParser) -> None:
+    """--help prints "(default: ...)" only for flags with a help text: give every flag one."""
+    for action in parser._actions:
+        if action.help is None:
+            action.help = " "
 
 
 HYPER_LR_MULT_RULES = ("1/d_g",)
@@ -254,10 +281,36 @@ def _check_tensor_parallel(args) -> None:
                             "the sequence over the TP ranks)")
 
 
+def _resolve_expert_count_and_width(args) -> None:
+    """--num-experts as one number (Megatron-DeepSpeed passes a per-layer list); the experts'
+    hidden size from --moe-ffn-hidden-size, which every MoE layer here uses."""
+    if isinstance(args.num_experts, (list, tuple)):
+        if len(set(args.num_experts)) != 1:
+            raise ArgumentError(f"--num-experts {' '.join(map(str, args.num_experts))}: a "
+                                "different expert count per layer (pyramid MoE) is not "
+                                "supported: give one number")
+        args.num_experts = args.num_experts[0]
+    if args.moe_ffn_hidden_size is None or args.moe_type == "dense":
+        args.moe_ffn_hidden_size = None
+        return
+    # Every layer is an MoE layer, so the experts' width is the model's MLP width.
+    if args.ffn_hidden_size not in (None, args.moe_ffn_hidden_size):
+        raise ArgumentError(f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} differs from "
+                            f"--ffn-hidden-size {args.ffn_hidden_size}, which has no other use "
+                            "here (every layer is an MoE layer): give one of them")
+    args.ffn_hidden_size = args.moe_ffn_hidden_size
+
+
 def finalize_args(args, world_size: int) -> None:
     """Derived values and cross-flag checks (Megatron's validate_args)."""
+    check_megatron_flags(args)
+    _resolve_expert_count_and_width(args)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
+    if args.group_query_attention and args.num_query_groups is None:
+        args.num_query_groups = 1  # Megatron's default number of groups
+    if args.manual_gc_interval < 0:
+        raise ArgumentError("--manual-gc-interval must be >= 0")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if args.bf16 and args.fp16:

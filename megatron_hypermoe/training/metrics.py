@@ -90,9 +90,10 @@ def _reduce_over_ranks(entry) -> torch.Tensor:
     return values
 
 
-def take_aux_losses(num_forwards: int) -> Dict[str, float]:
+def take_aux_losses(num_forwards: int, per_layer: bool = False) -> Dict[str, float]:
     """megatron's aux losses since the last call, reduced over ranks as megatron reports them,
-    as the mean over MoE layers and forward passes (megatron's tracker sums them), then cleared.
+    as the mean over MoE layers and forward passes (megatron's tracker sums them), then cleared;
+    with ``per_layer`` (--moe-per-layer-logging) also each layer's, as "<name>_per_layer".
     Collective: every rank calls it."""
     from megatron.core.transformer.moe import moe_utils
 
@@ -102,6 +103,9 @@ def take_aux_losses(num_forwards: int) -> Dict[str, float]:
         reduced = _reduce_over_ranks(entry)
         layers = int((reduced != 0).sum()) or 1
         values[name] = float(reduced.sum()) / layers / max(num_forwards, 1)
+        if per_layer:
+            key = f"{AUX_LOSS_KEYS.get(name, name)}_per_layer"
+            values[key] = (reduced / max(num_forwards, 1)).tolist()
     moe_utils.clear_aux_losses_tracker()
     return values
 

@@ -8,6 +8,7 @@ model, engine) is ``training/setup.py``; what is logged and how, ``training/metr
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 
@@ -195,7 +196,8 @@ class Trainer:
                                   / args.world_size / 1e12),
             "skipped_iterations": self.state.skipped_iterations,
         }
-        aux = take_aux_losses(iterations * args.gradient_accumulation_steps)
+        aux = take_aux_losses(iterations * args.gradient_accumulation_steps,
+                              per_layer=args.moe_per_layer_logging)
         values.update({AUX_LOSS_KEYS.get(name, name): value for name, value in aux.items()})
         load = self.expert_load.take()
         if load is not None:
@@ -222,9 +224,16 @@ class Trainer:
         consecutive_skips = 0
         last_log_time, iterations_since_log = time.time(), 0
         progress = ProgressBar(args.train_iters, self.state.iteration, self.rank == 0)
+        if args.manual_gc:
+            # Python's collector pauses each rank at a different moment, and the others wait
+            # for it at the next collective; collect at the same iteration everywhere instead.
+            gc.disable()
         while self.state.iteration < args.train_iters:
             loss, lr, skipped = self.train_step(batches)
             self.state.iteration += 1
+            if args.manual_gc and args.manual_gc_interval and \
+                    self.state.iteration % args.manual_gc_interval == 0:
+                gc.collect()
             self.state.consumed_train_samples += args.global_batch_size
             iterations_since_log += 1
             if skipped:

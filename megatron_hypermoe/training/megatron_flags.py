@@ -1,0 +1,296 @@
+"""Megatron-LM and Megatron-DeepSpeed flags this trainer takes although it has no choice to make.
+
+A Megatron user's launch script should run with only the entry point swapped. Every flag of the
+scripts we mirror (:data:`SOURCES`) is one of:
+
+- **same**: a flag of ours with Megatron's name and meaning (declared where its feature lives);
+- **fixed**: the architecture already is what the flag asks for (RMSNorm, SwiGLU, RoPE, untied
+  embeddings, no linear biases, megatron-core's local layers): accepted with that value,
+  stopped with a one-line error for any other (:data:`FIXED`);
+- **refused**: a feature not offered here: any use stops the run with the reason
+  (:data:`REFUSED`).
+
+``python -m megatron_hypermoe.training.megatron_flags`` prints the README's table from these
+declarations (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from megatron_hypermoe.errors import ArgumentError
+
+# The scripts and tables a Megatron user brings (flag names only). Launcher flags
+# (--nproc_per_node, --num_gpus, ...) and the eval-harness script's flags belong to other
+# programs and are left out.
+SOURCES = {
+    "Megatron-LM examples/mixtral/train_mixtral_8x7b_distributed.sh": (
+        "--use-mcore-models", "--disable-bias-linear", "--seq-length",
+        "--max-position-embeddings", "--num-layers", "--hidden-size", "--ffn-hidden-size",
+        "--num-attention-heads", "--init-method-std", "--attention-dropout", "--hidden-dropout",
+        "--normalization", "--position-embedding-type", "--swiglu",
+        "--untie-embeddings-and-output-weights", "--group-query-attention",
+        "--num-query-groups", "--no-masked-softmax-fusion", "--no-position-embedding",
+        "--rotary-base", "--num-experts", "--moe-router-topk",
+        "--moe-router-load-balancing-type", "--moe-aux-loss-coeff", "--moe-grouped-gemm",
+        "--moe-token-dispatcher-type", "--overlap-param-gather", "--overlap-grad-reduce",
+        "--tokenizer-type", "--tokenizer-model", "--data-path", "--split", "--micro-batch-size",
+        "--global-batch-size", "--lr", "--train-iters", "--lr-decay-iters", "--lr-decay-style",
+        "--min-lr", "--weight-decay", "--lr-warmup-iters", "--clip-grad", "--bf16",
+        "--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+        "--expert-model-parallel-size", "--use-distributed-optimizer", "--sequence-parallel",
+        "--log-interval", "--save-interval", "--eval-interval", "--eval-iters", "--save",
+        "--load", "--tensorboard-dir", "--no-load-optim", "--no-load-rng", "--wandb-project",
+        "--wandb-exp-name"),
+    "Megatron-LM megatron/core/transformer/moe/README.md": (
+        "--num-experts", "--expert-model-parallel-size", "--expert-tensor-parallel-size",
+        "--moe-layer-freq", "--moe-ffn-hidden-size", "--moe-router-load-balancing-type",
+        "--moe-router-topk", "--moe-router-pre-softmax", "--moe-router-num-groups",
+        "--moe-router-group-topk", "--moe-router-score-function",
+        "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate",
+        "--moe-router-dtype", "--moe-router-fusion", "--moe-router-force-load-balancing",
+        "--moe-router-padding-for-fp8", "--moe-aux-loss-coeff", "--moe-z-loss-coeff",
+        "--moe-input-jitter-eps", "--moe-token-dispatcher-type", "--moe-enable-deepep",
+        "--moe-flex-dispatcher-backend", "--moe-per-layer-logging", "--moe-expert-capacity-factor",
+        "--moe-pad-expert-input-to-capacity", "--moe-token-drop-policy", "--moe-layer-recompute",
+        "--moe-permute-fusion", "--moe-shared-expert-intermediate-size",
+        "--moe-shared-expert-overlap", "--moe-use-upcycling", "--moe-upcycling-granularity",
+        "--moe-grouped-gemm", "--overlap-moe-expert-parallel-comm", "--delay-wgrad-compute",
+        "--mtp-num-layers", "--recompute-granularity", "--recompute-modules",
+        "--fine-grained-activation-offloading", "--offload-modules", "--fp8", "--fp8-format",
+        "--fp8-recipe", "--fp8-param-gather", "--reuse-grad-buf-for-mxfp8-param-ag",
+        "--cuda-graph-impl", "--cuda-graph-scope", "--cuda-graph-modules",
+        "--inference-cuda-graph-scope", "--external-cuda-graph", "--te-rng-track",
+        "--cross-entropy-loss-fusion", "--cross-entropy-fusion-impl", "--ckpt-format",
+        "--auto-detect-ckpt-format", "--context-parallel-size", "--tp-comm-overlap",
+        "--overlap-p2p-comm", "--num-layers-per-virtual-pipeline-stage",
+        "--pipeline-model-parallel-layout", "--use-distributed-optimizer",
+        "--num-distributed-optimizer-instances", "--overlap-grad-reduce",
+        "--overlap-param-gather", "--use-precision-aware-optimizer", "--exp-avg-dtype",
+        "--exp-avg-sq-dtype", "--optimizer-cpu-offload", "--grad-reduce-in-fp32",
+        "--manual-gc", "--manual-gc-interval", "--fake-init-process-group"),
+    "Megatron-DeepSpeed examples_deepspeed/MoE/ds_pretrain_gpt_*.sh": (
+        "--override-opt_param-scheduler", "--adam-beta1", "--adam-beta2",
+        "--tensor-model-parallel-size", "--moe-expert-parallel-size", "--num-experts",
+        "--moe-loss-coeff", "--moe-train-capacity-factor", "--moe-eval-capacity-factor",
+        "--moe-min-capacity", "--init-method-std", "--lr-decay-tokens", "--lr-warmup-tokens",
+        "--micro-batch-size", "--exit-duration-in-mins", "--global-batch-size", "--num-layers",
+        "--hidden-size", "--num-attention-heads", "--seq-length", "--max-position-embeddings",
+        "--train-tokens", "--train-iters", "--train-samples", "--lr", "--min-lr",
+        "--lr-decay-style", "--split", "--log-interval", "--eval-interval", "--eval-iters",
+        "--save-interval", "--weight-decay", "--clip-grad", "--hysteresis", "--num-workers",
+        "--fp16", "--load", "--save", "--tensorboard-queue-size", "--log-timers-to-tensorboard",
+        "--log-batch-size-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+        "--log-optimizer-states-to-tensorboard", "--tensorboard-dir", "--checkpoint-activations",
+        "--create-moe-param-group", "--disable-moe-token-dropping", "--vocab-file",
+        "--merge-file", "--data-path", "--data-impl", "--deepspeed", "--deepspeed_config",
+        "--zero-stage", "--pipeline-model-parallel-size", "--no-pipeline-parallel",
+        "--deepspeed-activation-checkpointing", "--mlp-type", "--no-load-optim",
+        "--no-load-rng", "--rampup-batch-size", "--mos", "--kd", "--kd-beta-ce",
+        "--num-layers-teacher", "--hidden-size-teacher", "--num-attention-heads-teacher",
+        "--num-experts-teacher", "--load-teacher", "--tokenizer-type"),
+}
+
+SWITCH = "switch"  # a flag without a value (store_true)
+
+
+@dataclass(frozen=True)
+class FixedFlag:
+    flag: str
+    accepted: object  # SWITCH, or the one value the architecture has
+    what_it_is: str
+    type: type = str
+
+
+@dataclass(frozen=True)
+class RefusedFlag:
+    flag: str
+    why: str
+    nargs: Optional[str] = None  # SWITCH, None (one value) or "+"
+
+
+FIXED: Tuple[FixedFlag, ...] = (
+    FixedFlag("--use-mcore-models", SWITCH, "the model is always megatron-core's GPTModel"),
+    FixedFlag("--disable-bias-linear", SWITCH, "linear layers never have biases"),
+    FixedFlag("--normalization", "RMSNorm", "every norm is RMSNorm"),
+    FixedFlag("--position-embedding-type", "rope", "positions are always rotary (RoPE)"),
+    FixedFlag("--swiglu", SWITCH, "every MLP and expert is SwiGLU"),
+    FixedFlag("--untie-embeddings-and-output-weights", SWITCH,
+              "input embedding and output layer are always separate"),
+    FixedFlag("--no-masked-softmax-fusion", SWITCH, "attention's softmax is never fused"),
+    FixedFlag("--no-position-embedding", SWITCH, "there is no learned position embedding"),
+    FixedFlag("--transformer-impl", "local",
+              "megatron-core's local (torch) layers; Transformer Engine layers are not used"),
+    FixedFlag("--context-parallel-size", 1, "no context parallelism", int),
+    FixedFlag("--moe-layer-freq", "1", "every layer is an MoE layer"),
+    FixedFlag("--num-distributed-optimizer-instances", 1,
+              "one ZeRO optimizer over all data-parallel ranks", int),
+    FixedFlag("--no-pipeline-parallel", SWITCH, "no pipeline parallelism"),
+    FixedFlag("--create-moe-param-group", SWITCH,
+              "experts always have optimizer groups of their own"),
+    FixedFlag("--data-impl", "mmap", "datasets are megatron-core's mmap indexed datasets"),
+    FixedFlag("--mlp-type", "standard", "standard MoE (no residual PR-MoE)"),
+)
+
+REFUSED: Tuple[RefusedFlag, ...] = (
+    RefusedFlag("--moe-grouped-gemm", "megatron-core's GroupedMLP needs the grouped_gemm CUDA "
+                "package and stores experts as two stacked weights, which this project's "
+                "checkpoints and HF conversion do not map yet: drop it (experts run as "
+                "SequentialMLP)", SWITCH),
+    RefusedFlag("--moe-shared-expert-intermediate-size", "shared experts are not supported"),
+    RefusedFlag("--moe-shared-expert-overlap", "shared experts are not supported", SWITCH),
+    RefusedFlag("--moe-use-upcycling", "upcycle a dense Hugging Face model with "
+                "tools/convert_hf_to_checkpoint.py --upcycle instead", SWITCH),
+    RefusedFlag("--moe-upcycling-granularity", "upcycle a dense Hugging Face model with "
+                "tools/convert_hf_to_checkpoint.py --upcycle instead"),
+    RefusedFlag("--moe-enable-deepep", "DeepEP (the flex dispatcher) needs CUDA and DeepEP; use "
+                "--moe-token-dispatcher-type alltoall", SWITCH),
+    RefusedFlag("--moe-flex-dispatcher-backend", "the flex dispatcher is not supported; use "
+                "--moe-token-dispatcher-type alltoall"),
+    RefusedFlag("--moe-permute-fusion", "needs Transformer Engine's fused permutation", SWITCH),
+    RefusedFlag("--moe-router-fusion", "needs Transformer Engine's fused router", SWITCH),
+    RefusedFlag("--moe-router-padding-for-fp8", "FP8 needs Transformer Engine", SWITCH),
+    RefusedFlag("--overlap-moe-expert-parallel-comm", "needs the flex/TE MoE path", SWITCH),
+    RefusedFlag("--delay-wgrad-compute", "needs Transformer Engine", SWITCH),
+    RefusedFlag("--mtp-num-layers", "multi-token prediction is not supported"),
+    RefusedFlag("--fine-grained-activation-offloading", "activation offloading is not "
+                "supported: use --recompute-granularity", SWITCH),
+    RefusedFlag("--offload-modules", "activation offloading is not supported: use "
+                "--recompute-granularity", "+"),
+    RefusedFlag("--fp8", "FP8 needs Transformer Engine: use --bf16"),
+    RefusedFlag("--fp8-format", "FP8 needs Transformer Engine: use --bf16"),
+    RefusedFlag("--fp8-recipe", "FP8 needs Transformer Engine: use --bf16"),
+    RefusedFlag("--fp8-param-gather", "FP8 needs Transformer Engine: use --bf16", SWITCH),
+    RefusedFlag("--reuse-grad-buf-for-mxfp8-param-ag", "MXFP8 needs Transformer Engine", SWITCH),
+    RefusedFlag("--cuda-graph-impl", "CUDA graphs are not supported"),
+    RefusedFlag("--cuda-graph-scope", "CUDA graphs are not supported", "+"),
+    RefusedFlag("--cuda-graph-modules", "CUDA graphs are not supported", "+"),
+    RefusedFlag("--inference-cuda-graph-scope", "CUDA graphs are not supported"),
+    RefusedFlag("--external-cuda-graph", "CUDA graphs are not supported", SWITCH),
+    RefusedFlag("--te-rng-track", "needs Transformer Engine", SWITCH),
+    RefusedFlag("--cross-entropy-loss-fusion", "the fused cross entropy needs Transformer "
+                "Engine or Apex; the loss is megatron-core's unfused one", SWITCH),
+    RefusedFlag("--cross-entropy-fusion-impl", "the fused cross entropy needs Transformer "
+                "Engine or Apex; the loss is megatron-core's unfused one"),
+    RefusedFlag("--ckpt-format", "checkpoints are DeepSpeed's layout with per-rank experts "
+                "(docs/CHECKPOINTS.md); convert with tools/ instead"),
+    RefusedFlag("--auto-detect-ckpt-format", "checkpoints have one format (DeepSpeed's)",
+                SWITCH),
+    RefusedFlag("--tp-comm-overlap", "needs Transformer Engine's userbuffers", SWITCH),
+    RefusedFlag("--overlap-p2p-comm", "no pipeline parallelism", SWITCH),
+    RefusedFlag("--num-layers-per-virtual-pipeline-stage", "no pipeline parallelism"),
+    RefusedFlag("--pipeline-model-parallel-layout", "no pipeline parallelism"),
+    RefusedFlag("--use-precision-aware-optimizer", "optimizer states are always fp32 (AdamW "
+                "under DeepSpeed ZeRO)", SWITCH),
+    RefusedFlag("--exp-avg-dtype", "optimizer states are always fp32"),
+    RefusedFlag("--exp-avg-sq-dtype", "optimizer states are always fp32"),
+    RefusedFlag("--fake-init-process-group", "a debugging aid of Megatron-LM's; not offered",
+                SWITCH),
+    RefusedFlag("--rampup-batch-size", "batch-size ramp-up is not supported: start at the "
+                "final --global-batch-size", "+"),
+    RefusedFlag("--mos", "mixture-of-students distillation is not supported", SWITCH),
+    RefusedFlag("--kd", "knowledge distillation is not supported", SWITCH),
+    RefusedFlag("--kd-beta-ce", "knowledge distillation is not supported"),
+    RefusedFlag("--num-layers-teacher", "knowledge distillation is not supported"),
+    RefusedFlag("--hidden-size-teacher", "knowledge distillation is not supported"),
+    RefusedFlag("--num-attention-heads-teacher", "knowledge distillation is not supported"),
+    RefusedFlag("--num-experts-teacher", "knowledge distillation is not supported", "+"),
+    RefusedFlag("--load-teacher", "knowledge distillation is not supported"),
+)
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
+    """The FIXED and REFUSED flags, so that a Megatron script parses; checked by
+    :func:`check_megatron_flags`."""
+    group = parser.add_argument_group(
+        "Megatron-LM flags fixed by this architecture (accepted with the value shown)")
+    for fixed in FIXED:
+        if fixed.accepted is SWITCH:
+            group.add_argument(fixed.flag, action="store_true", help=fixed.what_it_is)
+        else:
+            group.add_argument(fixed.flag, type=fixed.type, default=fixed.accepted,
+                               help=f"only {fixed.accepted}: {fixed.what_it_is}")
+    group = parser.add_argument_group(
+        "Megatron-LM flags not offered here (any use stops the run, saying why)")
+    for refused in REFUSED:
+        if refused.nargs == SWITCH:
+            group.add_argument(refused.flag, action="store_true", help=refused.why)
+        else:
+            group.add_argument(refused.flag, nargs=refused.nargs, default=None,
+                               help=refused.why)
+
+
+def check_megatron_flags(args) -> None:
+    for fixed in FIXED:
+        value = getattr(args, _dest(fixed.flag))
+        if fixed.accepted is not SWITCH and value != fixed.accepted:
+            raise ArgumentError(f"{fixed.flag} {value} is not supported: {fixed.what_it_is} "
+                                f"(pass {fixed.accepted} or drop the flag)")
+    for refused in REFUSED:
+        value = getattr(args, _dest(refused.flag))
+        if value not in (None, False):
+            raise ArgumentError(f"{refused.flag} is not supported: {refused.why}")
+
+
+# The table -----------------------------------------------------------------------------------------
+# Remarks on "same" flags whose use here differs in a detail a Megatron user should know.
+SAME_FLAG_REMARKS = {
+    "--num-query-groups": "also honoured without --group-query-attention",
+    "--group-query-attention": "without --num-query-groups: one group (Megatron's default)",
+    "--sequence-parallel": "required for MoE with TP > 1; a no-op at TP 1",
+    "--pipeline-model-parallel-size": "1 only (pipeline parallelism is issue 17)",
+    "--expert-tensor-parallel-size": "equal to --tensor-model-parallel-size only",
+    "--deepspeed": "accepted; the engine is always DeepSpeed",
+    "--tokenizer-type": "SentencePiece (incl. Llama2Tokenizer), HuggingFace, GPT2BPE, Null",
+}
+
+
+def flag_table(parser: argparse.ArgumentParser):
+    """[(flag, kind, note)] for every flag of every source, in first-seen order."""
+    fixed = {f.flag: f for f in FIXED}
+    refused = {r.flag: r for r in REFUSED}
+    actions = {option: action for action in parser._actions for option in action.option_strings}
+    rows, seen = [], set()
+    for flags in SOURCES.values():
+        for flag in flags:
+            if flag in seen:
+                continue
+            seen.add(flag)
+            if flag in fixed:
+                what = fixed[flag]
+                value = "" if what.accepted is SWITCH else f" {what.accepted}"
+                rows.append((flag, f"fixed{value}", what.what_it_is))
+            elif flag in refused:
+                rows.append((flag, "refused", refused[flag].why))
+            elif flag in actions:
+                primary = actions[flag].option_strings[0]
+                note = SAME_FLAG_REMARKS.get(flag, "")
+                if primary != flag:
+                    note = f"alias of {primary}" + (f"; {note}" if note else "")
+                rows.append((flag, "same", note))
+            else:
+                rows.append((flag, "MISSING", ""))
+    return rows
+
+
+def markdown_table(parser: argparse.ArgumentParser) -> str:
+    rows = flag_table(parser)
+    counts = {kind: sum(1 for _, k, _ in rows if k.split()[0] == kind)
+              for kind in ("same", "fixed", "refused")}
+    lines = [f"{len(rows)} flags: {counts['same']} same, {counts['fixed']} fixed by the "
+             f"architecture, {counts['refused']} refused.", "",
+             "| Megatron flag | here | note |", "|---|---|---|"]
+    lines += [f"| `{flag}` | {kind} | {note} |" for flag, kind, note in rows]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from megatron_hypermoe.training.arguments import build_parser
+
+    print(markdown_table(build_parser()), end="")
