@@ -53,16 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--hidden-size", type=int, default=256)
-    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="None: 4 x --hidden-size")
     g.add_argument("--num-attention-heads", type=int, default=4)
     g.add_argument("--num-query-groups", type=int, default=None,
-                   help="key/value head groups (default: one per head, or 1 with "
+                   help="key/value head groups (None: one per head, or 1 with "
                         "--group-query-attention)")
     g.add_argument("--group-query-attention", action="store_true",
                    help="grouped-query attention with --num-query-groups groups")
     g.add_argument("--seq-length", type=int, default=256)
     g.add_argument("--max-position-embeddings", type=int, default=None,
-                   help="default --seq-length")
+                   help="None: --seq-length")
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experts per MoE layer (Megatron-DeepSpeed's per-layer list is "
                         "accepted when every entry is the same)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
-                   help="each expert's hidden size (default --ffn-hidden-size)")
+                   help="each expert's hidden size (None: --ffn-hidden-size)")
     g.add_argument("--moe-router-topk", "--topk", type=int, default=1)
     g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
@@ -121,14 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("batch and optimisation")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=None,
-                   help="default micro-batch x data-parallel size (no accumulation)")
+                   help="None: micro-batch x data-parallel size (no accumulation)")
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--train-tokens", type=int, default=None,
                    help="alternative to --train-iters: iterations = tokens / (global batch x seq)")
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="None: --train-iters")
     g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"),
                    default="cosine")
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -157,16 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     show_every_default(parser)
 
     g = parser.add_argument_group("DeepSpeed")
-    g.add_argument("--deepspeed", action="store_true",
-                   help="accepted for Megatron-DeepSpeed compatibility: the engine is always "
-                        "DeepSpeed")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
                    default=None, help="DeepSpeed JSON config; must agree with the flags")
     g.add_argument("--zero-stage", type=int, default=1, choices=(1, 2, 3),
                    help="1 or 2 for MoE; stage 0 is not offered: its optimizer has no "
                         "inf/NaN step skipping")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help="set by the deepspeed launcher")
+                   help="set by the deepspeed launcher (it also sets LOCAL_RANK, which wins)")
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)
@@ -203,7 +200,7 @@ def show_every_default(parser: argparse.ArgumentParser) -> None:
     """--help prints "(default: ...)" only for flags with a help text: give every flag one."""
     for action in parser._actions:
         if action.help is None:
-            action.help = " "
+            action.help = "(default: %(default)s)"
 
 
 HYPER_LR_MULT_RULES = ("1/d_g",)
@@ -371,7 +368,7 @@ def finalize_args(args, world_size: int) -> None:
         args.vocab_size = args.vocab_size or 1024
     if args.save_interval is not None and not args.save:
         raise ArgumentError("--save-interval needs --save DIR")
-    for name in ("log_interval", "eval_iters"):
+    for name in ("log_interval", "eval_iters", "max_consecutive_skipped_iters"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
 

@@ -128,6 +128,7 @@ FIXED: Tuple[FixedFlag, ...] = (
     FixedFlag("--num-distributed-optimizer-instances", 1,
               "one ZeRO optimizer over all data-parallel ranks", int),
     FixedFlag("--no-pipeline-parallel", SWITCH, "no pipeline parallelism"),
+    FixedFlag("--deepspeed", SWITCH, "the engine is always DeepSpeed"),
     FixedFlag("--create-moe-param-group", SWITCH,
               "experts always have optimizer groups of their own"),
     FixedFlag("--data-impl", "mmap", "datasets are megatron-core's mmap indexed datasets"),
@@ -246,7 +247,6 @@ SAME_FLAG_REMARKS = {
     "--sequence-parallel": "required for MoE with TP > 1; a no-op at TP 1",
     "--pipeline-model-parallel-size": "1 only (pipeline parallelism is issue 17)",
     "--expert-tensor-parallel-size": "equal to --tensor-model-parallel-size only",
-    "--deepspeed": "accepted; the engine is always DeepSpeed",
     "--tokenizer-type": "SentencePiece (incl. Llama2Tokenizer), HuggingFace, GPT2BPE, Null",
 }
 

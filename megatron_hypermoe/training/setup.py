@@ -6,6 +6,7 @@ mpu. The loop (``training/trainer.py``) and the Hugging Face importer both start
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -29,6 +30,10 @@ def training_device() -> torch.device:
 
 def initialize_parallel(args) -> None:
     """torch.distributed and megatron-core's TP/EP groups for the flags' layout."""
+    if args.local_rank is not None:
+        # An older deepspeed launcher passes --local_rank only; a newer one also sets the
+        # variable, which then agrees.
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     initialize_distributed(args.tensor_model_parallel_size, args.expert_model_parallel_size,
                            args.seed)
 
