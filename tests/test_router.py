@@ -159,3 +159,49 @@ def test_eval_capacity_factor_and_min_capacity_apply_in_the_router():
     router.train()
     _, few_map = router(few)
     assert torch.equal(few_map, router.topk_map)
+
+
+# Training-loop side: the expert-bias update and the aux-loss logging of each balancing type ---
+def test_expert_bias_moves_against_the_steps_load_and_counters_reset():
+    """megatron's finalize_model_grads rule, run by the trainer after each step: bias +=
+    rate x sign(mean load - expert load), counted over the step's micro-batches."""
+    from megatron_hypermoe.model.router import finish_router_step
+
+    model, config = ep_case_model("hypermoe", "alltoall", moe_router_score_function="sigmoid",
+                                  moe_router_enable_expert_bias=True,
+                                  moe_router_bias_update_rate=0.125)
+    routers = [layer.mlp.router for layer in model.decoder.layers]
+    counts = torch.zeros(len(routers), config.num_moe_experts)
+    for seed in (1, 2):  # two micro-batches
+        lm_loss(model, *batch(seed=seed)).backward()
+        counts += torch.stack([r.topk_map.sum(dim=0).float() for r in routers])
+    finish_router_step(model, config)
+    expected = 0.125 * torch.sign(counts.mean(dim=1, keepdim=True) - counts)
+    assert torch.equal(torch.stack([r.expert_bias for r in routers]), expected)
+    assert all(not r.local_tokens_per_expert.any() for r in routers)
+    with torch.no_grad():  # evaluation does not count
+        lm_loss(model, *batch(seed=3))
+    assert all(not r.local_tokens_per_expert.any() for r in routers)
+
+
+@pytest.mark.parametrize("types,logged", [
+    ("aux_loss", {"aux_loss"}), ("seq_aux_loss", {"seq_aux_loss"}),
+    ("global_aux_loss", {"global_aux_loss"}), (["aux_loss", "seq_aux_loss"],
+                                               {"aux_loss", "seq_aux_loss"}),
+    ("sinkhorn", set()), ("none", set())])
+def test_each_balancing_type_is_logged_under_its_own_name(types, logged):
+    from megatron_hypermoe.model.router import finish_router_step
+    from megatron_hypermoe.training.metrics import AUX_LOSS_KEYS, take_aux_losses
+
+    coeff = 0.0 if types == "sinkhorn" else [1e-2] * len(types) if isinstance(types, list) \
+        else 1e-2
+    model, config = ep_case_model("hypermoe", "alltoall", moe_router_load_balancing_type=types,
+                                  moe_aux_loss_coeff=coeff)
+    take_aux_losses(1)  # clear
+    lm_loss(model, *batch(seed=1)).backward()
+    finish_router_step(model, config)
+    values = {AUX_LOSS_KEYS.get(k, k): v for k, v in take_aux_losses(1).items() if v != 0}
+    assert set(values) == logged
+    assert all(0 < v < 10 for v in values.values())
+    if types == "global_aux_loss":
+        assert all(layer.mlp.router.ga_steps == 0 for layer in model.decoder.layers)
