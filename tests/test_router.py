@@ -3,6 +3,8 @@ after the top-k selection is recorded. It must route, drop and pad exactly as me
 router and MoE layer do, while HyperMoE's side path gets the top-k selection from before
 dropping."""
 
+import re
+
 import pytest
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -205,3 +207,35 @@ def test_each_balancing_type_is_logged_under_its_own_name(types, logged):
     assert all(0 < v < 10 for v in values.values())
     if types == "global_aux_loss":
         assert all(layer.mlp.router.ga_steps == 0 for layer in model.decoder.layers)
+
+
+# Hugging Face export ------------------------------------------------------------------------------
+@pytest.mark.parametrize("flags,message", [
+    (["--moe-expert-capacity-factor", "1"], "drops tokens over capacity"),
+    (["--moe-train-capacity-factor", "1"], "drops tokens over capacity"),
+    (["--moe-router-score-function", "sigmoid"], "routes by sigmoid scores"),
+    (["--moe-router-load-balancing-type", "sinkhorn"], "routes by sinkhorn"),
+    (["--moe-router-topk-scaling-factor", "2"], "scales the gates by 2.0"),
+    (["--moe-router-num-groups", "2", "--moe-router-group-topk", "1"], "group-limited"),
+    (["--moe-input-jitter-eps", "0.1"], "jitters the router input"),
+])
+@pytest.mark.parametrize("moe_type", ["hypermoe", "moe"])
+def test_export_refuses_routing_hugging_face_cannot_compute(flags, message, moe_type):
+    """Refused in one line before anything is read or written; the same model without the
+    option passes the check."""
+    from megatron_hypermoe.conversion.export import check_representable
+    from megatron_hypermoe.errors import CheckpointError
+    from megatron_hypermoe.training.arguments import parse_args
+    from megatron_hypermoe.training.checkpoint_reader import Checkpoint
+    from tests.helpers import TINY_MODEL
+
+    def checkpoint(extra):
+        args = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
+                           "--moe-type", moe_type, "--moe-router-renormalize", *extra])
+        args.padded_vocab_size = 128
+        return Checkpoint(directory="unused", meta={"args": vars(args)}, state={})
+
+    check_representable(checkpoint([]))
+    with pytest.raises(CheckpointError, match=re.escape(message)) as error:
+        check_representable(checkpoint(flags))
+    assert "\n" not in str(error.value) and "Hugging Face" in str(error.value)
