@@ -265,14 +265,26 @@ def assert_close_relative(actual, expected, rtol=1e-5, what=""):
 # Expert parallelism against one process -----------------------------------------------------------
 EP_CASES = [(moe_type, dispatcher) for moe_type in ("hypermoe", "moe")
             for dispatcher in ("alltoall", "allgather")]
+# Token dropping under EP: capacity is per rank's micro-batch, as in one process on that batch.
+EP_CAPACITY_CASES = {
+    "hypermoe_alltoall_drop": ("hypermoe", "alltoall", dict(moe_expert_capacity_factor=0.5)),
+    "hypermoe_allgather_drop": ("hypermoe", "allgather", dict(moe_expert_capacity_factor=0.5)),
+    "hypermoe_alltoall_pad": ("hypermoe", "alltoall", dict(moe_expert_capacity_factor=1.0,
+                                                           moe_pad_expert_input_to_capacity=True)),
+    "moe_alltoall_pad": ("moe", "alltoall", dict(moe_expert_capacity_factor=0.5,
+                                                 moe_pad_expert_input_to_capacity=True)),
+}
 EP_INIT_SEED = 42
 
 
-def ep_case_model(moe_type, dispatcher):
-    """The EP equivalence tests' model: tiny, top-2 of 4 experts, weights from global names."""
+def ep_case_model(moe_type, dispatcher, **overrides):
+    """The EP equivalence tests' model: tiny, top-2 of 4 experts, weights from global names
+    (``overrides``: other config fields, e.g. a capacity factor)."""
     from megatron_hypermoe.model.initialization import initialize_from_global_names
 
-    model, config = tiny_model(moe_type, moe_router_topk=2, moe_token_dispatcher_type=dispatcher)
+    model, config = tiny_model(moe_type, **{"moe_router_topk": 2,
+                                            "moe_token_dispatcher_type": dispatcher,
+                                            **overrides})
     initialize_from_global_names(model, config, EP_INIT_SEED)
     if moe_type == "hypermoe":
         with torch.no_grad():  # make the HyperExpert's contribution large enough to matter

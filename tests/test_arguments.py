@@ -211,3 +211,93 @@ def test_resuming_with_other_optimizer_groups_is_refused_in_one_line():
         check_optimizer_groups({"args": {}}, default)  # the default changed since: said, not lost
     moe = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", "--moe-type", "moe"])
     check_optimizer_groups({"args": {"moe_type": "moe"}}, moe)
+
+
+# Router and capacity flags ------------------------------------------------------------------------
+BASE = [*TINY_MODEL, "--mock-data", "--train-iters", "1"]
+
+
+@pytest.mark.parametrize("flags,fields", [
+    ([], dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=1e-2,
+              moe_expert_capacity_factor=None, moe_router_score_function="softmax")),
+    (["--moe-router-load-balancing-type", "seq_aux_loss", "--moe-loss-coeff", "0.1"],
+     dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.1)),
+    (["--moe-router-load-balancing-type", "aux_loss", "global_aux_loss",
+      "--moe-aux-loss-coeff", "0.01", "0.001"],
+     dict(moe_router_load_balancing_type=["aux_loss", "global_aux_loss"],
+          moe_aux_loss_coeff=[0.01, 0.001])),
+    (["--moe-router-load-balancing-type", "sinkhorn"],
+     dict(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0)),
+    (["--moe-expert-capacity-factor", "1.5", "--moe-pad-expert-input-to-capacity",
+      "--moe-token-drop-policy", "position"],
+     dict(moe_expert_capacity_factor=1.5, moe_pad_expert_input_to_capacity=True,
+          moe_token_drop_policy="position", moe_min_capacity=None)),
+    (["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+      "--moe-router-bias-update-rate", "0.01", "--moe-router-topk-scaling-factor", "2",
+      "--moe-router-dtype", "fp64", "--moe-input-jitter-eps", "0.01",
+      "--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
+      "--moe-router-force-load-balancing"],
+     dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+          moe_router_bias_update_rate=0.01, moe_router_topk_scaling_factor=2.0,
+          moe_router_dtype="fp64", moe_input_jitter_eps=0.01, moe_router_num_groups=2,
+          moe_router_group_topk=1, moe_router_force_load_balancing=True)),
+    # Megatron-DeepSpeed's names, with its defaults for the eval factor and the minimum
+    (["--moe-train-capacity-factor", "1.25"],
+     dict(moe_expert_capacity_factor=1.25, moe_eval_capacity_factor=1.0, moe_min_capacity=4)),
+    (["--moe-train-capacity-factor", "1", "--moe-eval-capacity-factor", "2",
+      "--moe-min-capacity", "0"],
+     dict(moe_expert_capacity_factor=1.0, moe_eval_capacity_factor=2.0, moe_min_capacity=0)),
+    (["--moe-train-capacity-factor", "1", "--moe-eval-capacity-factor", "2",
+      "--moe-min-capacity", "4", "--disable-moe-token-dropping"],
+     dict(moe_expert_capacity_factor=None, moe_eval_capacity_factor=None,
+          moe_min_capacity=None)),
+])
+def test_router_flags_reach_the_model_config(flags, fields):
+    from megatron_hypermoe.training.arguments import model_config
+
+    config = model_config(parse_args(BASE + flags))
+    assert {name: getattr(config, name) for name in fields} == fields
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--moe-pad-expert-input-to-capacity"], "--moe-pad-expert-input-to-capacity needs "
+                                             "--moe-expert-capacity-factor"),
+    (["--moe-router-load-balancing-type", "sinkhorn", "--moe-expert-capacity-factor", "1"],
+     "--moe-expert-capacity-factor works with"),
+    (["--moe-router-load-balancing-type", "sinkhorn", "--moe-aux-loss-coeff", "0.01"],
+     "sinkhorn routing takes no aux loss"),
+    (["--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss"],
+     "give --moe-aux-loss-coeff one coefficient each"),
+    (["--moe-router-enable-expert-bias"], "needs --moe-router-score-function sigmoid"),
+    (["--moe-router-group-topk", "1"], "--moe-router-group-topk needs --moe-router-num-groups"),
+    (["--moe-router-num-groups", "3", "--moe-router-group-topk", "1"], "must divide"),
+    (["--moe-eval-capacity-factor", "1"], "--moe-eval-capacity-factor needs a training "
+                                          "capacity"),
+    (["--moe-expert-capacity-factor", "1", "--disable-moe-token-dropping"], "contradicts"),
+    (["--moe-expert-capacity-factor", "1", "--moe-train-capacity-factor", "2"],
+     "are the same setting"),
+    (["--moe-expert-capacity-factor", "1", "--moe-pad-expert-input-to-capacity",
+      "--moe-min-capacity", "4"], "--moe-min-capacity does not combine"),
+    (["--moe-router-fusion"], "needs Transformer Engine"),
+    (["--moe-type", "dense", "--moe-expert-capacity-factor", "1"],
+     "--moe-expert-capacity-factor applies to MoE layers"),
+])
+def test_router_flag_combinations_megatron_refuses_are_one_line_errors(flags, message):
+    with pytest.raises(ArgumentError, match=re.escape(message)) as error:
+        parse_args(BASE + flags)
+    assert "\n" not in str(error.value)
+
+
+def test_a_checkpoint_from_before_the_router_flags_loads_with_the_routing_it_trained_with():
+    """Recorded args without the router flags (an older checkpoint): the model config is the
+    one it was built with then (aux_loss hard-coded, no capacity, softmax)."""
+    from megatron_hypermoe.training.arguments import model_config, recorded_args
+    from megatron_hypermoe.training.router_arguments import ROUTER_CONFIG_FLAGS
+
+    args = parse_args(BASE)
+    args.padded_vocab_size = 128
+    old = {k: v for k, v in vars(args).items() if k not in ROUTER_CONFIG_FLAGS}
+    config = model_config(recorded_args(old))
+    assert (config.moe_router_load_balancing_type, config.moe_aux_loss_coeff,
+            config.moe_expert_capacity_factor, config.moe_router_score_function,
+            config.moe_router_enable_expert_bias) == ("aux_loss", 1e-2, None, "softmax", False)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tests.helpers import EP_CASES, ep_case_model, loss_and_global_grads, run_torchrun
+from tests.helpers import (EP_CAPACITY_CASES, EP_CASES, ep_case_model, loss_and_global_grads,
+                           run_torchrun)
 
 
 def assert_relative(actual, expected, tol, what):
@@ -19,15 +20,18 @@ def ep2_results(tmp_path_factory):
     return out
 
 
+CASES = {**{f"{moe_type}_{dispatcher}": (moe_type, dispatcher, {})
+            for moe_type, dispatcher in EP_CASES}, **EP_CAPACITY_CASES}
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("moe_type,dispatcher", EP_CASES)
-def test_ep2_equals_ep1_loss_and_gradients(moe_type, dispatcher, ep2_results,
-                                           megatron_single_process):
-    model, config = ep_case_model(moe_type, dispatcher)
+@pytest.mark.parametrize("case", CASES)
+def test_ep2_equals_ep1_loss_and_gradients(case, ep2_results, megatron_single_process):
+    moe_type, dispatcher, overrides = CASES[case]
+    model, config = ep_case_model(moe_type, dispatcher, **overrides)
     reference = [loss_and_global_grads(model, config, data_seed=100 + r) for r in range(2)]
     for rank in range(2):
-        got = torch.load(ep2_results / f"{moe_type}_{dispatcher}_rank{rank}.pt",
-                         weights_only=True)
+        got = torch.load(ep2_results / f"{case}_rank{rank}.pt", weights_only=True)
         ref_loss, ref_grads = reference[rank]
         assert_relative(got["loss"], ref_loss, 1e-6, f"rank {rank} loss")
         own_experts = {f".local_experts.{rank * 2 + i}." for i in range(2)}

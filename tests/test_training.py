@@ -359,3 +359,27 @@ def test_hyper_lr_mult_zero_freezes_exactly_the_generating_weights(dataset, tmp_
     for name in reference:
         same = torch.equal(frozen[name], reference[name])
         assert same == (name in generating), name
+
+
+def test_router_options_train_through_the_entry_point(dataset, tmp_path):
+    """Megatron-DeepSpeed's capacity aliases and Megatron-LM's router flags together in one
+    HyperMoE run: the sequence aux loss is logged under its name, the expert bias moves every
+    step and is saved with the checkpoint."""
+    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+
+    metrics, save = tmp_path / "metrics.jsonl", tmp_path / "ckpt"
+    pretrain(*TINY_MODEL, *dataset, "--train-iters", "3", "--global-batch-size", "4",
+             "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-loss-coeff", "0.01",
+             "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+             "--moe-router-bias-update-rate", "0.25", "--moe-train-capacity-factor", "0.5",
+             "--moe-eval-capacity-factor", "2", "--moe-min-capacity", "2",
+             "--eval-interval", "3", "--eval-iters", "1", "--metrics-file", str(metrics),
+             "--save", str(save))
+    train, valid = read_metrics(metrics)
+    assert len(train) == 3 and len(valid) == 1
+    assert all(0 < r["seq_aux_loss"] < 10 and "aux_loss" not in r for r in train)
+    state = read_checkpoint(str(save)).state
+    bias = state["decoder.layers.0.mlp.router.expert_bias"]
+    # three steps of -0.25, 0 or +0.25 per expert (0: the expert got the mean load, as every
+    # expert does once capacity caps them all)
+    assert torch.equal(bias * 4, (bias * 4).round()) and 0 < bias.abs().max() <= 0.75

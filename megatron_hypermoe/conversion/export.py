@@ -27,8 +27,34 @@ HF_FILES_DIRECTORY = os.path.dirname(os.path.abspath(megatron_hypermoe.hf.__file
 REMOTE_CODE_FILES = ("configuration_hypermoe.py", "modeling_hypermoe.py")
 
 
+def unrepresentable_routing(config) -> Optional[str]:
+    """What of the router's options the Hugging Face models (Mixtral's routing: softmax over
+    all experts, top-k, optionally renormalised) cannot compute, or None."""
+    if config.moe_type == "dense":
+        return None
+    options = (
+        (config.moe_expert_capacity_factor is not None,
+         f"drops tokens over capacity (--moe-expert-capacity-factor "
+         f"{config.moe_expert_capacity_factor})"),
+        (config.moe_router_score_function != "softmax",
+         f"routes by {config.moe_router_score_function} scores"),
+        (config.moe_router_load_balancing_type == "sinkhorn", "routes by sinkhorn"),
+        (bool(config.moe_router_topk_scaling_factor),
+         f"scales the gates by {config.moe_router_topk_scaling_factor}"),
+        (bool(config.moe_router_group_topk), "routes group-limited top-k"),
+        (config.moe_router_enable_expert_bias, "selects with a learned expert bias"),
+        (config.moe_input_jitter_eps is not None, "jitters the router input"),
+        (config.moe_router_force_load_balancing, "routes by random logits"),
+    )
+    return next((what for applies, what in options if applies), None)
+
+
 def check_representable(checkpoint: Checkpoint) -> None:
     args = checkpoint.args
+    routing = unrepresentable_routing(checkpoint.model_config())
+    if routing:
+        raise CheckpointError(f"this {args.moe_type} model {routing}, which the Hugging Face "
+                              "model (Mixtral's routing) cannot compute: not exported")
     if args.moe_type == "moe_adapter":
         raise CheckpointError("moe_adapter (the static-adapter ablation) has no Hugging Face "
                               "architecture to export to; it exists for benchmarks/"

@@ -80,6 +80,11 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
     # RoPE's base (Megatron's --rotary-base, Hugging Face's rope_theta). A GPTModel argument in
     # megatron-core, kept here so that one config object describes the whole model.
     rotary_base: float = 10000.0
+    # Megatron-DeepSpeed's capacity options (megatron-core has one factor and no minimum):
+    # another factor while not training, and a minimum capacity per expert (DeepSpeed's
+    # max(ceil(T k / E x factor), min_capacity)). Applied by model/router.py.
+    moe_eval_capacity_factor: Optional[float] = None
+    moe_min_capacity: Optional[int] = None
 
     def __post_init__(self):
         self._validate_hypermoe_fields()
@@ -104,11 +109,14 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
                 f"moe_router_topk={self.moe_router_topk} must be between 1 and "
                 f"num_moe_experts={self.num_moe_experts}"
             )
-        if self.moe_router_topk == 1 and self.moe_router_pre_softmax is False:
+        if self.moe_router_topk == 1 and self.moe_router_pre_softmax is False and \
+                self.moe_router_score_function == "softmax" and \
+                self.moe_router_load_balancing_type != "sinkhorn":
             raise ConfigError("post-softmax routing with top-1 (moe_router_pre_softmax=False) is "
                               "refused by megatron-core (a softmax over one logit has no "
                               "gradient): for a top-1 gate of exactly 1 use "
                               "--moe-router-renormalize")
+        self._validate_capacity_options()
         if self.moe_type == "moe_adapter" and (not isinstance(self.hyper_adapter_dim, int)
                                                or self.hyper_adapter_dim < 1):
             raise ConfigError(f"hyper_adapter_dim={self.hyper_adapter_dim!r} must be a positive "
@@ -132,6 +140,26 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
                 f"hyper_factored_min_sets_fraction={self.hyper_factored_min_sets_fraction} "
                 "must be in (0, 1]"
             )
+
+    def _validate_capacity_options(self):
+        factor = self.moe_expert_capacity_factor
+        if factor is not None and factor < 0:
+            factor = None  # megatron's meaning of a negative factor: no capacity
+        if self.moe_eval_capacity_factor is not None:
+            if factor is None:
+                raise ConfigError("moe_eval_capacity_factor needs moe_expert_capacity_factor "
+                                  "(a capacity while training)")
+            if self.moe_pad_expert_input_to_capacity and self.moe_eval_capacity_factor != factor:
+                raise ConfigError("moe_pad_expert_input_to_capacity pads every expert to the "
+                                  "training capacity, so moe_eval_capacity_factor must equal "
+                                  "moe_expert_capacity_factor")
+        if self.moe_min_capacity:
+            if self.moe_min_capacity < 0:
+                raise ConfigError(f"moe_min_capacity={self.moe_min_capacity} must be >= 0")
+            if self.moe_pad_expert_input_to_capacity:
+                raise ConfigError("moe_min_capacity does not combine with "
+                                  "moe_pad_expert_input_to_capacity (megatron's dispatcher pads "
+                                  "to its own capacity, without a minimum)")
 
 
 def default_architecture() -> dict:

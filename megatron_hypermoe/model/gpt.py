@@ -22,7 +22,7 @@ from megatron_hypermoe.model.adapter_layer import AdapterMoELayer
 from megatron_hypermoe.model.config import HyperMoEConfig
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
 from megatron_hypermoe.model.hypernetwork import HyperNetwork
-from megatron_hypermoe.model.router import RenormalisingTopKRouter
+from megatron_hypermoe.model.router import TopKRouterBeforeCapacity
 
 
 SIDE_PATH_LAYERS = {"hypermoe": HyperMoELayer, "moe_adapter": AdapterMoELayer}
@@ -30,8 +30,9 @@ SIDE_PATH_LAYERS = {"hypermoe": HyperMoELayer, "moe_adapter": AdapterMoELayer}
 
 def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
     """megatron-core's local GPT layer spec; for the MoE variants, its MLP swapped for the
-    variant's layer class and, with ``moe_router_renormalize``, its router for the
-    renormalising one. Every other submodule stays megatron's."""
+    variant's layer class and its router for megatron's TopKRouter that applies capacity
+    after recording the top-k selection (and renormalises with ``moe_router_renormalize``).
+    Every other submodule stays megatron's."""
     num_experts = None if config.moe_type == "dense" else config.num_moe_experts
     spec = get_gpt_layer_local_spec(
         num_experts=num_experts,
@@ -42,9 +43,8 @@ def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
     if config.moe_type == "dense":
         return spec
     mlp = spec.submodules.mlp
-    if config.moe_router_renormalize:
-        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(
-            mlp.submodules, router=RenormalisingTopKRouter))
+    mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(
+        mlp.submodules, router=TopKRouterBeforeCapacity))
     side_path_layer = SIDE_PATH_LAYERS.get(config.moe_type)
     if side_path_layer is not None:
         mlp = dataclasses.replace(mlp, module=side_path_layer)

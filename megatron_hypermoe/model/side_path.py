@@ -3,7 +3,9 @@
 Router, token dispatcher and experts stay megatron-core's. The layer records the pre-dispatch
 input and the local routing map when it routes, and adds the side path's output after the
 combine, so under expert parallelism the side path runs on each token's home rank, on that
-rank's tokens, with no extra collective. Subclasses define :meth:`side_output`:
+rank's tokens, with no extra collective. The routing map it records is the router's top-k
+selection before capacity dropping (:class:`~megatron_hypermoe.model.router.TopKRouterBeforeCapacity`).
+Subclasses define :meth:`side_output`:
 :class:`~megatron_hypermoe.model.hypermoe_layer.HyperMoELayer` (the HyperExpert, generated from the
 unselected experts) and :class:`~megatron_hypermoe.model.adapter_layer.AdapterMoELayer` (a static
 adapter, the ablation).
@@ -34,7 +36,9 @@ class SidePathMoELayer(MoELayer):
 
     def route(self, hidden_states: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().route(hidden_states, padding_mask)
-        self._routed = (hidden_states, routing_map)
+        # The side path sees the router's top-k selection from before capacity dropping (and
+        # padding): a token its expert dropped keeps the side path of what it selected.
+        self._routed = (hidden_states, self.router.topk_map)
         return probs, routing_map
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):

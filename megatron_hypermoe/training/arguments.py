@@ -21,6 +21,8 @@ from megatron_hypermoe.training.megatron_flags import add_megatron_flags, check_
 from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
                                             HYPER_SIZES, MOE_TYPES, HyperMoEConfig,
                                             make_config)
+from megatron_hypermoe.training.router_arguments import (ROUTER_CONFIG_FLAGS, add_router_args,
+                                                         check_router_args)
 
 # flag (argparse dest) -> HyperMoEConfig field, for every flag that is a model config field.
 MODEL_CONFIG_FLAGS = {
@@ -43,6 +45,7 @@ MOE_CONFIG_FLAGS = {
     "moe_router_pre_softmax": "moe_router_pre_softmax",
     "moe_router_renormalize": "moe_router_renormalize",
     **{name: name for name in HYPER_SIZE_NAMES},
+    **ROUTER_CONFIG_FLAGS,
 }
 
 
@@ -78,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
                    help="each expert's hidden size (None: --ffn-hidden-size)")
     g.add_argument("--moe-router-topk", "--topk", type=int, default=1)
-    g.add_argument("--moe-aux-loss-coeff", type=float, default=1e-2)
+    g.add_argument("--moe-aux-loss-coeff", "--moe-loss-coeff", type=float, nargs="+",
+                   default=None, help="load-balancing loss coefficient(s), one per "
+                   "--moe-router-load-balancing-type (--moe-loss-coeff: Megatron-DeepSpeed's "
+                   "name). Default 1e-2 (0 with sinkhorn)")
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
     g.add_argument("--moe-router-pre-softmax", action=argparse.BooleanOptionalAction,
                    default=None,
@@ -103,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split norms, router and the HyperMoE path along the sequence over "
                         "the tensor-parallel ranks (megatron-core requires it for MoE with TP)")
+
+    add_router_args(parser)
 
     g = parser.add_argument_group("HyperMoE (paper defaults)")
     add_hyper_size_args(g)
@@ -312,6 +320,7 @@ def finalize_args(args, world_size: int) -> None:
         args.max_position_embeddings = args.seq_length
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are exclusive: pick one")
+    check_router_args(args)
     model_parallel = args.tensor_model_parallel_size * args.expert_model_parallel_size
     if world_size % args.tensor_model_parallel_size:
         raise ArgumentError(f"world size {world_size} is not divisible by "

@@ -151,7 +151,8 @@ REFUSED: Tuple[RefusedFlag, ...] = (
     RefusedFlag("--moe-flex-dispatcher-backend", "the flex dispatcher is not supported; use "
                 "--moe-token-dispatcher-type alltoall"),
     RefusedFlag("--moe-permute-fusion", "needs Transformer Engine's fused permutation", SWITCH),
-    RefusedFlag("--moe-router-fusion", "needs Transformer Engine's fused router", SWITCH),
+    RefusedFlag("--moe-router-fusion", "needs Transformer Engine >= 2.7 (fused top-k and "
+                "aux-loss kernels), which this build does not use", SWITCH),
     RefusedFlag("--moe-router-padding-for-fp8", "FP8 needs Transformer Engine", SWITCH),
     RefusedFlag("--overlap-moe-expert-parallel-comm", "needs the flex/TE MoE path", SWITCH),
     RefusedFlag("--delay-wgrad-compute", "needs Transformer Engine", SWITCH),

@@ -43,7 +43,8 @@ class ExpertLoadCounter:
         def record(module, inputs, outputs):
             if self.paused:
                 return
-            per_expert = outputs[1].detach().sum(dim=0).to(torch.float64)
+            # the router's top-k choices (its output map is after capacity dropping/padding)
+            per_expert = module.topk_map.detach().sum(dim=0).to(torch.float64)
             previous = self.counts[index]
             self.counts[index] = per_expert if previous is None else previous + per_expert
         return record
@@ -141,6 +142,8 @@ class Logged:
 LOGGED = (
     Logged("lm_loss", "lm loss", "lm loss {:.4f}"),
     Logged("aux_loss", "load_balancing_loss", "aux loss {:.4f}"),
+    Logged("seq_aux_loss", "seq_load_balancing_loss", "seq aux loss {:.4f}"),
+    Logged("global_aux_loss", "global_load_balancing_loss", "global aux loss {:.4f}"),
     Logged("z_loss", "z_loss"),
     Logged("lr", "learning-rate", "lr {:.3e}"),
     Logged("grad_norm", "grad-norm", "grad norm {:.3f}"),
@@ -157,7 +160,8 @@ LOGGED = (
 )
 LOGGED_BY_KEY = {entry.key: entry for entry in LOGGED}
 # megatron's aux-loss tracker names -> our keys (other tracker names are logged as they are)
-AUX_LOSS_KEYS = {"load_balancing_loss": "aux_loss", "z_loss": "z_loss"}
+AUX_LOSS_KEYS = {"load_balancing_loss": "aux_loss", "seq_load_balancing_loss": "seq_aux_loss",
+                 "global_load_balancing_loss": "global_aux_loss", "z_loss": "z_loss"}
 
 
 def tensorboard_scalars(values: dict) -> Dict[str, float]:

@@ -22,6 +22,7 @@ from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerpr
 from megatron_hypermoe.errors import TrainingStopped
 from megatron_hypermoe.model.generation import generate_ids
 from megatron_hypermoe.model.gpt import causal_attention_mask
+from megatron_hypermoe.model.router import finish_router_step
 from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
 from megatron_hypermoe.training.checkpointing import (TrainState, latest_iteration,
                                                       load_checkpoint, save_checkpoint)
@@ -176,6 +177,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
+        finish_router_step(self.model, self.config)  # expert bias, global aux-loss counts
         skipped = self.engine.skipped_steps > skipped_before
         mean_loss = torch.stack(losses).mean()
         data_parallel = parallel_state.get_data_parallel_group()

@@ -13,7 +13,8 @@ from megatron.core import parallel_state
 
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
 from megatron_hypermoe.parallel.experts import is_expert_parameter
-from tests.helpers import EP_CASES, ep_case_model, loss_and_global_grads, tiny_model
+from tests.helpers import (EP_CAPACITY_CASES, EP_CASES, ep_case_model, loss_and_global_grads,
+                           tiny_model)
 
 
 def main():
@@ -31,11 +32,13 @@ def main():
         marked = {n for n, p in model.named_parameters() if not getattr(p, "allreduce", True)}
         assert marked and marked == {n for n, _ in model.named_parameters()
                                      if is_expert_parameter(n)}, moe_type
-    for moe_type, dispatcher in EP_CASES:
-        model, config = ep_case_model(moe_type, dispatcher)
+    cases = {f"{moe_type}_{dispatcher}": (moe_type, dispatcher, {})
+             for moe_type, dispatcher in EP_CASES}
+    for name, (moe_type, dispatcher, overrides) in {**cases, **EP_CAPACITY_CASES}.items():
+        model, config = ep_case_model(moe_type, dispatcher, **overrides)
         loss, grads = loss_and_global_grads(model, config, data_seed=100 + rank)
         torch.save({"loss": loss, "grads": grads},
-                   os.path.join(args.out, f"{moe_type}_{dispatcher}_rank{rank}.pt"))
+                   os.path.join(args.out, f"{name}_rank{rank}.pt"))
     destroy_distributed()
 
 
