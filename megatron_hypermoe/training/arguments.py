@@ -17,6 +17,8 @@ import torch
 
 from megatron_hypermoe.data.tokenizer import add_tokenizer_args
 from megatron_hypermoe.errors import ArgumentError
+from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_schedule_args,
+                                                    finalize_lr_schedule_args)
 from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
                                             HYPER_SIZES, MOE_TYPES, HyperMoEConfig,
                                             make_config)
@@ -115,8 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default --train-iters")
-    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"),
-                   default="cosine")
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inject-nan-loss-at", type=int, nargs="+", default=None,
                    help="fault injection: make the loss NaN at these iterations (tests the "
                         "skip logic)")
+
+    add_lr_schedule_args(parser)
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -294,8 +297,9 @@ def finalize_args(args, world_size: int) -> None:
                             f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
                             f"{args.data_parallel_size}")
     args.gradient_accumulation_steps = args.global_batch_size // per_step
+    finalize_lr_schedule_args(args)
     if args.train_iters is None and args.train_tokens is None and not args.eval_only:
-        raise ArgumentError("give --train-iters or --train-tokens")
+        raise ArgumentError("give --train-iters, --train-samples or --train-tokens")
     if args.train_iters is not None and args.train_tokens is not None:
         raise ArgumentError("--train-iters and --train-tokens are exclusive: pick one")
     if args.train_tokens is not None:

@@ -8,7 +8,8 @@ Layout under --save (DeepSpeed's, plus three kinds of files of ours)::
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   (DeepSpeed)
         experts_ep_rank_00001_tp_rank_00.safetensors   with EP > 1: each EP (x expert-TP) rank's
                                     experts by global id
-        hypermoe_checkpoint.json    arguments, iteration, consumed samples, model shape
+        hypermoe_checkpoint.json    arguments, iteration, consumed samples, model shape, the
+                                    learning-rate scheduler's state (Megatron's)
         rng_rank_00000.safetensors  every RNG state of that rank (python, numpy, torch, CUDA,
                                     megatron's model-parallel streams)
 
@@ -40,6 +41,7 @@ from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
 from megatron_hypermoe.training.arguments import hyper_lr_mult, recorded_args
 from megatron_hypermoe.training.expert_checkpoint import (restore_local_experts,
                                                           save_local_experts)
+from megatron_hypermoe.training.lr_schedule import SCHEDULER_STATE_KEY
 
 CHECKPOINT_FORMAT = "megatron-hypermoe-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -154,9 +156,11 @@ def _jsonable_args(args) -> dict:
     return out
 
 
-def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] = None) -> str:
+def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] = None,
+                    schedule=None) -> str:
     """Save on every rank (collective). Returns the final checkpoint directory. ``tokenizer``
-    (its fingerprint: type, vocab size, file hashes) lets converters refuse a mismatched one."""
+    (its fingerprint: type, vocab size, file hashes) lets converters refuse a mismatched one;
+    ``schedule`` (training/lr_schedule.py) is saved as Megatron saves its scheduler."""
     tag = tag_for(state.iteration)
     partial_tag = tag + ".partial"
     final_dir = os.path.join(args.save, tag)
@@ -182,6 +186,8 @@ def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] =
             "args": _jsonable_args(args),
             "tokenizer": tokenizer,
         }
+        if schedule is not None:
+            meta[SCHEDULER_STATE_KEY] = schedule.state_dict()
         _atomic_write_text(os.path.join(partial_dir, META_FILE), json.dumps(meta, indent=1))
     _barrier()
     if _rank() == 0:
@@ -245,8 +251,10 @@ def check_optimizer_groups(meta: dict, args) -> None:
                               "afresh")
 
 
-def load_checkpoint(engine, args) -> TrainState:
-    """Restore weights, optimizer, RNG and the train state (collective)."""
+def load_checkpoint(engine, args, schedule=None) -> TrainState:
+    """Restore weights, optimizer, RNG, the train state and, with the optimizer, the
+    learning-rate schedule (collective). As in Megatron, --finetune and --no-load-optim start
+    the schedule afresh."""
     tag, meta = read_latest(args.load)
     check_model_shape(meta, args)
     load_optimizer = not (args.finetune or args.no_load_optim)
@@ -264,7 +272,13 @@ def load_checkpoint(engine, args) -> TrainState:
         return TrainState()
     if not args.no_load_rng:
         load_rng_state(os.path.join(args.load, tag))
-    return TrainState(**meta["train_state"])
+    state = TrainState(**meta["train_state"])
+    if load_optimizer and schedule is not None:
+        if SCHEDULER_STATE_KEY in meta:
+            schedule.load_state_dict(meta[SCHEDULER_STATE_KEY])
+        else:  # written before the scheduler was saved
+            schedule.resume_without_state(state.consumed_train_samples)
+    return state
 
 
 def latest_iteration(load_dir: Optional[str]) -> Optional[int]:

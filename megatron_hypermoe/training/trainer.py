@@ -25,7 +25,7 @@ from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
 from megatron_hypermoe.training.checkpointing import (TrainState, latest_iteration,
                                                       load_checkpoint, save_checkpoint)
 from megatron_hypermoe.training.flops import parameter_counts, training_flops_per_iteration
-from megatron_hypermoe.training.lr_schedule import learning_rate
+from megatron_hypermoe.training.lr_schedule import LRSchedule
 from megatron_hypermoe.training.metrics import (AUX_LOSS_KEYS, AuxLossesPaused,
                                                 ExpertLoadCounter, MetricsWriter, ProgressBar,
                                                 expert_load_values, side_path_values,
@@ -70,12 +70,15 @@ class Trainer:
         self.config = model_config(args)
         self.engine, self.optimizer = build_engine(build_model(self.config, args), args)
         self.model = self.engine.module
+        # megatron-core's scheduler sets every group's lr and weight decay (no schedule to run
+        # for --eval-only)
+        self.schedule = LRSchedule(self.optimizer, args) if args.train_iters else None
         self.state = TrainState()
         if args.load and args.load == args.save and latest_iteration(args.load) is None:
             # The usual cluster setup (--save D --load D): the first launch finds nothing yet.
             print_rank0(f"no checkpoint in {args.load} yet: starting from iteration 0")
         elif args.load:
-            self.state = load_checkpoint(self.engine, args)
+            self.state = load_checkpoint(self.engine, args, self.schedule)
             print_rank0(f"loaded {args.load} at iteration {self.state.iteration}")
         self.build_data()
         self.metrics = MetricsWriter(args, is_writer_rank=self.rank == 0)
@@ -156,9 +159,7 @@ class Trainer:
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         args = self.args
-        lr = learning_rate(self.state.iteration, args)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+        lr = self.schedule.lr  # what this step uses
         skipped_before = self.engine.skipped_steps
         losses = []
         for micro in range(args.gradient_accumulation_steps):
@@ -176,6 +177,8 @@ class Trainer:
             self.engine.step()
             losses.append(loss.detach())
         skipped = self.engine.skipped_steps > skipped_before
+        if not skipped:  # as Megatron: a skipped step does not advance the schedule
+            self.schedule.step(args.global_batch_size)
         mean_loss = torch.stack(losses).mean()
         data_parallel = parallel_state.get_data_parallel_group()
         dist.all_reduce(mean_loss, group=data_parallel)
@@ -207,7 +210,8 @@ class Trainer:
 
     def save(self):
         directory = save_checkpoint(self.engine, self.args, self.state,
-                                    tokenizer=tokenizer_fingerprint(self.args, self.tokenizer))
+                                    tokenizer=tokenizer_fingerprint(self.args, self.tokenizer),
+                                    schedule=self.schedule)
         self.last_saved_iteration = self.state.iteration
         print_rank0(f"saved checkpoint {directory}")
 
