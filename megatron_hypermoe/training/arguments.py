@@ -17,11 +17,12 @@ import torch
 
 from megatron_hypermoe.data.tokenizer import add_tokenizer_args
 from megatron_hypermoe.errors import ArgumentError
-from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_schedule_args,
-                                                    finalize_lr_schedule_args)
 from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
                                             HYPER_SIZES, MOE_TYPES, HyperMoEConfig,
                                             make_config)
+from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_schedule_args,
+                                                    finalize_lr_schedule_args)
+from megatron_hypermoe.training.metrics import add_logging_args, finalize_logging_args
 
 # flag (argparse dest) -> HyperMoEConfig field, for every flag that is a model config field.
 MODEL_CONFIG_FLAGS = {
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="exit (after saving) once the iteration is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=int, default=None,
+                   help="exit (after saving) once this many minutes have passed since start")
 
     g = parser.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10)
@@ -176,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generate-tokens", type=int, default=0,
                    help="at the end, print a sample of this many tokens")
     g.add_argument("--generate-prompt", default="\n")
+    add_logging_args(parser)
     return parser
 
 
@@ -322,6 +326,7 @@ def finalize_args(args, world_size: int) -> None:
     for name in ("log_interval", "eval_iters"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+    finalize_logging_args(args)
 
 
 def padded_vocab_size(vocab_size: int, args) -> int:
