@@ -23,7 +23,7 @@ def test_every_flag_of_the_megatron_scripts_is_same_fixed_or_refused():
 def test_readme_holds_the_generated_flag_table():
     readme = (REPO_ROOT / "README.md").read_text()
     assert markdown_table(build_parser()) in readme, \
-        "regenerate: python -m megatron_hypermoe.training.megatron_flags"
+        "regenerate it: python tools/megatron_flag_table.py"
 
 
 @pytest.mark.parametrize("flags, message", [

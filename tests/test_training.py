@@ -1,6 +1,7 @@
 """pretrain_gpt_hypermoe.py end to end on CPU, in subprocesses: runs, resume exactness,
 checkpoints, logging, parallel layouts against one process."""
 
+import json
 import math
 import os
 import signal
@@ -24,7 +25,9 @@ def test_single_process_run_writes_documented_metrics(moe_type, dataset, tmp_pat
     metrics, tb = tmp_path / "metrics.jsonl", tmp_path / "tb"
     output = pretrain(*TINY_MODEL, *dataset, "--moe-type", moe_type, "--train-iters", "4",
                       "--eval-interval", "2", "--eval-iters", "2", "--metrics-file", str(metrics),
-                      "--tensorboard-dir", str(tb))
+                      "--tensorboard-dir", str(tb), "--log-throughput",
+                      "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+                      "--log-batch-size-to-tensorboard")
     assert "lm loss" in output and "tokens/s" in output and "TFLOP/s/device" in output
     train, valid = read_metrics(metrics)
     assert [r["iteration"] for r in train] == [1, 2, 3, 4]
@@ -34,7 +37,7 @@ def test_single_process_run_writes_documented_metrics(moe_type, dataset, tmp_pat
                for r in valid)
     tags = tensorboard_tags(tb)
     expected = {"lm loss", "learning-rate", "grad-norm", "iteration-time", "tokens-per-second",
-                "TFLOPs-per-device", "lm loss validation", "lm loss validation ppl"}
+                "TFLOPs-per-device", "lm loss validation", "lm loss validation ppl", "batch-size"}
     if moe_type != "dense":
         expected |= {"load_balancing_loss", "moe/layer_0_max_over_mean_load",
                      "moe/layer_1_expert_3_load"}
@@ -79,6 +82,56 @@ def test_resumed_run_matches_uninterrupted_run_exactly(zero_stage, dataset, tmp_
         assert a["lm_loss"] == b["lm_loss"], (a["iteration"], a["lm_loss"], b["lm_loss"])
         assert a["grad_norm"] == b["grad_norm"]
         assert a["lr"] == b["lr"]
+    if zero_stage == "1":
+        # A checkpoint from before the scheduler's state was saved resumes the same way (its
+        # schedule was a function of the consumed samples).
+        meta_file = tmp_path / "ckpt" / "iter_0000003" / "hypermoe_checkpoint.json"
+        meta = json.loads(meta_file.read_text())
+        assert meta.pop("opt_param_scheduler")["num_steps"] == 3 * 4
+        meta_file.write_text(json.dumps(meta))
+        pretrain(*common, "--load", str(tmp_path / "ckpt"),
+                 "--metrics-file", str(tmp_path / "old.jsonl"))
+        old, _ = read_metrics(tmp_path / "old.jsonl")
+        assert [(r["lm_loss"], r["lr"]) for r in old] == [(r["lm_loss"], r["lr"])
+                                                         for r in full[3:]]
+
+
+def test_tensorboard_interval_log_switches_and_wandb_offline(dataset, tmp_path):
+    """--tensorboard-log-interval sets when TensorBoard and W&B (offline, no network) get the
+    training scalars, the same tags in both; without the --log-* switches the timers, ppl and
+    throughput stay out of them and off the console, and stay in --metrics-file."""
+    from tests.helpers import wandb_history
+
+    metrics, tb, wandb_dir = tmp_path / "metrics.jsonl", tmp_path / "tb", tmp_path / "wandb"
+    output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "6", "--log-interval", "3",
+                      "--tensorboard-log-interval", "2", "--eval-interval", "6",
+                      "--eval-iters", "1", "--metrics-file", str(metrics),
+                      "--tensorboard-dir", str(tb), "--wandb-project", "test",
+                      "--wandb-exp-name", "tiny", "--wandb-save-dir", str(wandb_dir),
+                      env={"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                           "WANDB_DIR": str(wandb_dir)})
+    lines = [line for line in output.splitlines() if line.startswith(" iteration ")]
+    assert [line.split()[1] for line in lines] == ["3/", "6/"], lines
+    assert "TFLOP/s" not in output and "ms/iter" in output
+    train, valid = read_metrics(metrics)
+    assert [r["iteration"] for r in train] == [2, 3, 4, 6]  # every event: TB or console
+    assert all("tflops_per_device" in r for r in train) and "val_ppl" in valid[0]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    assert [e.step for e in events.Scalars("lm loss")] == [2, 4, 6]
+    tags = set(events.Tags()["scalars"])
+    assert {"iteration-time", "TFLOPs-per-device", "lm loss validation ppl",
+            "batch-size"}.isdisjoint(tags)
+    history = wandb_history(wandb_dir)
+    assert sorted(history) == [2, 4, 6]
+    for step, record in history.items():
+        for tag in tags & set(record):
+            logged = {e.step: e.value for e in events.Scalars(tag)}
+            assert record[tag] == pytest.approx(logged[step], rel=1e-6), (step, tag)
+    assert tags == {key for record in history.values() for key in record
+                    if not key.startswith("_")}
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(dataset, tmp_path):

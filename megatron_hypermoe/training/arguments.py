@@ -23,6 +23,9 @@ from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYP
                                             make_config)
 from megatron_hypermoe.training.router_arguments import (ROUTER_CONFIG_FLAGS, add_router_args,
                                                          check_router_args)
+from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_schedule_args,
+                                                    finalize_lr_schedule_args)
+from megatron_hypermoe.training.metrics import add_logging_args, finalize_logging_args
 
 # flag (argparse dest) -> HyperMoEConfig field, for every flag that is a model config field.
 MODEL_CONFIG_FLAGS = {
@@ -137,8 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-decay-iters", type=int, default=None, help="None: --train-iters")
-    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"),
-                   default="cosine")
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -152,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--inject-nan-loss-at", type=int, nargs="+", default=None,
                    help="fault injection: make the loss NaN at these iterations (tests the "
                         "skip logic)")
+
+    add_lr_schedule_args(parser)
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="exit (after saving) once the iteration is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=int, default=None,
+                   help="exit (after saving) once this many minutes have passed since start")
 
     g = parser.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10)
@@ -201,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--manual-gc-interval iterations instead (all ranks at the same step)")
     g.add_argument("--manual-gc-interval", type=int, default=0,
                    help="with --manual-gc: iterations between collections (0: never)")
+    add_logging_args(parser)
     return parser
 
 
@@ -356,8 +363,9 @@ def finalize_args(args, world_size: int) -> None:
                             f"--micro-batch-size {args.micro_batch_size} x data-parallel size "
                             f"{args.data_parallel_size}")
     args.gradient_accumulation_steps = args.global_batch_size // per_step
+    finalize_lr_schedule_args(args)
     if args.train_iters is None and args.train_tokens is None and not args.eval_only:
-        raise ArgumentError("give --train-iters or --train-tokens")
+        raise ArgumentError("give --train-iters, --train-samples or --train-tokens")
     if args.train_iters is not None and args.train_tokens is not None:
         raise ArgumentError("--train-iters and --train-tokens are exclusive: pick one")
     if args.train_tokens is not None:
@@ -380,6 +388,7 @@ def finalize_args(args, world_size: int) -> None:
     for name in ("log_interval", "eval_iters", "max_consecutive_skipped_iters"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
+    finalize_logging_args(args)
 
 
 def padded_vocab_size(vocab_size: int, args) -> int:

@@ -8,7 +8,8 @@ Layout under --save (DeepSpeed's, plus three kinds of files of ours)::
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   (DeepSpeed)
         experts_ep_rank_00001_tp_rank_00.safetensors   with EP > 1: each EP (x expert-TP) rank's
                                     experts by global id
-        hypermoe_checkpoint.json    arguments, iteration, consumed samples, model shape
+        hypermoe_checkpoint.json    arguments, iteration, consumed samples, model shape, the
+                                    learning-rate scheduler's state (Megatron's)
         rng_rank_00000.safetensors  every RNG state of that rank (python, numpy, torch, CUDA,
                                     megatron's model-parallel streams)
 
@@ -40,6 +41,8 @@ from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
 from megatron_hypermoe.training.arguments import hyper_lr_mult, recorded_args
 from megatron_hypermoe.training.expert_checkpoint import (restore_local_experts,
                                                           save_local_experts)
+from megatron_hypermoe.training.lr_schedule import SCHEDULER_STATE_KEY
+from megatron_hypermoe.training.metrics import jsonable_args
 
 CHECKPOINT_FORMAT = "megatron-hypermoe-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -143,20 +146,11 @@ def checkpoint_shape(args) -> dict:
     return {field: getattr(args, field, None) for field in SHAPE_FIELDS}
 
 
-def _jsonable_args(args) -> dict:
-    out = {}
-    for key, value in vars(args).items():
-        if isinstance(value, (str, int, float, bool, type(None))):
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(
-                isinstance(v, (str, int, float, bool)) for v in value):
-            out[key] = list(value)
-    return out
-
-
-def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] = None) -> str:
+def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] = None,
+                    schedule=None) -> str:
     """Save on every rank (collective). Returns the final checkpoint directory. ``tokenizer``
-    (its fingerprint: type, vocab size, file hashes) lets converters refuse a mismatched one."""
+    (its fingerprint: type, vocab size, file hashes) lets converters refuse a mismatched one;
+    ``schedule`` (training/lr_schedule.py) is saved as Megatron saves its scheduler."""
     tag = tag_for(state.iteration)
     partial_tag = tag + ".partial"
     final_dir = os.path.join(args.save, tag)
@@ -179,9 +173,11 @@ def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] =
             "model": checkpoint_shape(args),
             "world_size": args.world_size,
             "data_parallel_size": args.data_parallel_size,
-            "args": _jsonable_args(args),
+            "args": jsonable_args(args),
             "tokenizer": tokenizer,
         }
+        if schedule is not None:
+            meta[SCHEDULER_STATE_KEY] = schedule.state_dict()
         _atomic_write_text(os.path.join(partial_dir, META_FILE), json.dumps(meta, indent=1))
     _barrier()
     if _rank() == 0:
@@ -245,8 +241,10 @@ def check_optimizer_groups(meta: dict, args) -> None:
                               "afresh")
 
 
-def load_checkpoint(engine, args) -> TrainState:
-    """Restore weights, optimizer, RNG and the train state (collective)."""
+def load_checkpoint(engine, args, schedule=None) -> TrainState:
+    """Restore weights, optimizer, RNG, the train state and, with the optimizer, the
+    learning-rate schedule (collective). As in Megatron, --finetune and --no-load-optim start
+    the schedule afresh."""
     tag, meta = read_latest(args.load)
     check_model_shape(meta, args)
     load_optimizer = not (args.finetune or args.no_load_optim)
@@ -264,7 +262,13 @@ def load_checkpoint(engine, args) -> TrainState:
         return TrainState()
     if not args.no_load_rng:
         load_rng_state(os.path.join(args.load, tag))
-    return TrainState(**meta["train_state"])
+    state = TrainState(**meta["train_state"])
+    if load_optimizer and schedule is not None:
+        if SCHEDULER_STATE_KEY in meta:
+            schedule.load_state_dict(meta[SCHEDULER_STATE_KEY])
+        else:  # written before the scheduler was saved
+            schedule.resume_without_state(state.consumed_train_samples)
+    return state
 
 
 def latest_iteration(load_dir: Optional[str]) -> Optional[int]:

@@ -10,8 +10,8 @@ scripts we mirror (:data:`SOURCES`) is one of:
 - **refused**: a feature not offered here: any use stops the run with the reason
   (:data:`REFUSED`).
 
-``python -m megatron_hypermoe.training.megatron_flags`` prints the README's table from these
-declarations (a test keeps the two equal).
+``python tools/megatron_flag_table.py`` prints the README's table from these declarations (a
+test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -289,9 +289,3 @@ def markdown_table(parser: argparse.ArgumentParser) -> str:
              "| Megatron flag | here | note |", "|---|---|---|"]
     lines += [f"| `{flag}` | {kind} | {note} |" for flag, kind, note in rows]
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    from megatron_hypermoe.training.arguments import build_parser
-
-    print(markdown_table(build_parser()), end="")

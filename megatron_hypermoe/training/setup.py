@@ -49,7 +49,8 @@ def build_model(config, args, initialize: bool = True):
 
 def optimizer_param_groups(model, weight_decay: float, expert_parallel: bool,
                            hyper_lr_mult: float = 1.0):
-    """Megatron's rule: no weight decay on biases and norm weights (1-D parameters); with
+    """Megatron's rule: no weight decay on biases and norm weights (1-D parameters: ``wd_mult``
+    0, Megatron's key, which the weight-decay schedule multiplies by); with
     ``hyper_lr_mult`` != 1 the hypernetwork's generating weights in a group of their own whose
     ``lr_mult`` (Megatron's key) the trainer applies at every step; with expert parallelism,
     experts in their own groups (DeepSpeed reduces them differently)."""
@@ -65,7 +66,7 @@ def optimizer_param_groups(model, weight_decay: float, expert_parallel: bool,
         else:
             (no_decay if param.ndim == 1 else decay).append(param)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
     if hyper:
         groups.append({"name": "hyper_generating", "params": hyper,
                        "weight_decay": weight_decay, "lr_mult": hyper_lr_mult})

@@ -27,13 +27,26 @@ from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
 from megatron_hypermoe.training.checkpointing import (TrainState, latest_iteration,
                                                       load_checkpoint, save_checkpoint)
 from megatron_hypermoe.training.flops import parameter_counts, training_flops_per_iteration
-from megatron_hypermoe.training.lr_schedule import learning_rate
+from megatron_hypermoe.training.lr_schedule import LRSchedule
 from megatron_hypermoe.training.metrics import (AUX_LOSS_KEYS, AuxLossesPaused,
                                                 ExpertLoadCounter, MetricsWriter, ProgressBar,
                                                 expert_load_values, side_path_values,
                                                 take_aux_losses)
 from megatron_hypermoe.training.setup import (build_engine, build_model, initialize_parallel,
                                               training_device)
+
+
+# Megatron measures --exit-duration-in-mins from the earliest moment it can: program start.
+START_TIME = time.time()
+
+
+class LogWindows:
+    """Since the last logging event / the last console line: time, iterations, aux-loss sums."""
+
+    def __init__(self):
+        self.event_time = self.console_time = time.time()
+        self.iterations_since_event = self.iterations_since_console = 0
+        self.console_aux = {}
 
 
 def print_rank0(*values, **kwargs):
@@ -72,12 +85,15 @@ class Trainer:
         self.config = model_config(args)
         self.engine, self.optimizer = build_engine(build_model(self.config, args), args)
         self.model = self.engine.module
+        # megatron-core's scheduler sets every group's lr and weight decay (no schedule to run
+        # for --eval-only)
+        self.schedule = LRSchedule(self.optimizer, args) if args.train_iters else None
         self.state = TrainState()
         if args.load and args.load == args.save and latest_iteration(args.load) is None:
             # The usual cluster setup (--save D --load D): the first launch finds nothing yet.
             print_rank0(f"no checkpoint in {args.load} yet: starting from iteration 0")
         elif args.load:
-            self.state = load_checkpoint(self.engine, args)
+            self.state = load_checkpoint(self.engine, args, self.schedule)
             print_rank0(f"loaded {args.load} at iteration {self.state.iteration}")
         self.build_data()
         self.metrics = MetricsWriter(args, is_writer_rank=self.rank == 0)
@@ -158,9 +174,7 @@ class Trainer:
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         args = self.args
-        lr = learning_rate(self.state.iteration, args)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
+        lr = self.schedule.lr  # what this step uses
         skipped_before = self.engine.skipped_steps
         losses = []
         for micro in range(args.gradient_accumulation_steps):
@@ -179,39 +193,74 @@ class Trainer:
             losses.append(loss.detach())
         finish_router_step(self.model, self.config)  # expert bias, global aux-loss counts
         skipped = self.engine.skipped_steps > skipped_before
+        if not skipped:  # as Megatron: a skipped step does not advance the schedule
+            self.schedule.step(args.global_batch_size)
         mean_loss = torch.stack(losses).mean()
         data_parallel = parallel_state.get_data_parallel_group()
         dist.all_reduce(mean_loss, group=data_parallel)
         mean_loss = float(mean_loss) / dist.get_world_size(data_parallel)
         return mean_loss, lr, skipped
 
-    def log_training(self, loss, lr, elapsed, iterations):
-        """Collective (aux losses and expert loads are reduced over ranks); rank 0 writes."""
+    def timing_values(self, elapsed, iterations):
+        args = self.args
+        return {
+            "ms_per_iter": 1000.0 * elapsed / iterations,
+            "tokens_per_s": args.global_batch_size * args.seq_length * iterations / elapsed,
+            "tflops_per_device": (self.flops_per_iteration * iterations / elapsed
+                                  / args.world_size / 1e12),
+        }
+
+    def training_values(self, loss, lr, elapsed, iterations):
+        """The values of the iterations since the last logging event, and which of them are
+        aux losses. Collective (aux losses and expert loads are reduced over ranks)."""
         args = self.args
         grad_norm = self.engine.get_global_grad_norm()
         values = {
             "lm_loss": loss, "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "ms_per_iter": 1000.0 * elapsed / iterations,
-            "tokens_per_s": args.global_batch_size * args.seq_length * iterations / elapsed,
-            "tflops_per_device": (self.flops_per_iteration * iterations / elapsed
-                                  / args.world_size / 1e12),
+            **self.timing_values(elapsed, iterations),
+            "batch_size": args.global_batch_size,
             "skipped_iterations": self.state.skipped_iterations,
         }
         aux = take_aux_losses(iterations * args.gradient_accumulation_steps,
                               per_layer=args.moe_per_layer_logging)
-        values.update({AUX_LOSS_KEYS.get(name, name): value for name, value in aux.items()})
+        aux = {AUX_LOSS_KEYS.get(name, name): value for name, value in aux.items()}
+        values.update(aux)
         load = self.expert_load.take()
         if load is not None:
             values.update(expert_load_values(load))
         values.update(side_path_values(self.model))
+        # The console averages the scalar losses (per-layer lists go to the writers only).
+        return values, {name: value for name, value in aux.items() if isinstance(value, float)}
+
+    def log_training(self, log, loss, lr, console, scalars):
+        """A logging event: TensorBoard/W&B get the values since the last event (Megatron
+        writes per --tensorboard-log-interval); the console line averages timing and aux losses
+        over the iterations since the last line (per --log-interval). Collective."""
+        now = time.time()
+        values, aux = self.training_values(loss, lr, now - log.event_time,
+                                           log.iterations_since_event)
+        for name, value in aux.items():
+            log.console_aux[name] = log.console_aux.get(name, 0.0) + \
+                value * log.iterations_since_event
+        log.event_time, log.iterations_since_event = now, 0
+        console_values = None
+        if console:
+            console_values = {**values,
+                              **self.timing_values(now - log.console_time,
+                                                   log.iterations_since_console),
+                              **{name: total / log.iterations_since_console
+                                 for name, total in log.console_aux.items()}}
+            log.console_time, log.iterations_since_console, log.console_aux = now, 0, {}
         iteration = self.state.iteration
-        self.metrics.log(iteration, values,
-                         prefix=f" iteration {iteration:8d}/{args.train_iters:8d}")
+        prefix = f" iteration {iteration:8d}/{self.args.train_iters:8d}"
+        self.metrics.log(iteration, values, prefix, console_values=console_values,
+                         console=console, scalars=scalars)
 
     def save(self):
         directory = save_checkpoint(self.engine, self.args, self.state,
-                                    tokenizer=tokenizer_fingerprint(self.args, self.tokenizer))
+                                    tokenizer=tokenizer_fingerprint(self.args, self.tokenizer),
+                                    schedule=self.schedule)
         self.last_saved_iteration = self.state.iteration
         print_rank0(f"saved checkpoint {directory}")
 
@@ -224,7 +273,8 @@ class Trainer:
         args = self.args
         batches = iter(self.train_loader())
         consecutive_skips = 0
-        last_log_time, iterations_since_log = time.time(), 0
+        log = LogWindows()
+        scalar_writers = MetricsWriter.writes_scalars(args)
         progress = ProgressBar(args.train_iters, self.state.iteration, self.rank == 0)
         if args.manual_gc:
             # Python's collector pauses each rank at a different moment, and the others wait
@@ -237,7 +287,8 @@ class Trainer:
                     self.state.iteration % args.manual_gc_interval == 0:
                 gc.collect()
             self.state.consumed_train_samples += args.global_batch_size
-            iterations_since_log += 1
+            log.iterations_since_event += 1
+            log.iterations_since_console += 1
             if skipped:
                 self.state.skipped_iterations += 1
                 consecutive_skips += 1
@@ -251,19 +302,19 @@ class Trainer:
             else:
                 consecutive_skips = 0
             progress.update(self.state.iteration)
-            if self.state.iteration % args.log_interval == 0:
-                now = time.time()
-                self.log_training(loss, lr, now - last_log_time, iterations_since_log)
-                last_log_time, iterations_since_log = now, 0
+            console = self.state.iteration % args.log_interval == 0
+            scalars = scalar_writers and self.state.iteration % args.tensorboard_log_interval == 0
+            if console or scalars:
+                self.log_training(log, loss, lr, console, scalars)
             if args.eval_interval and self.state.iteration % args.eval_interval == 0:
                 self.log_evaluation(self.evaluate())
             if args.save and args.save_interval and \
                     self.state.iteration % args.save_interval == 0:
                 self.save()
-            if self._should_exit():
+            reason = self._exit_reason()
+            if reason:
                 self.save_unless_just_saved()
-                print_rank0(f"exiting at iteration {self.state.iteration} "
-                            f"({'SIGTERM' if self.stop_requested else '--exit-interval'})")
+                print_rank0(f"exiting at iteration {self.state.iteration} ({reason})")
                 return False
         progress.close()
         return True
@@ -279,14 +330,26 @@ class Trainer:
             print_rank0(sample)
             print_rank0("--------------------------")
 
-    def _should_exit(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        dist.all_reduce(flag)  # every rank stops at the same iteration
+    def _exit_reason(self):
+        """Why to stop now (SIGTERM, --exit-duration-in-mins, --exit-interval), or None; every
+        rank gets the same answer."""
+        args = self.args
+        minutes = (time.time() - START_TIME) / 60.0
+        over_time = bool(args.exit_duration_in_mins) and minutes > args.exit_duration_in_mins
+        flags = torch.tensor([1.0 if self.stop_requested else 0.0, 1.0 if over_time else 0.0],
+                             device=self.device)
+        dist.all_reduce(flags)  # any rank's signal or clock stops all at the same iteration
         # "or": a SIGTERM that lands during the all-reduce must not be overwritten by the
         # value read before it (it would then be lost, and the run would go on).
-        self.stop_requested = self.stop_requested or bool(flag.item())
-        interval = self.args.exit_interval
-        return self.stop_requested or bool(interval and self.state.iteration % interval == 0)
+        self.stop_requested = self.stop_requested or bool(flags[0].item())
+        if self.stop_requested:
+            return "SIGTERM"
+        if flags[1].item():
+            return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+        interval = args.exit_interval
+        if interval and self.state.iteration % interval == 0:
+            return "--exit-interval"
+        return None
 
     def sample_text(self):
         """Every rank generates in lock-step (tensor and expert parallel forwards are

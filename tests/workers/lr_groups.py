@@ -1,31 +1,53 @@
 """Run under torchrun: the trainer's optimizer groups get exactly the intended learning rate at
 every step, the hypernetwork's generating weights ``lr x --hyper-lr-mult``, under DeepSpeed ZeRO
-with the layout given on the command line, and again after resuming from a checkpoint.
+with the layout given on the command line, and again after resuming from a checkpoint. The
+groups checked are those of the torch optimizer DeepSpeed steps.
 
     torchrun --nproc_per_node 2 tests/workers/lr_groups.py --save DIR -- <layout flags>
 Exits non-zero (AssertionError) on any difference.
 """
 
 import argparse
+import math
 import os
 
 from megatron_hypermoe.parallel.distributed import destroy_distributed
 from megatron_hypermoe.training.arguments import parse_args
-from megatron_hypermoe.training.lr_schedule import learning_rate
 from megatron_hypermoe.training.trainer import Trainer
 from tests.helpers import TINY_MODEL
 
 STEPS_BEFORE_SAVE, STEPS = 3, 5
 
 
+def megatron_lr(args, num_steps):
+    """megatron-core's scheduler alone, on a stand-in optimizer, at the same step."""
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from megatron_hypermoe.training.lr_schedule import scheduler_steps
+
+    stand_in = SimpleNamespace(param_groups=[{}])
+    scheduler = OptimizerParamScheduler(
+        stand_in, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
+        lr_decay_style=args.lr_decay_style, start_wd=args.start_weight_decay,
+        end_wd=args.end_weight_decay, wd_incr_style=args.weight_decay_incr_style,
+        **scheduler_steps(args))
+    scheduler.step(num_steps)
+    return stand_in.param_groups[0]["lr"]
+
+
 def check_group_lrs(trainer):
-    """Every group's lr is the schedule's at the step just taken, times its multiplier."""
-    expected = learning_rate(trainer.state.iteration, trainer.args)
+    """Every group's lr is the schedule's at the next step, times its multiplier."""
+    args = trainer.args
+    expected = megatron_lr(args, (trainer.state.iteration + 1) * args.global_batch_size)
     groups = trainer.optimizer.param_groups
+    assert groups is trainer.optimizer.optimizer.param_groups  # the groups DeepSpeed steps
     assert any(g.get("lr_mult") == 1 / 16 for g in groups), [g.get("name") for g in groups]
+    assert expected > 0 or trainer.state.iteration + 1 == args.train_iters  # then min-lr 0
     for group in groups:
-        assert group["lr"] == expected * group.get("lr_mult", 1.0), (group.get("name"),
-                                                                      group["lr"], expected)
+        assert math.isclose(group["lr"], expected * group.get("lr_mult", 1.0), rel_tol=1e-12), \
+            (group.get("name"), group["lr"], expected)
 
 
 def train(flags, steps_from, steps_to):

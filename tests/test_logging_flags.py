@@ -1,0 +1,70 @@
+"""Megatron's run-length and logging flags, in-process: --exit-duration-in-mins, what the
+--log-* switches let through to the console and TensorBoard, and one-line refusals."""
+
+import re
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_hypermoe.errors import ArgumentError
+from megatron_hypermoe.training.arguments import parse_args
+from megatron_hypermoe.training.metrics import console_line, tensorboard_scalars
+from tests.helpers import TINY_MODEL
+
+
+def args_for(*flags):
+    return parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "2", *flags])
+
+
+def exit_reason(monkeypatch, minutes_since_start, *flags):
+    from megatron_hypermoe.training import trainer
+
+    monkeypatch.setattr(trainer, "START_TIME", time.time() - 60 * minutes_since_start)
+    fake = SimpleNamespace(args=args_for(*flags), stop_requested=False, device="cpu",
+                           state=SimpleNamespace(iteration=3))
+    return trainer.Trainer._exit_reason(fake)
+
+
+def test_exit_duration_in_mins_stops_once_the_time_is_up(monkeypatch, megatron_single_process):
+    assert exit_reason(monkeypatch, 4.9, "--exit-duration-in-mins", "5") is None
+    assert exit_reason(monkeypatch, 5.1, "--exit-duration-in-mins", "5") == \
+        "--exit-duration-in-mins 5"
+    assert exit_reason(monkeypatch, 1e6) is None  # not given: no limit
+
+
+VALUES = {"lm_loss": 2.0, "ms_per_iter": 10.0, "tokens_per_s": 100.0, "tflops_per_device": 0.5,
+          "batch_size": 4, "val_ppl": 7.0, "val_loss": 1.9}
+
+
+def test_log_switches_choose_what_console_and_tensorboard_show(tmp_path):
+    plain = args_for("--tensorboard-dir", str(tmp_path))
+    assert "TFLOP/s" not in console_line("x", VALUES, plain)
+    assert set(tensorboard_scalars(VALUES, plain)) == {"lm loss", "lm loss validation"}
+    everything = args_for("--tensorboard-dir", str(tmp_path), "--log-throughput",
+                          "--log-timers-to-tensorboard", "--log-batch-size-to-tensorboard",
+                          "--log-validation-ppl-to-tensorboard")
+    assert "0.5000 TFLOP/s/device" in console_line("x", VALUES, everything)
+    assert set(tensorboard_scalars(VALUES, everything)) == {
+        "lm loss", "lm loss validation", "iteration-time", "tokens-per-second",
+        "TFLOPs-per-device", "batch-size", "lm loss validation ppl"}
+    timers_only = args_for("--tensorboard-dir", str(tmp_path), "--log-timers-to-tensorboard")
+    assert "TFLOPs-per-device" not in tensorboard_scalars(VALUES, timers_only)  # as Megatron
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--log-timers-to-tensorboard"], "--log-timers-to-tensorboard needs --tensorboard-dir or "
+                                      "--wandb-project"),
+    (["--tensorboard-log-interval", "5"], "--tensorboard-log-interval needs --tensorboard-dir"),
+    (["--tensorboard-dir", "tb", "--tensorboard-log-interval", "0"],
+     "--tensorboard-log-interval must be at least 1"),
+    (["--log-optimizer-states-to-tensorboard"],
+     "--log-optimizer-states-to-tensorboard is not supported"),
+    (["--wandb-exp-name", "x"], "--wandb-exp-name needs --wandb-project"),
+    (["--wandb-project", "p"], "--wandb-project needs --wandb-exp-name NAME"),
+    (["--wandb-project", "p", "--wandb-exp-name", "x"], "--wandb-project needs --wandb-save-dir"),
+])
+def test_logging_flags_that_cannot_act_are_refused_in_one_line(flags, message):
+    with pytest.raises(ArgumentError, match=re.escape(message)) as error:
+        args_for(*flags)
+    assert "\n" not in str(error.value)
