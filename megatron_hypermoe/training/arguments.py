@@ -20,6 +20,8 @@ from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
                                             HYPER_SIZES, MOE_TYPES, HyperMoEConfig,
                                             make_config)
+from megatron_hypermoe.model.recompute import (RECOMPUTE_CONFIG_FLAGS, add_recompute_args,
+                                               check_recompute_args)
 
 # flag (argparse dest) -> HyperMoEConfig field, for every flag that is a model config field.
 MODEL_CONFIG_FLAGS = {
@@ -30,6 +32,7 @@ MODEL_CONFIG_FLAGS = {
     "bf16": "bf16", "fp16": "fp16",
     "tensor_model_parallel_size": "tensor_model_parallel_size",
     "sequence_parallel": "sequence_parallel",
+    **RECOMPUTE_CONFIG_FLAGS,
 }
 # ... and those that only MoE variants have (a dense config has no experts).
 MOE_CONFIG_FLAGS = {
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-data", action="store_true")
     g.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     add_tokenizer_args(parser)
+    add_recompute_args(parser)
 
     g = parser.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed", action="store_true",
@@ -284,6 +288,7 @@ def finalize_args(args, world_size: int) -> None:
         raise ArgumentError("ZeRO stage 3 does not support MoE layers (DeepSpeed partitions "
                             "expert parameters only with stages 1 and 2): use --zero-stage 2")
     _check_tensor_parallel(args)
+    check_recompute_args(args)
     args.world_size = world_size
     args.data_parallel_size = world_size // args.tensor_model_parallel_size
     per_step = args.micro_batch_size * args.data_parallel_size
