@@ -268,11 +268,19 @@ EP_CASES = [(moe_type, dispatcher) for moe_type in ("hypermoe", "moe")
 EP_INIT_SEED = 42
 
 
-def ep_case_model(moe_type, dispatcher):
+# Recomputation re-runs the dispatcher's collectives in backward (config fields per mode).
+EP_RECOMPUTE_CASES = {
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    "selective_moe": dict(recompute_granularity="selective", recompute_modules=["moe"]),
+}
+
+
+def ep_case_model(moe_type, dispatcher, **overrides):
     """The EP equivalence tests' model: tiny, top-2 of 4 experts, weights from global names."""
     from megatron_hypermoe.model.initialization import initialize_from_global_names
 
-    model, config = tiny_model(moe_type, moe_router_topk=2, moe_token_dispatcher_type=dispatcher)
+    model, config = tiny_model(moe_type, moe_router_topk=2, moe_token_dispatcher_type=dispatcher,
+                               **overrides)
     initialize_from_global_names(model, config, EP_INIT_SEED)
     if moe_type == "hypermoe":
         with torch.no_grad():  # make the HyperExpert's contribution large enough to matter

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tests.helpers import EP_CASES, ep_case_model, loss_and_global_grads, run_torchrun
+from tests.helpers import (EP_CASES, EP_RECOMPUTE_CASES, ep_case_model, loss_and_global_grads,
+                           run_torchrun)
 
 
 def assert_relative(actual, expected, tol, what):
@@ -24,10 +25,22 @@ def ep2_results(tmp_path_factory):
 def test_ep2_equals_ep1_loss_and_gradients(moe_type, dispatcher, ep2_results,
                                            megatron_single_process):
     model, config = ep_case_model(moe_type, dispatcher)
+    assert_ep2_matches(ep2_results, f"{moe_type}_{dispatcher}", model, config)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", EP_RECOMPUTE_CASES)
+def test_ep2_under_recompute_equals_ep1_without(mode, ep2_results, megatron_single_process):
+    """The recomputed forward re-runs the all-to-all in backward, on both ranks alike."""
+    model, config = ep_case_model("hypermoe", "alltoall")
+    assert_ep2_matches(ep2_results, f"hypermoe_alltoall_{mode}", model, config)
+
+
+def assert_ep2_matches(ep2_results, case, model, config):
+    """The EP=2 worker's loss and gradients of ``case`` are the one-rank model's."""
     reference = [loss_and_global_grads(model, config, data_seed=100 + r) for r in range(2)]
     for rank in range(2):
-        got = torch.load(ep2_results / f"{moe_type}_{dispatcher}_rank{rank}.pt",
-                         weights_only=True)
+        got = torch.load(ep2_results / f"{case}_rank{rank}.pt", weights_only=True)
         ref_loss, ref_grads = reference[rank]
         assert_relative(got["loss"], ref_loss, 1e-6, f"rank {rank} loss")
         own_experts = {f".local_experts.{rank * 2 + i}." for i in range(2)}

@@ -13,7 +13,8 @@ from megatron.core import parallel_state
 
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
 from megatron_hypermoe.parallel.experts import is_expert_parameter
-from tests.helpers import EP_CASES, ep_case_model, loss_and_global_grads, tiny_model
+from tests.helpers import (EP_CASES, EP_RECOMPUTE_CASES, ep_case_model, loss_and_global_grads,
+                           tiny_model)
 
 
 def main():
@@ -36,6 +37,11 @@ def main():
         loss, grads = loss_and_global_grads(model, config, data_seed=100 + rank)
         torch.save({"loss": loss, "grads": grads},
                    os.path.join(args.out, f"{moe_type}_{dispatcher}_rank{rank}.pt"))
+    for mode, fields in EP_RECOMPUTE_CASES.items():
+        model, config = ep_case_model("hypermoe", "alltoall", **fields)
+        loss, grads = loss_and_global_grads(model, config, data_seed=100 + rank)
+        torch.save({"loss": loss, "grads": grads},
+                   os.path.join(args.out, f"hypermoe_alltoall_{mode}_rank{rank}.pt"))
     destroy_distributed()
 
 
