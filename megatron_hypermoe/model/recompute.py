@@ -145,6 +145,14 @@ def check_recompute_args(args) -> None:
         args.recompute_modules = []  # as a config field: nothing recomputed selectively
 
 
+def recompute_modules_flag(config):
+    """--recompute-modules as a run of ``config`` would pass it (args_for_model): megatron-core
+    fills recompute_modules (core_attn) even when nothing is recomputed selectively."""
+    if config.recompute_granularity != "selective":
+        return None
+    return list(config.recompute_modules)
+
+
 def in_recompute_replay() -> bool:
     """True while megatron's checkpoint re-runs a forward during backward. Its flag is set in
     both passes; only the replay runs with grad enabled (the first pass runs under no_grad).

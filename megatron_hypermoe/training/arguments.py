@@ -21,7 +21,7 @@ from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYP
                                             HYPER_SIZES, MOE_TYPES, HyperMoEConfig,
                                             make_config)
 from megatron_hypermoe.model.recompute import (RECOMPUTE_CONFIG_FLAGS, add_recompute_args,
-                                               check_recompute_args)
+                                               check_recompute_args, recompute_modules_flag)
 
 # flag (argparse dest) -> HyperMoEConfig field, for every flag that is a model config field.
 MODEL_CONFIG_FLAGS = {
@@ -365,6 +365,7 @@ def args_for_model(config: HyperMoEConfig, world_size: int, **flags) -> argparse
         table.update(MOE_CONFIG_FLAGS)
     for flag, field in table.items():
         setattr(args, flag, getattr(config, field))
+    args.recompute_modules = recompute_modules_flag(config)
     if args.num_query_groups == args.num_attention_heads:
         args.num_query_groups = None  # what the flag's default means, and what a run passes
     for flag, value in flags.items():
