@@ -259,6 +259,7 @@ def test_recompute_is_not_part_of_a_checkpoint_and_round_trips():
         assert recompute_fields(again) == recompute_fields(config)
 
 
+@pytest.mark.slow
 def test_run_resumes_under_recompute_and_matches_the_run_without(tmp_path):
     """Through the trainer and DeepSpeed: a checkpoint saved without recomputation resumes
     under Megatron-DeepSpeed's --checkpoint-activations, and the iterations after it match the
