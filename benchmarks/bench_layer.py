@@ -23,6 +23,7 @@ import torch
 
 from megatron_hypermoe.model.config import make_config
 from megatron_hypermoe.model.gpt import build_gpt_model
+from megatron_hypermoe.model.memory import SavedActivationBytes
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
 
 SHAPES = {
@@ -52,24 +53,6 @@ def build_layers(shape: dict, topk: int, device: torch.device, dtype: torch.dtyp
     hyper_model.hypernetwork.to(device, dtype)
     hyper_layer = hyper_model.decoder.layers[0].mlp.to(device, dtype)
     return moe_layer, hyper_layer, hyper_model
-
-
-class SavedActivationBytes:
-    """Bytes of non-parameter tensors autograd keeps for backward, counted once per storage."""
-
-    def __init__(self, parameters):
-        self.param_storages = {p.untyped_storage().data_ptr() for p in parameters}
-        self.storages = {}
-
-    def pack(self, tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.param_storages:
-            self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    @property
-    def total(self):
-        return sum(self.storages.values())
 
 
 def run_once(layer, x, grad_out, params):

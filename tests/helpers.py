@@ -308,6 +308,15 @@ EP_CAPACITY_CASES = {
 EP_INIT_SEED = 42
 
 
+# Recomputation re-runs the dispatcher's collectives in backward.
+EP_RECOMPUTE_CASES = {
+    "hypermoe_alltoall_recompute_full": ("hypermoe", "alltoall", dict(
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
+    "hypermoe_alltoall_recompute_moe": ("hypermoe", "alltoall", dict(
+        recompute_granularity="selective", recompute_modules=["moe"])),
+}
+
+
 def ep_case_model(moe_type, dispatcher, **overrides):
     """The EP equivalence tests' model: tiny, top-2 of 4 experts, weights from global names
     (``overrides``: other config fields, e.g. a capacity factor)."""

@@ -18,6 +18,8 @@ from typing import Callable, Optional
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_hypermoe.model.recompute import in_recompute_replay
+
 
 class SidePathMoELayer(MoELayer):
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
@@ -49,6 +51,6 @@ class SidePathMoELayer(MoELayer):
         self.last_side_output_rms = side.detach().float().pow(2).mean().sqrt()
         experts_rms = output.detach().float().pow(2).mean().sqrt()
         self.last_side_over_experts_rms = self.last_side_output_rms / experts_rms.clamp_min(1e-30)
-        if self.output_recorder is not None:
+        if self.output_recorder is not None and not in_recompute_replay():
             self.output_recorder(self, hidden_states, routing_map, output, side)
         return output + side

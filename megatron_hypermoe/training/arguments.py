@@ -26,6 +26,8 @@ from megatron_hypermoe.training.router_arguments import (ROUTER_CONFIG_FLAGS, ad
 from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_schedule_args,
                                                     finalize_lr_schedule_args)
 from megatron_hypermoe.training.metrics import add_logging_args, finalize_logging_args
+from megatron_hypermoe.model.recompute import (RECOMPUTE_CONFIG_FLAGS, add_recompute_args,
+                                               check_recompute_args, recompute_modules_flag)
 
 # flag (argparse dest) -> HyperMoEConfig field, for every flag that is a model config field.
 MODEL_CONFIG_FLAGS = {
@@ -37,6 +39,7 @@ MODEL_CONFIG_FLAGS = {
     "bf16": "bf16", "fp16": "fp16",
     "tensor_model_parallel_size": "tensor_model_parallel_size",
     "sequence_parallel": "sequence_parallel",
+    **RECOMPUTE_CONFIG_FLAGS,
 }
 # ... and those that only MoE variants have (a dense config has no experts).
 MOE_CONFIG_FLAGS = {
@@ -167,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_args(parser)
     add_megatron_flags(parser)
     show_every_default(parser)
+    add_recompute_args(parser)
 
     g = parser.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
@@ -353,6 +357,7 @@ def finalize_args(args, world_size: int) -> None:
         raise ArgumentError("ZeRO stage 3 does not support MoE layers (DeepSpeed partitions "
                             "expert parameters only with stages 1 and 2): use --zero-stage 2")
     _check_tensor_parallel(args)
+    check_recompute_args(args)
     args.world_size = world_size
     args.data_parallel_size = world_size // args.tensor_model_parallel_size
     per_step = args.micro_batch_size * args.data_parallel_size
@@ -431,6 +436,7 @@ def args_for_model(config: HyperMoEConfig, world_size: int, **flags) -> argparse
         table.update(MOE_CONFIG_FLAGS)
     for flag, field in table.items():
         setattr(args, flag, getattr(config, field))
+    args.recompute_modules = recompute_modules_flag(config)
     if args.num_query_groups == args.num_attention_heads:
         args.num_query_groups = None  # what the flag's default means, and what a run passes
     for flag, value in flags.items():

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
+from megatron_hypermoe.model.recompute import in_recompute_replay
 from megatron_hypermoe.model.side_path import SidePathMoELayer
 
 
@@ -42,7 +43,7 @@ class ExpertLoadCounter:
 
     def _hook(self, index):
         def record(module, inputs, outputs):
-            if self.paused:
+            if self.paused or in_recompute_replay():  # a recomputed forward routes no new token
                 return
             # the router's top-k choices (its output map is after capacity dropping/padding)
             per_expert = module.topk_map.detach().sum(dim=0).to(torch.float64)

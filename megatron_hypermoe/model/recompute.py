@@ -1,0 +1,162 @@
+"""Activation recomputation: Megatron-LM's flags onto megatron-core's own machinery.
+
+The flags set TransformerConfig's ``recompute_granularity``, ``recompute_method``,
+``recompute_num_layers`` and ``recompute_modules``, which megatron-core's TransformerBlock
+(full: whole layers under ``tensor_parallel.checkpoint``), attention (``core_attn``), dense MLP
+(``mlp``) and MoELayer (``moe``) honour. HyperMoE's side path runs inside the MoE layer's
+forward (it is added in ``postprocess``), so a full-layer checkpoint and the ``moe`` module both
+recompute it. ``--recompute-activations`` (Megatron-LM) and ``--checkpoint-activations`` /
+``--checkpoint-num-layers`` (Megatron-DeepSpeed) are aliases onto the same fields.
+
+Recomputation changes no weight, so it is not part of a checkpoint's shape: a run may resume
+with another setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+import torch
+
+from megatron_hypermoe.errors import ArgumentError
+
+GRANULARITIES = ("full", "selective")
+METHODS = ("uniform", "block")
+# What megatron-core 0.16.1's TransformerConfig accepts in recompute_modules.
+MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+DEFAULT_MODULES = ["core_attn"]  # megatron-core's default for selective
+
+# flag (argparse dest) -> TransformerConfig field (the same names), for MODEL_CONFIG_FLAGS.
+RECOMPUTE_CONFIG_FLAGS = {name: name for name in (
+    "recompute_granularity", "recompute_method", "recompute_num_layers", "recompute_modules")}
+
+
+def add_recompute_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("activation recomputation")
+    g.add_argument("--recompute-granularity", choices=GRANULARITIES, default=None,
+                   help="full: recompute whole transformer layers in backward (needs "
+                        "--recompute-method and --recompute-num-layers); selective: recompute "
+                        "only --recompute-modules. Default: none (keep every activation)")
+    g.add_argument("--recompute-method", choices=METHODS, default=None,
+                   help="with full: uniform checkpoints every chunk of --recompute-num-layers "
+                        "layers; block checkpoints only the first --recompute-num-layers "
+                        "layers, one at a time")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="with full: layers per chunk (uniform) or layers recomputed (block)")
+    g.add_argument("--recompute-modules", nargs="+", choices=MODULES, default=None,
+                   help="with selective: what to recompute; here core_attn, moe (the MoE layer, "
+                        "HyperMoE's side path included) and mlp (dense models) work; layernorm "
+                        "needs Transformer Engine. Default: core_attn")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="Megatron-LM's shorthand for --recompute-granularity selective")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="Megatron-DeepSpeed's name for --recompute-granularity full "
+                        "--recompute-method uniform --recompute-num-layers "
+                        "<--checkpoint-num-layers>")
+    g.add_argument("--checkpoint-num-layers", type=int, default=None,
+                   help="with --checkpoint-activations: layers per checkpointed chunk (default 1)")
+
+
+def _module_refusal(module: str, args) -> Optional[str]:
+    """Why ``module`` cannot be recomputed in this model (None: it can). megatron-core accepts
+    every name in MODULES, but some do nothing with this project's local layer spec."""
+    moe = args.moe_type != "dense"
+    if module == "moe" and not moe:
+        return "--moe-type dense has no MoE layer: use mlp"
+    if module == "mlp" and moe:
+        return ("mlp recomputes dense MLPs and this model's MLPs are MoE layers: use moe (the "
+                "whole MoE layer, HyperMoE's side path included)")
+    if module == "layernorm":
+        from megatron.core.tensor_parallel.random import HAVE_TE
+
+        if not HAVE_TE:  # megatron's CheckpointWithoutOutput always takes its TE FP8 path
+            return "megatron-core recomputes norms through Transformer Engine, not installed"
+    if module == "moe_act":
+        return ("it recomputes the activation of megatron-core's grouped-GEMM experts; this "
+                "model's experts are SequentialMLP: use moe")
+    if module == "mla_up_proj":
+        return "this model has no multi-latent attention"
+    if module == "shared_experts":
+        return "this model has no shared experts"
+    return None
+
+
+def _resolve_aliases(args) -> None:
+    if args.recompute_activations:
+        if args.recompute_granularity == "full":
+            raise ArgumentError("--recompute-activations means --recompute-granularity "
+                                "selective, which contradicts --recompute-granularity full: "
+                                "drop one")
+        args.recompute_granularity = "selective"
+    if args.checkpoint_num_layers is not None and not args.checkpoint_activations:
+        raise ArgumentError("--checkpoint-num-layers applies only with --checkpoint-activations: "
+                            "add it, or use --recompute-num-layers")
+    if args.checkpoint_activations:
+        implied = {"recompute_granularity": "full", "recompute_method": "uniform",
+                   "recompute_num_layers": args.checkpoint_num_layers or 1}
+        for dest, value in implied.items():
+            given = getattr(args, dest)
+            if given not in (None, value):
+                flag = "--" + dest.replace("_", "-")
+                raise ArgumentError(f"--checkpoint-activations means {flag} {value}, which "
+                                    f"contradicts {flag} {given}: drop one")
+            setattr(args, dest, value)
+
+
+def check_recompute_args(args) -> None:
+    """Megatron's validate_args for recomputation, plus refusals for what would be ignored.
+    Idempotent (args_for_model finalizes recorded flags again)."""
+    _resolve_aliases(args)
+    granularity = args.recompute_granularity
+    method, num_layers, modules = (args.recompute_method, args.recompute_num_layers,
+                                   args.recompute_modules)
+    if granularity != "full":
+        for flag, value in (("--recompute-method", method),
+                            ("--recompute-num-layers", num_layers)):
+            if value is not None:
+                raise ArgumentError(f"{flag} applies only with --recompute-granularity full"
+                                    + (" (selective recomputes modules, not layers)"
+                                       if granularity == "selective" else "") + ": drop it")
+    if granularity != "selective" and modules:
+        raise ArgumentError("--recompute-modules applies only with --recompute-granularity "
+                            "selective: add it, or drop --recompute-modules")
+    if granularity == "full":
+        if method is None:
+            raise ArgumentError("--recompute-granularity full needs --recompute-method uniform "
+                                "or block")
+        if num_layers is None:
+            raise ArgumentError("--recompute-granularity full needs --recompute-num-layers N")
+        if not 1 <= num_layers <= args.num_layers:
+            raise ArgumentError(f"--recompute-num-layers {num_layers} must be between 1 and "
+                                f"--num-layers {args.num_layers}")
+        if method == "uniform" and args.num_layers % num_layers:
+            # megatron's uniform chunks would run past the last layer
+            raise ArgumentError(f"--recompute-method uniform needs --num-layers "
+                                f"{args.num_layers} divisible by --recompute-num-layers "
+                                f"{num_layers}")
+    if granularity == "selective":
+        args.recompute_modules = modules = list(modules or DEFAULT_MODULES)
+        for module in modules:
+            reason = _module_refusal(module, args)
+            if reason:
+                raise ArgumentError(f"--recompute-modules {module}: {reason}")
+    else:
+        args.recompute_modules = []  # as a config field: nothing recomputed selectively
+
+
+def recompute_modules_flag(config):
+    """--recompute-modules as a run of ``config`` would pass it (args_for_model): megatron-core
+    fills recompute_modules (core_attn) even when nothing is recomputed selectively."""
+    if config.recompute_granularity != "selective":
+        return None
+    return list(config.recompute_modules)
+
+
+def in_recompute_replay() -> bool:
+    """True while megatron's checkpoint re-runs a forward during backward. Its flag is set in
+    both passes; only the replay runs with grad enabled (the first pass runs under no_grad).
+    Observers of forward passes (expert-load counts) skip the replay, or they count twice."""
+    from megatron.core.tensor_parallel.random import is_checkpointing
+
+    return is_checkpointing() and torch.is_grad_enabled()
