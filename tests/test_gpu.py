@@ -57,5 +57,7 @@ def test_bf16_training_run_on_cuda(tmp_path):
          "--train-iters", "5", "--bf16", "--zero-stage", "2", "--metrics-file", str(metrics)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    # ZeRO-2 with bf16 weights accumulates and reduces gradients in fp32 by default.
+    assert "fp32 gradient accumulation, fp32 reduction (DeepSpeedZeroOptimizer)" in result.stdout
     losses = [json.loads(line)["lm_loss"] for line in open(metrics) if "lm_loss" in line]
     assert len(losses) == 5 and all(loss == loss for loss in losses)  # finite, not NaN

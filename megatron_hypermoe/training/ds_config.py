@@ -58,10 +58,10 @@ TOP_LEVEL_KEYS = {
     "data_types": Rule(HONOURED, "gradient accumulation dtype etc. (see the data_types section)"),
     "communication_data_type": Rule(HONOURED, "dtype of the gradient reduction; default fp32 "
                                               "with --bf16/--fp16 (--grad-reduce-in-bf16: bf16)"),
-    "prescale_gradients": Rule(HONOURED, "divide gradients by the data-parallel size before "
-                                         "the reduction instead of after"),
-    "gradient_predivide_factor": Rule(HONOURED, "pre-division factor of the reduction"),
-    "gradient_allreduce_op": Rule(HONOURED, "mean or sum of the data-parallel reduction"),
+    **{key: Rule(REFUSED, "gradients are averaged over the data-parallel ranks after the "
+                          "reduction (as in Megatron; the expert groups' scaling relies on it, "
+                          "and ZeRO-2's reduce-scatter asserts on other settings): remove it")
+       for key in ("prescale_gradients", "gradient_predivide_factor", "gradient_allreduce_op")},
     "zero_allow_untested_optimizer": Rule(HONOURED, "DeepSpeed's check of the client optimizer"),
     "zero_force_ds_cpu_optimizer": Rule(HONOURED, "with offload, require DeepSpeedCPUAdam (the "
                                                   "trainer builds it)"),
@@ -82,6 +82,7 @@ TOP_LEVEL_KEYS = {
                                "remove the section"),
     "scheduler": Rule(REFUSED, "the trainer applies Megatron's schedule from --lr-decay-style/"
                                "--lr-warmup-iters: remove the section"),
+    "disable_allgather": Rule(REFUSED, "DeepSpeed 0.19.8 parses it and never reads it"),
     "managed_gradient_accumulation": Rule(REFUSED, "the trainer steps the engine every "
                                                    "micro-batch: remove it"),
     # Features the trainer provides by its own flags
