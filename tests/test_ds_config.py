@@ -251,6 +251,15 @@ def test_bf16_zero1_gradients_accumulate_in_fp32_unless_asked(flags, accum, wrap
     assert torch.isfinite(loss)
 
 
+@pytest.mark.usefixtures("megatron_single_process")
+def test_fp16_where_deepspeed_cannot_run_it_is_a_one_line_error(monkeypatch):
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
+    with pytest.raises(ArgumentError, match="does not support fp16 on this machine: use --bf16"):
+        build_tiny_engine(["--fp16"])
+
+
 def test_shm_comm_op_is_not_built_on_the_cpu_accelerator():
     import importlib
 

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 import torch
 
 from megatron_hypermoe.compat.deepspeed import skip_unused_shm_comm_op
+from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.initialization import initialize_from_global_names
 from megatron_hypermoe.parallel.deepspeed_mpu import MegatronMPU
@@ -83,11 +84,24 @@ def build_optimizer(param_groups, args):
     return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
 
 
+def check_precision_supported(args) -> None:
+    """DeepSpeed refuses fp16 on an accelerator without it with a traceback, after the model is
+    built; say it in one line instead (DeepSpeed's CPU accelerator has fp16 only with oneDNN
+    fp16 support)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if args.fp16 and not accelerator.is_fp16_supported():
+        raise ArgumentError(f"--fp16: DeepSpeed's {accelerator.device_name()} accelerator does "
+                            "not support fp16 on this machine: use --bf16")
+
+
 def build_engine(model, args):
     """Wrap a built model for training: returns (DeepSpeed engine, its optimizer)."""
     import deepspeed
 
     skip_unused_shm_comm_op()
+    check_precision_supported(args)
     # Norms, router and the HyperMoE path see one sequence slice per TP rank: sum their
     # gradients over the TP group (DeepSpeed only reduces over data-parallel ranks).
     allreduce_sequence_parallel_grads_in_backward(model)
