@@ -282,6 +282,25 @@ def test_help_prints_no_warnings():
     assert result.stderr == ""
 
 
+def test_import_warnings_are_silenced_only_for_the_pinned_megatron_core(monkeypatch):
+    import warnings
+
+    from megatron_hypermoe.compat import megatron_core
+
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    monkeypatch.setattr(megatron_core, "installed_megatron_core_version", lambda: "0.17.0")
+    before = list(warnings.filters)
+    assert megatron_core.quiet_import_warnings() is False and warnings.filters == before
+    monkeypatch.undo()
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert megatron_core.quiet_import_warnings() is True
+        warnings.warn("Apex is not installed. Falling back to Torch Norm", UserWarning)
+        warnings.warn("Apex is missing for another reason", UserWarning)
+    assert [str(w.message) for w in caught] == ["Apex is missing for another reason"]
+
+
 def test_accelerator_summary_names_what_is_missing(monkeypatch):
     import importlib.util
 

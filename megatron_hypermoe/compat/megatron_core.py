@@ -222,7 +222,7 @@ def _patch_uneven_all_gather():
     mappings._gather_along_first_dim = gather_along_first_dim
 
 
-# Import-time noise ----------------------------------------------------------------------------------
+# Import-time noise ------------------------------------------------------------------------------
 # megatron-core 0.16.1 warns once per module, at import, that Transformer Engine / Apex are
 # missing (six warnings, before --help is even printed), and once per TransformerConfig that its
 # own default cuda_graph_scope "full" is deprecated. None of them is actionable here: the local
