@@ -25,7 +25,7 @@ def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("content,message", [
     ("{not json", "is not valid JSON (line 1, column 2)"),
     ('{"train_micro_batch_size_per_gpu": 3}', "says --micro-batch-size = 3 but the flags say 2"),
-    ('{"optimizer": {"type": "Adam"}}', "sets an optimizer/scheduler"),
+    ('{"optimizer": {"type": "Adam"}}', "'optimizer' is not supported here: the trainer builds AdamW"),
 ])
 def test_bad_deepspeed_config_is_refused(content, message, tmp_path):
     from megatron_hypermoe.training.ds_config import resolve_config

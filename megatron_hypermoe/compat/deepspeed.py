@@ -2,7 +2,8 @@
 
 DeepSpeed's public API has no way to (a) register expert-parallel process groups that someone
 else created, (b) have its engine treat a MoE layer class other than its own as MoE, or (c) load
-its checkpoint files without unpickling arbitrary objects. Each is done here, against 0.19.8
+its checkpoint files without unpickling arbitrary objects, or (d) skip building a comm op it
+does not need. Each is done here, against 0.19.8
 exactly: any other version is refused with a message saying which to install.
 
 a. :func:`register_expert_groups`: DeepSpeed reduces expert gradients over the groups it keeps
@@ -15,6 +16,11 @@ c. :func:`install_weights_only_checkpoint_engine`: the engine's ``checkpoint_eng
    is replaced by a subclass of DeepSpeed's torch engine that loads with ``weights_only=True``,
    allowing only DeepSpeed's plain record classes (loss scalers, ZeRO stage enum, fragment
    address), so a tampered file cannot run code.
+d. :func:`skip_unused_shm_comm_op`: DeepSpeed's torch comm backend JIT-compiles a shared-memory
+   all-reduce op whenever its CPU accelerator is active (~45 s on a first run, silently), though
+   only ``inference_all_reduce`` (AutoTP inference) uses it; training collectives go through
+   gloo. ``deepspeed.comm.torch.build_shm_op`` returns None on the CPU accelerator instead, which
+   DeepSpeed already handles (it then falls back to torch.distributed).
 """
 
 from __future__ import annotations
@@ -103,3 +109,26 @@ def install_weights_only_checkpoint_engine(engine) -> None:
             return load_deepspeed_file(path, map_location)
 
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+
+
+# d ------------------------------------------------------------------------------------------------
+def skip_unused_shm_comm_op() -> None:
+    """On DeepSpeed's CPU accelerator, never build the shared-memory comm op (see d). Call
+    before ``deepspeed.initialize``. Idempotent."""
+    check_deepspeed_version()
+    import importlib
+
+    from deepspeed.accelerator import get_accelerator
+
+    # (``import deepspeed.comm.torch as m`` would bind the package's ``torch`` attribute instead)
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+
+    original = ds_comm_torch.build_shm_op
+    if getattr(original, "_hypermoe_patch", False) or get_accelerator().device_name() != "cpu":
+        return
+
+    def build_shm_op():
+        return None
+
+    build_shm_op._hypermoe_patch = True
+    ds_comm_torch.build_shm_op = build_shm_op

@@ -220,3 +220,56 @@ def _patch_uneven_all_gather():
 
     gather_along_first_dim._hypermoe_cpu_patch = True
     mappings._gather_along_first_dim = gather_along_first_dim
+
+
+# Import-time noise ------------------------------------------------------------------------------
+# megatron-core 0.16.1 warns once per module, at import, that Transformer Engine / Apex are
+# missing (six warnings, before --help is even printed), and once per TransformerConfig that its
+# own default cuda_graph_scope "full" is deprecated. None of them is actionable here: the local
+# implementations are what this project runs. Exactly these messages are silenced;
+# :func:`missing_accelerators` gives the one line that replaces them.
+QUIET_MESSAGES = (
+    r"Transformer Engine and Apex are not installed\. Falling back to ",
+    r"Apex is not installed\. Falling back to Torch Norm",
+    r"full scope is deprecated\. Use empty cuda_graph_scope to capture the whole layer\.",
+)
+OPTIONAL_ACCELERATORS = {"transformer_engine": "Transformer Engine", "apex": "Apex",
+                         "grouped_gemm": "grouped_gemm"}
+
+
+def installed_megatron_core_version():
+    """The installed megatron-core's version, without importing it (None if absent)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def quiet_import_warnings() -> bool:
+    """Silence :data:`QUIET_MESSAGES` (before megatron-core is imported). Another megatron-core
+    version keeps every warning: its messages may mean something else. True if installed."""
+    import warnings
+
+    if installed_megatron_core_version() != SUPPORTED_MEGATRON_CORE_VERSION:
+        return False
+    for message in QUIET_MESSAGES:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    return True
+
+
+def missing_accelerators() -> list:
+    """The optional accelerator packages megatron-core would use that are not installed."""
+    from importlib.util import find_spec
+
+    return [name for module, name in OPTIONAL_ACCELERATORS.items() if find_spec(module) is None]
+
+
+def accelerator_summary():
+    """One line about the missing optional accelerators, or None when all are installed."""
+    missing = missing_accelerators()
+    if not missing:
+        return None
+    return (f"optional accelerators not installed: {', '.join(missing)} (megatron-core runs "
+            "its PyTorch implementations)")

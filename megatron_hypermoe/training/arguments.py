@@ -18,6 +18,7 @@ import torch
 from megatron_hypermoe.data.tokenizer import add_tokenizer_args
 from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.training.megatron_flags import add_megatron_flags, check_megatron_flags
+from megatron_hypermoe.training.ds_config import add_deepspeed_args, check_deepspeed_args
 from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
                                             HYPER_SIZES, MOE_TYPES, HyperMoEConfig,
                                             make_config)
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "inf/NaN step skipping")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher (it also sets LOCAL_RANK, which wins)")
+    add_deepspeed_args(parser)
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)
@@ -332,6 +334,7 @@ def finalize_args(args, world_size: int) -> None:
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are exclusive: pick one")
     check_router_args(args)
+    check_deepspeed_args(args)
     model_parallel = args.tensor_model_parallel_size * args.expert_model_parallel_size
     if world_size % args.tensor_model_parallel_size:
         raise ArgumentError(f"world size {world_size} is not divisible by "

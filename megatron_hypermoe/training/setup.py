@@ -11,6 +11,8 @@ from contextlib import nullcontext
 
 import torch
 
+from megatron_hypermoe.compat.deepspeed import skip_unused_shm_comm_op
+from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.initialization import initialize_from_global_names
 from megatron_hypermoe.parallel.deepspeed_mpu import MegatronMPU
@@ -73,20 +75,48 @@ def optimizer_param_groups(model, weight_decay: float, expert_parallel: bool,
     return split_moe_param_groups(groups) if expert_parallel else groups
 
 
+def build_optimizer(param_groups, args):
+    """AdamW; with ZeRO-Offload DeepSpeed's CPUAdam (the same AdamW update, run on the CPU
+    where the offloaded state lives; DeepSpeed refuses a torch optimizer there). Both read each
+    group's lr and weight_decay at every step, so lr_mult groups work the same."""
+    kwargs = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    if not args.optimizer_cpu_offload:
+        return torch.optim.AdamW(param_groups, **kwargs)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    if torch.distributed.get_rank() == 0:
+        print("--optimizer-cpu-offload: loading DeepSpeed's CPUAdam (JIT-built on first use, "
+              "a minute or two; then cached in TORCH_EXTENSIONS_DIR)", flush=True)
+    return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
+
+
+def check_precision_supported(args) -> None:
+    """DeepSpeed refuses fp16 on an accelerator without it with a traceback, after the model is
+    built; say it in one line instead (DeepSpeed's CPU accelerator has fp16 only with oneDNN
+    fp16 support)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if args.fp16 and not accelerator.is_fp16_supported():
+        raise ArgumentError(f"--fp16: DeepSpeed's {accelerator.device_name()} accelerator does "
+                            "not support fp16 on this machine: use --bf16")
+
+
 def build_engine(model, args):
     """Wrap a built model for training: returns (DeepSpeed engine, its optimizer)."""
     import deepspeed
 
+    skip_unused_shm_comm_op()
+    check_precision_supported(args)
     # Norms, router and the HyperMoE path see one sequence slice per TP rank: sum their
     # gradients over the TP group (DeepSpeed only reduces over data-parallel ranks).
     allreduce_sequence_parallel_grads_in_backward(model)
     expert_parallel = args.expert_model_parallel_size > 1
     if expert_parallel:
         register_expert_parallel(model, args.num_experts, args.expert_model_parallel_size)
-    optimizer = torch.optim.AdamW(
+    optimizer = build_optimizer(
         optimizer_param_groups(model, args.weight_decay, expert_parallel, hyper_lr_mult(args)),
-        lr=args.lr,
-        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+        args)
     with deepspeed_recognises_megatron_moe() if expert_parallel else nullcontext():
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model.to(training_device()), optimizer=optimizer, config=resolve_config(args),

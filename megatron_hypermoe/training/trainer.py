@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_hypermoe.compat.megatron_core import accelerator_summary
 from megatron_hypermoe.data.gpt_data import (build_data_loader, build_gpt_datasets,
                                              gpt_dataset_config)
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
@@ -24,6 +25,7 @@ from megatron_hypermoe.model.generation import generate_ids
 from megatron_hypermoe.model.gpt import causal_attention_mask
 from megatron_hypermoe.model.router import finish_router_step
 from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
+from megatron_hypermoe.training.ds_config import engine_summary_lines
 from megatron_hypermoe.training.checkpointing import (TrainState, latest_iteration,
                                                       load_checkpoint, save_checkpoint)
 from megatron_hypermoe.training.flops import parameter_counts, training_flops_per_iteration
@@ -78,6 +80,8 @@ class Trainer:
         args = self.args
         initialize_parallel(args)
         self.rank = dist.get_rank()
+        if accelerator_summary() is not None:
+            print_rank0(accelerator_summary())
         # Tensor-parallel peers read the same batches; data-parallel ranks read different ones.
         self.data_parallel_rank = parallel_state.get_data_parallel_rank()
         self.tokenizer = build_tokenizer(args)
@@ -109,6 +113,8 @@ class Trainer:
                     f"global batch {args.global_batch_size} "
                     f"({args.gradient_accumulation_steps} micro-batch(es) of "
                     f"{args.micro_batch_size} per rank), ZeRO stage {args.zero_stage}")
+        for line in engine_summary_lines(args, self.engine):
+            print_rank0(line)
 
     def build_data(self):
         args = self.args
