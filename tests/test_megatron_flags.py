@@ -146,3 +146,34 @@ def test_no_parsed_flag_is_left_unread(dataset, tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     unread = json.loads((tmp_path / "unread.json").read_text())
     assert unread == [], f"parsed but never read (implement, validate or remove): {unread}"
+
+
+def test_deprecated_and_deepspeed_recompute_flags_mean_megatron_cores_settings():
+    args = parse_args(RUNNABLE + ["--moe-layer-recompute"])
+    assert (args.recompute_granularity, args.recompute_modules) == ("selective",
+                                                                    ["core_attn", "moe"])
+    args = parse_args(RUNNABLE + ["--checkpoint-activations",
+                                  "--deepspeed-activation-checkpointing"])
+    assert (args.recompute_granularity, args.recompute_method) == ("full", "uniform")
+    with pytest.raises(ArgumentError, match="recomputes nothing by itself"):
+        parse_args(RUNNABLE + ["--deepspeed-activation-checkpointing"])
+
+
+def test_megatrons_loss_scale_flags_set_deepspeeds_fp16_scaler(tmp_path):
+    from megatron_hypermoe.errors import DeepSpeedConfigError
+    from megatron_hypermoe.training.ds_config import resolve_config
+
+    args = parse_args(RUNNABLE + ["--fp16", "--hysteresis", "4", "--initial-loss-scale", "4096",
+                                  "--loss-scale-window", "500", "--min-loss-scale", "0.5"])
+    fp16 = resolve_config(args)["fp16"]
+    assert (fp16["hysteresis"], fp16["initial_scale_power"], fp16["loss_scale_window"],
+            fp16["min_loss_scale"], fp16["loss_scale"]) == (4, 12, 500, 0.5, 0)
+    with pytest.raises(ArgumentError, match="--initial-loss-scale 3000 must be a power of 2"):
+        parse_args(RUNNABLE + ["--fp16", "--initial-loss-scale", "3000"])
+    with pytest.raises(ArgumentError, match="--hysteresis applies to --fp16 loss scaling only"):
+        parse_args(RUNNABLE + ["--bf16", "--hysteresis", "2"])
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"fp16": {"enabled": True, "hysteresis": 2}}))
+    args.deepspeed_config = str(config)
+    with pytest.raises(DeepSpeedConfigError, match="fp16.hysteresis = 2 but the flags say 4"):
+        resolve_config(args)

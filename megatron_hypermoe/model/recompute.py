@@ -56,6 +56,13 @@ def add_recompute_args(parser: argparse.ArgumentParser) -> None:
                         "<--checkpoint-num-layers>")
     g.add_argument("--checkpoint-num-layers", type=int, default=None,
                    help="with --checkpoint-activations: layers per checkpointed chunk (default 1)")
+    g.add_argument("--moe-layer-recompute", action="store_true",
+                   help="megatron-core's deprecated name for --recompute-granularity selective "
+                        "with module moe added")
+    g.add_argument("--deepspeed-activation-checkpointing", action="store_true",
+                   help="Megatron-DeepSpeed: checkpoint with DeepSpeed's implementation; here "
+                        "megatron-core's does the same layer checkpointing. Needs a "
+                        "recomputation flag")
 
 
 def _module_refusal(module: str, args) -> Optional[str]:
@@ -89,6 +96,14 @@ def _resolve_aliases(args) -> None:
                                 "selective, which contradicts --recompute-granularity full: "
                                 "drop one")
         args.recompute_granularity = "selective"
+    if args.moe_layer_recompute:  # megatron-core's own translation of the deprecated flag
+        if args.recompute_granularity == "full":
+            raise ArgumentError("--moe-layer-recompute is selective recomputation of the MoE "
+                                "layer and contradicts --recompute-granularity full: drop one")
+        args.recompute_granularity = "selective"
+        args.recompute_modules = list(args.recompute_modules or DEFAULT_MODULES)
+        if "moe" not in args.recompute_modules:
+            args.recompute_modules.append("moe")
     if args.checkpoint_num_layers is not None and not args.checkpoint_activations:
         raise ArgumentError("--checkpoint-num-layers applies only with --checkpoint-activations: "
                             "add it, or use --recompute-num-layers")
@@ -109,6 +124,9 @@ def check_recompute_args(args) -> None:
     Idempotent (args_for_model finalizes recorded flags again)."""
     _resolve_aliases(args)
     granularity = args.recompute_granularity
+    if args.deepspeed_activation_checkpointing and granularity is None:
+        raise ArgumentError("--deepspeed-activation-checkpointing recomputes nothing by itself: "
+                            "add --checkpoint-activations (or --recompute-granularity)")
     method, num_layers, modules = (args.recompute_method, args.recompute_num_layers,
                                    args.recompute_modules)
     if granularity != "full":

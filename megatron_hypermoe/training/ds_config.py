@@ -24,6 +24,7 @@ With ``--bf16``/``--fp16`` gradients accumulate and are reduced in fp32
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import NamedTuple
 
@@ -301,9 +302,47 @@ def add_deepspeed_args(parser) -> None:
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
                    help="accumulate and reduce gradients in fp32: already the default with "
                         "--bf16/--fp16 (accepted for Megatron-LM scripts)")
+    g = parser.add_argument_group("fp16 loss scaling (Megatron-LM's flags; DeepSpeed's scaler; "
+                                  "None: the config file's value or DeepSpeed's default)")
+    for flag, (key, kind, meaning) in LOSS_SCALE_FLAGS.items():
+        g.add_argument(flag, type=kind, default=None, help=f"{meaning} (fp16.{key})")
+
+
+# Megatron's fp16 loss-scale flags -> DeepSpeed's fp16 section (key, flag type, meaning).
+LOSS_SCALE_FLAGS = {
+    "--loss-scale": ("loss_scale", float, "a static loss scale (0 or unset: dynamic)"),
+    "--initial-loss-scale": ("initial_scale_power", float,
+                             "dynamic scaling starts here (a power of 2; DeepSpeed: 2**16)"),
+    "--min-loss-scale": ("min_loss_scale", float, "lowest dynamic scale"),
+    "--loss-scale-window": ("loss_scale_window", int,
+                            "steps without overflow before the scale doubles"),
+    "--hysteresis": ("hysteresis", int, "overflows tolerated before the scale halves"),
+}
+
+
+def _loss_scale_values(args) -> dict:
+    """The fp16 section keys the loss-scale flags given set."""
+    values = {}
+    for flag, (key, _, _) in LOSS_SCALE_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if key == "initial_scale_power":
+            power = math.log2(value) if value > 0 else -1
+            if power != int(power) or power < 0:
+                raise ArgumentError(f"--initial-loss-scale {value:g} must be a power of 2 "
+                                    "(DeepSpeed's scaler starts at 2**initial_scale_power)")
+            value = int(power)
+        values[key] = value
+    return values
 
 
 def check_deepspeed_args(args) -> None:
+    if _loss_scale_values(args) and not args.fp16:
+        given = [flag for flag in LOSS_SCALE_FLAGS
+                 if getattr(args, flag[2:].replace("-", "_")) is not None]
+        raise ArgumentError(f"{given[0]} applies to --fp16 loss scaling only: add --fp16 or "
+                            "drop it")
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise ArgumentError("--overlap-param-gather needs --overlap-grad-reduce (as in "
                             "Megatron-LM): add it")
@@ -385,7 +424,8 @@ def config_from_args(args) -> dict:
         "gradient_clipping": args.clip_grad,
         "zero_optimization": zero,
         "bf16": {"enabled": bool(args.bf16)},
-        "fp16": {"enabled": bool(args.fp16), "loss_scale": 0, "initial_scale_power": 16},
+        "fp16": {"enabled": bool(args.fp16), "loss_scale": 0, "initial_scale_power": 16,
+                 **_loss_scale_values(args)},
         "steps_per_print": 2**31 - 1,  # the trainer logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
@@ -473,6 +513,11 @@ def resolve_config(args) -> dict:
         raise DeepSpeedConfigError(f"{source} says zero_optimization.overlap_comm = false but "
                                    "--overlap-grad-reduce asks for it: make them agree")
     _check_gradient_precision(config, args, source)
+    for key, value in _loss_scale_values(args).items():
+        stated = config.get("fp16", {}).get(key)
+        if stated is not None and stated != value:
+            raise DeepSpeedConfigError(f"{source} says fp16.{key} = {stated} but the flags say "
+                                       f"{value}: make them agree or drop it from the file")
     merged = {**generated, **{k: v for k, v in config.items() if not k.startswith("_")}}
     for section in ("zero_optimization", "bf16", "fp16", "data_types"):
         if section in generated or section in config:

@@ -24,7 +24,8 @@ from megatron_hypermoe.errors import ArgumentError
 
 # The scripts and tables a Megatron user brings (flag names only). Launcher flags
 # (--nproc_per_node, --num_gpus, ...) and the eval-harness script's flags belong to other
-# programs and are left out.
+# programs and are left out, as is the README's "--grad-reduce-in-fp32 false", a field of
+# Megatron-FSDP's mixed-precision config (the flag is --grad-reduce-in-bf16).
 SOURCES = {
     "Megatron-LM examples/mixtral/train_mixtral_8x7b_distributed.sh": (
         "--use-mcore-models", "--disable-bias-linear", "--seq-length",
@@ -69,8 +70,7 @@ SOURCES = {
         "--pipeline-model-parallel-layout", "--use-distributed-optimizer",
         "--num-distributed-optimizer-instances", "--overlap-grad-reduce",
         "--overlap-param-gather", "--use-precision-aware-optimizer", "--exp-avg-dtype",
-        "--exp-avg-sq-dtype", "--optimizer-cpu-offload", "--grad-reduce-in-fp32",
-        "--manual-gc", "--manual-gc-interval", "--fake-init-process-group"),
+        "--exp-avg-sq-dtype", "--optimizer-cpu-offload", "--manual-gc", "--manual-gc-interval", "--fake-init-process-group"),
     "Megatron-DeepSpeed examples_deepspeed/MoE/ds_pretrain_gpt_*.sh": (
         "--override-opt_param-scheduler", "--adam-beta1", "--adam-beta2",
         "--tensor-model-parallel-size", "--moe-expert-parallel-size", "--num-experts",
@@ -190,6 +190,9 @@ REFUSED: Tuple[RefusedFlag, ...] = (
     RefusedFlag("--exp-avg-sq-dtype", "optimizer states are always fp32"),
     RefusedFlag("--fake-init-process-group", "a debugging aid of Megatron-LM's; not offered",
                 SWITCH),
+    RefusedFlag("--log-optimizer-states-to-tensorboard", "ZeRO keeps Adam's moments as padded "
+                "flat per-rank partitions, which this trainer does not reduce into norms",
+                SWITCH),
     RefusedFlag("--rampup-batch-size", "batch-size ramp-up is not supported: start at the "
                 "final --global-batch-size", "+"),
     RefusedFlag("--mos", "mixture-of-students distillation is not supported", SWITCH),
@@ -243,6 +246,32 @@ def check_megatron_flags(args) -> None:
 # The table -----------------------------------------------------------------------------------------
 # Remarks on "same" flags whose use here differs in a detail a Megatron user should know.
 SAME_FLAG_REMARKS = {
+    "--num-experts": "default 8 (Megatron: none, a dense model; here --moe-type dense)",
+    "--moe-router-topk": "default 1 (Megatron: 2)",
+    "--moe-aux-loss-coeff": "default 1e-2 (Megatron: 0)",
+    "--moe-router-pre-softmax": "default: pre-softmax for top-1, post-softmax for top-k > 1",
+    "--lr-decay-style": "default cosine (Megatron: linear)",
+    "--bf16": "gradients accumulate and reduce in fp32 (--grad-reduce-in-bf16: bf16)",
+    "--fp16": "DeepSpeed's loss scaler; needs an accelerator with fp16 (not the CPU)",
+    "--use-distributed-optimizer": "DeepSpeed ZeRO (stage 1 is Megatron's distributed "
+                                   "optimizer); logged",
+    "--overlap-grad-reduce": "zero_optimization.overlap_comm",
+    "--overlap-param-gather": "accepted and logged: ZeRO 1/2 all-gathers right after the step",
+    "--optimizer-cpu-offload": "ZeRO-Offload with DeepSpeed's CPUAdam",
+    "--recompute-modules": "core_attn, moe (HyperMoE's side path included), mlp (dense)",
+    "--moe-layer-recompute": "= --recompute-granularity selective, modules + moe",
+    "--checkpoint-activations": "= --recompute-granularity full --recompute-method uniform",
+    "--deepspeed-activation-checkpointing": "megatron-core's layer checkpointing; needs a "
+                                            "recompute flag",
+    "--moe-train-capacity-factor": "= --moe-expert-capacity-factor",
+    "--moe-eval-capacity-factor": "DeepSpeed's meaning (while not training)",
+    "--moe-min-capacity": "DeepSpeed's meaning, through megatron-core's capacity formula",
+    "--disable-moe-token-dropping": "no capacity factor (the default)",
+    "--lr-decay-tokens": "tokens / --seq-length samples",
+    "--lr-warmup-tokens": "tokens / --seq-length samples",
+    "--hysteresis": "fp16.hysteresis of DeepSpeed's loss scaler",
+    "--zero-stage": "1 or 2 with MoE",
+    "--deepspeed_config": "every key honoured, checked against the flags or refused",
     "--num-query-groups": "also honoured without --group-query-attention",
     "--group-query-attention": "without --num-query-groups: one group (Megatron's default)",
     "--sequence-parallel": "required for MoE with TP > 1; a no-op at TP 1",

@@ -226,8 +226,6 @@ def add_logging_args(parser) -> None:
                    help="also write batch-size")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
                    help="also write 'lm loss validation ppl'")
-    g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
-                   help="not supported (refused): see the error it gives")
     g.add_argument("--wandb-project", default=None,
                    help="log the TensorBoard scalars to this Weights & Biases project "
                         "(needs the wandb package; WANDB_MODE=offline works without network)")
@@ -247,11 +245,6 @@ def finalize_logging_args(args) -> None:
     for name in ("tensorboard_log_interval", "tensorboard_queue_size"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.log_optimizer_states_to_tensorboard:
-        raise ArgumentError("--log-optimizer-states-to-tensorboard is not supported: ZeRO keeps "
-                            "Adam's moments as padded flat per-rank partitions of expert, "
-                            "tensor-parallel and replicated groups, which this trainer does not "
-                            "reduce into norms; drop it")
     if not args.wandb_project:
         for name in ("wandb_exp_name", "wandb_save_dir"):
             if getattr(args, name):
