@@ -346,7 +346,7 @@ def check_deepspeed_args(args) -> None:
     if args.overlap_param_gather and not args.overlap_grad_reduce:
         raise ArgumentError("--overlap-param-gather needs --overlap-grad-reduce (as in "
                             "Megatron-LM): add it")
-    if args.grad_reduce_in_bf16 and args.accumulate_allreduce_grads_in_fp32:
+    if args.accumulate_allreduce_grads_in_fp32 and args.grad_reduce_in_bf16:
         raise ArgumentError("--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 "
                             "contradict each other: pick one")
     if args.grad_reduce_in_bf16 and not args.bf16:
