@@ -238,7 +238,7 @@ def check_optimizer_groups(meta: dict, args) -> None:
                               f"has {hyper_lr_mult(args):g}: the optimizer's parameter groups "
                               f"differ; pass --hyper-lr-mult {as_passed} to keep "
                               "the checkpoint's, or add --no-load-optim to start the optimizer "
-                              "afresh")
+                              "and the learning-rate schedule afresh")
 
 
 def load_checkpoint(engine, args, schedule=None) -> TrainState:
