@@ -34,6 +34,13 @@ class DataError(UserError):
 class CheckpointError(UserError):
     """A checkpoint or model directory that cannot be used."""
 
+    @classmethod
+    def damaged_file(cls, path: str, error: Exception) -> "CheckpointError":
+        """A checkpoint file that exists but cannot be parsed (truncated or damaged)."""
+        detail = (str(error).strip().splitlines() or [""])[0].split(". ")[0]
+        return cls(f"checkpoint file {path} cannot be read, it is truncated or damaged "
+                   f"({type(error).__name__}: {detail[:160]})")
+
 
 class DeepSpeedConfigError(UserError):
     """A bad or contradictory DeepSpeed config."""

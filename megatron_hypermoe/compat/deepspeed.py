@@ -15,7 +15,10 @@ b. :func:`engine_treats_as_moe`: ``deepspeed.runtime.engine`` decides whether th
 c. :func:`install_weights_only_checkpoint_engine`: the engine's ``checkpoint_engine`` attribute
    is replaced by a subclass of DeepSpeed's torch engine that loads with ``weights_only=True``,
    allowing only DeepSpeed's plain record classes (loss scalers, ZeRO stage enum, fragment
-   address), so a tampered file cannot run code.
+   address), so a tampered file cannot run code; a truncated or damaged file is named as such.
+   :func:`deferring_write_errors` swaps in one whose ``save`` records a failed write (a full
+   disk) instead of raising, so every rank still passes DeepSpeed's collectives and all ranks
+   can stop together.
 d. :func:`skip_unused_shm_comm_op`: DeepSpeed's torch comm backend JIT-compiles a shared-memory
    all-reduce op whenever its CPU accelerator is active (~45 s on a first run, silently), though
    only ``inference_all_reduce`` (AutoTP inference) uses it; training collectives go through
@@ -94,9 +97,11 @@ def load_deepspeed_file(path: str, map_location=None):
     except Exception as error:
         reason = str(error).strip().splitlines()
         unsupported = [line for line in reason if "Unsupported global" in line]
-        detail = unsupported[0].strip() if unsupported else type(error).__name__
+        if not unsupported:  # not a refused class: the bytes themselves are bad
+            raise CheckpointError.damaged_file(path, error) from None
         raise CheckpointError(f"refusing to load {path}: it holds more than tensors "
-                              f"and DeepSpeed's plain records ({detail[:160]})") from None
+                              f"and DeepSpeed's plain records ({unsupported[0].strip()[:160]})"
+                              ) from None
 
 
 def install_weights_only_checkpoint_engine(engine) -> None:
@@ -110,6 +115,46 @@ def install_weights_only_checkpoint_engine(engine) -> None:
 
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
+
+
+@contextlib.contextmanager
+def deferring_write_errors(engine):
+    """While ``engine.save_checkpoint`` runs: a file DeepSpeed fails to write (OSError, or
+    torch's RuntimeError from its zip writer; also its copy of the zero_to_fp32.py scripts) is
+    recorded as (path, error), and no later file of this rank is written; yields the list. DeepSpeed's collectives (tag check, barriers) still
+    run on every rank, so the caller can agree on the failure with the other ranks instead of
+    leaving them waiting."""
+    check_deepspeed_version()
+    original = engine.checkpoint_engine
+    failures = []
+
+    class RecordingCheckpointEngine(type(original)):
+        def __init__(self):  # shares the original's state (config, name)
+            self.__dict__.update(original.__dict__)
+
+        def save(self, state_dict, path: str):
+            if failures:
+                return
+            try:
+                super().save(state_dict, path)
+            except (OSError, RuntimeError) as error:
+                failures.append((path, error))
+
+    def copy_recovery_scripts(save_dir):  # rank 0 copies zero_to_fp32.py at every save
+        if not failures:
+            try:
+                copy_scripts(save_dir)
+            except OSError as error:
+                failures.append((save_dir, error))
+
+    copy_scripts = engine._copy_recovery_script
+    engine.checkpoint_engine = RecordingCheckpointEngine()
+    engine._copy_recovery_script = copy_recovery_scripts
+    try:
+        yield failures
+    finally:
+        engine.checkpoint_engine = original
+        del engine._copy_recovery_script  # the class's method again
 
 # d ------------------------------------------------------------------------------------------------
 def skip_unused_shm_comm_op() -> None:

@@ -19,6 +19,8 @@ from megatron_hypermoe.data.tokenizer import add_tokenizer_args
 from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.training.megatron_flags import add_megatron_flags, check_megatron_flags
 from megatron_hypermoe.training.ds_config import add_deepspeed_args, check_deepspeed_args
+from megatron_hypermoe.training.checkpoint_files import (add_checkpoint_file_args,
+                                                         check_checkpoint_file_args)
 from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
                                             HYPER_SIZES, MOE_TYPES, HyperMoEConfig,
                                             make_config)
@@ -195,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit (after saving) once the iteration is a multiple of this")
     g.add_argument("--exit-duration-in-mins", type=int, default=None,
                    help="exit (after saving) once this many minutes have passed since start")
+    add_checkpoint_file_args(parser)
 
     g = parser.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10)
@@ -393,6 +396,7 @@ def finalize_args(args, world_size: int) -> None:
         args.vocab_size = args.vocab_size or 1024
     if args.save_interval is not None and not args.save:
         raise ArgumentError("--save-interval needs --save DIR")
+    check_checkpoint_file_args(args)
     for name in ("log_interval", "eval_iters", "max_consecutive_skipped_iters"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")

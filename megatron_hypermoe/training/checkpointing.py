@@ -15,7 +15,9 @@ Layout under --save (DeepSpeed's, plus three kinds of files of ours)::
 
 Atomic: every rank writes into ``iter_N.partial/``; after a barrier rank 0 renames it to
 ``iter_N/`` and only then moves ``latest`` (write-to-temp then rename). A crash at any point
-leaves ``latest`` on the previous complete checkpoint.
+leaves ``latest`` on the previous complete checkpoint; a write that fails on any rank (a full
+disk) stops every rank with one line and removes the partial directory. Which directories count,
+re-saving an iteration, ``--save-retain`` and ``--ckpt-step``: ``checkpoint_files.py``.
 
 Safe: our files are JSON and safetensors. DeepSpeed's .pt files are read through a checkpoint
 engine that unpickles with ``weights_only=True`` and allows only DeepSpeed's plain record
@@ -29,16 +31,21 @@ import json
 import os
 import random
 import shutil
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_hypermoe.compat.deepspeed import install_weights_only_checkpoint_engine
+from megatron_hypermoe.compat.deepspeed import (deferring_write_errors,
+                                                install_weights_only_checkpoint_engine)
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
 from megatron_hypermoe.training.arguments import hyper_lr_mult, recorded_args
+from megatron_hypermoe.training.checkpoint_files import (  # noqa: F401 (names others import)
+    LATEST_FILE, MEGATRON_LATEST_FILE, META_FILE, PARTIAL, atomic_write_text,
+    other_checkpoint_hint, publish, read_latest_tag, remove_leftovers, resolve_load_tag,
+    retain_newest, tag_for)
 from megatron_hypermoe.training.expert_checkpoint import (restore_local_experts,
                                                           save_local_experts)
 from megatron_hypermoe.training.lr_schedule import SCHEDULER_STATE_KEY
@@ -46,9 +53,6 @@ from megatron_hypermoe.training.metrics import jsonable_args
 
 CHECKPOINT_FORMAT = "megatron-hypermoe-checkpoint"
 CHECKPOINT_VERSION = 1
-META_FILE = "hypermoe_checkpoint.json"
-LATEST_FILE = "latest"
-MEGATRON_LATEST_FILE = "latest_checkpointed_iteration.txt"
 
 # Fields a checkpoint must match; --finetune may not change them either. The tensor- and
 # expert-parallel sizes are two: DeepSpeed's files hold per-rank shards of that layout.
@@ -67,10 +71,6 @@ class TrainState:
     skipped_iterations: int = 0
 
 
-def tag_for(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -78,15 +78,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 # RNG state ----------------------------------------------------------------------------------------
@@ -122,9 +113,12 @@ def load_rng_state(directory: str) -> bool:
     path = _rng_path(directory, _rank())
     if not os.path.isfile(path):
         return False
-    with safe_open(path, framework="pt") as handle:
-        metadata = handle.metadata()
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors' own error class, or an OSError
+        raise CheckpointError.damaged_file(path, error) from None
     torch.set_rng_state(tensors["torch_cpu"])
     if "torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["torch_cuda"])
@@ -150,25 +144,66 @@ def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] =
                     schedule=None) -> str:
     """Save on every rank (collective). Returns the final checkpoint directory. ``tokenizer``
     (its fingerprint: type, vocab size, file hashes) lets converters refuse a mismatched one;
-    ``schedule`` (training/lr_schedule.py) is saved as Megatron saves its scheduler."""
+    ``schedule`` (training/lr_schedule.py) is saved as Megatron saves its scheduler. A write
+    that fails on any rank is a CheckpointError on every rank; nothing is published."""
     tag = tag_for(state.iteration)
-    partial_tag = tag + ".partial"
-    final_dir = os.path.join(args.save, tag)
-    partial_dir = os.path.join(args.save, partial_tag)
+    partial_dir = os.path.join(args.save, tag + PARTIAL)
     if _rank() == 0:
         os.makedirs(args.save, exist_ok=True)
-        if os.path.isdir(partial_dir):
-            shutil.rmtree(partial_dir)  # left by a crash during an earlier save
+        remove_leftovers(args.save)  # left by a crash (kill -9, full disk) during earlier saves
     _barrier()
-    engine.save_checkpoint(args.save, tag=partial_tag, client_state={}, save_latest=False)
-    save_rng_state(partial_dir)
+    failure = _agree(_write_partial(engine, args, state, partial_dir, tokenizer, schedule))
+    if failure is None and _rank() == 0:
+        try:
+            publish(args.save, tag, state.iteration)
+            if args.save_retain:
+                retain_newest(args.save, args.save_retain)
+        except OSError as error:
+            failure = _failure_text(args.save, error)
+    failure = _agree(failure)
+    if failure is not None:
+        if _rank() == 0:
+            shutil.rmtree(partial_dir, ignore_errors=True)  # give the space back
+        latest = read_latest_tag(args.save)
+        kept = f"'{LATEST_FILE}' still names {latest}" if latest else "no checkpoint is saved yet"
+        raise CheckpointError(f"saving checkpoint {tag} failed: {failure}; {kept}: free space "
+                              "(or raise the file-size limit) and resume")
+    return os.path.join(args.save, tag)
+
+
+# What a failed write can raise: OSError from Python, RuntimeError from torch's zip writer,
+# safetensors' own error class.
+def _write_errors() -> tuple:
+    from safetensors import SafetensorError
+
+    return OSError, RuntimeError, SafetensorError
+
+
+def _failure_text(path: str, error: Exception) -> str:
+    detail = (str(error).strip().splitlines() or [""])[0][:160]
+    try:
+        free = f"; {shutil.disk_usage(os.path.dirname(path)).free / 1e9:.1f} GB free there"
+    except OSError:
+        free = ""
+    return f"rank {_rank()} could not write {path} ({type(error).__name__}: {detail}{free})"
+
+
+def _write_partial(engine, args, state, partial_dir, tokenizer, schedule) -> Optional[str]:
+    """This rank's files into ``partial_dir``; the first failed write, described, or None."""
+    with deferring_write_errors(engine) as failures:  # all ranks still pass DeepSpeed's barriers
+        engine.save_checkpoint(args.save, tag=os.path.basename(partial_dir), client_state={},
+                               save_latest=False)
+    if failures:
+        return _failure_text(*failures[0])
+    writes = [(_rng_path(partial_dir, _rank()), lambda: save_rng_state(partial_dir))]
     if args.expert_model_parallel_size > 1:
-        save_local_experts(engine.module, partial_dir, args.num_experts)
+        writes.append((partial_dir, lambda: save_local_experts(engine.module, partial_dir,
+                                                               args.num_experts)))
     if _rank() == 0:
         meta = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
-            "tag": tag,
+            "tag": tag_for(state.iteration),
             "train_state": dataclasses.asdict(state),
             "model": checkpoint_shape(args),
             "world_size": args.world_size,
@@ -178,29 +213,30 @@ def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] =
         }
         if schedule is not None:
             meta[SCHEDULER_STATE_KEY] = schedule.state_dict()
-        _atomic_write_text(os.path.join(partial_dir, META_FILE), json.dumps(meta, indent=1))
-    _barrier()
-    if _rank() == 0:
-        if os.path.isdir(final_dir):
-            shutil.rmtree(final_dir)
-        os.replace(partial_dir, final_dir)
-        _atomic_write_text(os.path.join(args.save, LATEST_FILE), tag)
-        _atomic_write_text(os.path.join(args.save, MEGATRON_LATEST_FILE), str(state.iteration))
-    _barrier()
-    return final_dir
+        meta_path = os.path.join(partial_dir, META_FILE)  # last: it marks the files complete
+        writes.append((meta_path, lambda: atomic_write_text(meta_path, json.dumps(meta, indent=1))))
+    for path, write in writes:
+        try:
+            write()
+        except _write_errors() as error:
+            return _failure_text(path, error)
+    return None
+
+
+def _agree(failure: Optional[str]) -> Optional[str]:
+    """Collective: the first rank's failure, on every rank (None if no rank failed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failure
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    return next((f for f in failures if f is not None), None)
 
 
 # Load ---------------------------------------------------------------------------------------------
-def read_latest(load_dir: str) -> tuple:
-    """(tag, metadata) of the newest complete checkpoint under load_dir."""
-    latest = os.path.join(load_dir, LATEST_FILE)
-    if not os.path.isdir(load_dir):
-        raise CheckpointError(f"--load {load_dir} does not exist")
-    if not os.path.isfile(latest):
-        raise CheckpointError(f"--load {load_dir} is not a checkpoint directory (no "
-                              f"'{LATEST_FILE}' file); point it at a --save directory")
-    with open(latest) as handle:
-        tag = handle.read().strip()
+def read_latest(load_dir: str, step: Optional[int] = None) -> Tuple[str, dict]:
+    """(tag, metadata) of the newest complete checkpoint under load_dir (``step``: of that
+    iteration's, as --ckpt-step)."""
+    tag = resolve_load_tag(load_dir, step)
     meta_path = os.path.join(load_dir, tag, META_FILE)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"--load {load_dir}: checkpoint {tag} has no {META_FILE}; it was "
@@ -208,11 +244,17 @@ def read_latest(load_dir: str) -> tuple:
     with open(meta_path) as handle:
         try:
             meta = json.load(handle)
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{meta_path} is not valid JSON") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{meta_path} is not valid JSON (truncated or damaged); "
+                                  + other_checkpoint_hint(load_dir, _iteration_of(tag))) from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{meta_path} is not a {CHECKPOINT_FORMAT} file")
     return tag, meta
+
+
+def _iteration_of(tag: str) -> Optional[int]:
+    digits = tag.split("_", 1)[-1].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
 
 
 def check_model_shape(meta: dict, args) -> None:
@@ -245,23 +287,28 @@ def load_checkpoint(engine, args, schedule=None) -> TrainState:
     """Restore weights, optimizer, RNG, the train state and, with the optimizer, the
     learning-rate schedule (collective). As in Megatron, --finetune and --no-load-optim start
     the schedule afresh."""
-    tag, meta = read_latest(args.load)
+    tag, meta = read_latest(args.load, getattr(args, "ckpt_step", None))
     check_model_shape(meta, args)
     load_optimizer = not (args.finetune or args.no_load_optim)
     if load_optimizer:
         check_optimizer_groups(meta, args)
     install_weights_only_checkpoint_engine(engine)
-    path, _ = engine.load_checkpoint(args.load, tag=tag, load_optimizer_states=load_optimizer,
-                                     load_lr_scheduler_states=False,
-                                     load_module_only=not load_optimizer)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {args.load}")
-    if args.expert_model_parallel_size > 1:
-        restore_local_experts(engine, os.path.join(args.load, tag), args.num_experts)
+    try:
+        path, _ = engine.load_checkpoint(args.load, tag=tag,
+                                         load_optimizer_states=load_optimizer,
+                                         load_lr_scheduler_states=False,
+                                         load_module_only=not load_optimizer)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {args.load}")
+        if args.expert_model_parallel_size > 1:
+            restore_local_experts(engine, os.path.join(args.load, tag), args.num_experts)
+        if not args.finetune and not args.no_load_rng:
+            load_rng_state(os.path.join(args.load, tag))
+    except CheckpointError as error:  # a damaged, missing or refused file: say what else loads
+        raise CheckpointError(f"{error}; "
+                              f"{other_checkpoint_hint(args.load, _iteration_of(tag))}") from None
     if args.finetune:
         return TrainState()
-    if not args.no_load_rng:
-        load_rng_state(os.path.join(args.load, tag))
     state = TrainState(**meta["train_state"])
     if load_optimizer and schedule is not None:
         if SCHEDULER_STATE_KEY in meta:

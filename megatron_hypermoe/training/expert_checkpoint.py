@@ -59,11 +59,14 @@ def restore_local_experts(engine, directory: str, num_experts: int) -> None:
     own_shard = f"experts_ep_rank_*_tp_rank_{expert_tp_rank:02d}.safetensors"
     with torch.no_grad():
         for path in sorted(glob.glob(os.path.join(directory, own_shard))):
-            with safe_open(path, framework="pt") as handle:
-                for name in handle.keys():
-                    if name in wanted:
-                        wanted[name].copy_(handle.get_tensor(name))
-                        found.add(name)
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    for name in handle.keys():
+                        if name in wanted:
+                            wanted[name].copy_(handle.get_tensor(name))
+                            found.add(name)
+            except Exception as error:  # safetensors' own error class, or an OSError
+                raise CheckpointError.damaged_file(path, error) from None
     missing = sorted(set(wanted) - found)
     if missing:
         raise CheckpointError(f"{directory} lacks expert weights {missing[0]} (and "

@@ -93,7 +93,8 @@ class Trainer:
         # for --eval-only)
         self.schedule = LRSchedule(self.optimizer, args) if args.train_iters else None
         self.state = TrainState()
-        if args.load and args.load == args.save and latest_iteration(args.load) is None:
+        if args.load and args.load == args.save and args.ckpt_step is None and \
+                latest_iteration(args.load) is None:
             # The usual cluster setup (--save D --load D): the first launch finds nothing yet.
             print_rank0(f"no checkpoint in {args.load} yet: starting from iteration 0")
         elif args.load:

@@ -1,0 +1,192 @@
+"""Checkpoint directories under --save: which ones count, how a new one is published, which old
+ones are kept, and which one --load takes. File-system only (rank 0 calls the writers); what a
+checkpoint holds is ``checkpointing.py``.
+
+A checkpoint is COMPLETE when its directory is named ``iter_NNNNNNN`` and holds the metadata
+file: directories only get that name by a rename after every rank has written everything. Other
+names are the writer's:
+
+- ``iter_N.partial``: being written, or left by a crash (``kill -9``, a full disk). Never loaded;
+  the next save removes every one.
+- ``iter_N.old``: while iteration N is saved again (a run resumed from N that saves N), a
+  hard-linked copy of the old N that ``latest`` names while N is replaced, so ``latest`` never
+  names a missing directory. Removed once ``latest`` names N again.
+- ``iter_N.removing``: an old checkpoint being deleted by ``--save-retain`` (renamed first, so a
+  half-deleted one is never taken for complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+from typing import List, Optional
+
+from megatron_hypermoe.errors import ArgumentError, CheckpointError
+
+META_FILE = "hypermoe_checkpoint.json"
+LATEST_FILE = "latest"
+MEGATRON_LATEST_FILE = "latest_checkpointed_iteration.txt"
+PARTIAL, OLD, REMOVING = ".partial", ".old", ".removing"
+_COMPLETE_NAME = re.compile(r"iter_(\d{7})")
+
+
+def tag_for(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def add_checkpoint_file_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpoint selection and retention")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load this iteration's checkpoint from --load instead of the one "
+                        "'latest' names (Megatron-LM's flag), e.g. the previous one when the "
+                        "newest is damaged")
+    g.add_argument("--save-retain", type=int, default=None,
+                   help="after each complete save keep only the newest N checkpoints under "
+                        "--save (and always the one 'latest' names); None: keep all")
+
+
+def check_checkpoint_file_args(args) -> None:
+    if args.ckpt_step is not None:
+        if args.ckpt_step < 0:
+            raise ArgumentError(f"--ckpt-step {args.ckpt_step} must be an iteration >= 0")
+        if not args.load:
+            raise ArgumentError("--ckpt-step needs --load DIR (the checkpoint directory to "
+                                "load that iteration from)")
+    if args.save_retain is not None:
+        if args.save_retain < 1:
+            raise ArgumentError(f"--save-retain {args.save_retain} must be at least 1 (the "
+                                "newest checkpoint is always kept): pass N >= 1 or leave it out "
+                                "to keep every checkpoint")
+        if not args.save:
+            raise ArgumentError("--save-retain needs --save DIR")
+
+
+# Reading -----------------------------------------------------------------------------------------
+def read_latest_tag(directory: str) -> Optional[str]:
+    path = os.path.join(directory, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return handle.read().strip()
+
+
+def complete_iterations(directory: str) -> List[int]:
+    """Iterations of the complete checkpoints under ``directory``, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    found = []
+    for name in os.listdir(directory):
+        match = _COMPLETE_NAME.fullmatch(name)
+        if match and os.path.isfile(os.path.join(directory, name, META_FILE)):
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def other_checkpoint_hint(directory: str, unusable_iteration: Optional[int]) -> str:
+    """How to load another checkpoint than the unusable one: the newest complete one before it
+    (any complete one if its iteration is unknown)."""
+    others = [i for i in complete_iterations(directory) if i != unusable_iteration]
+    earlier = [i for i in others if unusable_iteration is None or i < unusable_iteration]
+    choice = (earlier or others or [None])[-1]
+    if choice is None:
+        return f"{directory} has no other complete checkpoint"
+    return f"pass --ckpt-step {choice} to load the checkpoint of iteration {choice} instead"
+
+
+# Writing (rank 0) --------------------------------------------------------------------------------
+def atomic_write_text(path: str, text: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _set_latest(directory: str, tag: str) -> None:
+    atomic_write_text(os.path.join(directory, LATEST_FILE), tag)
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, destination)
+
+
+def remove_leftovers(directory: str) -> None:
+    """Remove what interrupted saves and deletions left (every ``.partial`` and ``.removing``,
+    and every ``.old`` that ``latest`` does not name). Rank 0, before a save and after one."""
+    if not os.path.isdir(directory):
+        return
+    latest = read_latest_tag(directory)
+    for name in os.listdir(directory):
+        stale = name.endswith((PARTIAL, REMOVING)) or (name.endswith(OLD) and name != latest)
+        if stale and name.startswith("iter_"):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _remove(directory: str, tag: str) -> None:
+    """Rename, then delete: a half-deleted checkpoint never keeps a complete one's name."""
+    doomed = os.path.join(directory, tag + REMOVING)
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(os.path.join(directory, tag), doomed)
+    shutil.rmtree(doomed)
+
+
+def publish(directory: str, tag: str, iteration: int) -> None:
+    """Rank 0, once every rank has written ``<tag>.partial``: rename it to ``<tag>`` and point
+    ``latest`` at it. At every moment ``latest`` names a complete checkpoint, also when ``<tag>``
+    exists already and is the one ``latest`` names: then ``latest`` names a hard-linked copy
+    (``<tag>.old``) while ``<tag>`` is replaced."""
+    old_tag = tag + OLD
+    if os.path.isdir(os.path.join(directory, tag)):
+        if read_latest_tag(directory) == tag:
+            old_dir = os.path.join(directory, old_tag)
+            shutil.rmtree(old_dir, ignore_errors=True)
+            shutil.copytree(os.path.join(directory, tag), old_dir,
+                            copy_function=_link_or_copy)
+            _set_latest(directory, old_tag)
+        _remove(directory, tag)
+    os.replace(os.path.join(directory, tag + PARTIAL), os.path.join(directory, tag))
+    _set_latest(directory, tag)
+    atomic_write_text(os.path.join(directory, MEGATRON_LATEST_FILE), str(iteration))
+    shutil.rmtree(os.path.join(directory, old_tag), ignore_errors=True)
+
+
+def retain_newest(directory: str, keep: int) -> List[int]:
+    """Delete complete checkpoints beyond the newest ``keep``, never the one ``latest`` names;
+    returns the deleted iterations. Rank 0, after :func:`publish`."""
+    latest = read_latest_tag(directory)
+    deleted = [i for i in complete_iterations(directory)[:-keep] if tag_for(i) != latest]
+    for iteration in deleted:
+        _remove(directory, tag_for(iteration))
+    return deleted
+
+
+def resolve_load_tag(load_dir: str, step: Optional[int]) -> str:
+    """The tag --load takes: --ckpt-step's iteration, else the one ``latest`` names; a
+    CheckpointError naming the problem and another checkpoint to load if it is not complete."""
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"--load {load_dir} does not exist")
+    if step is not None:
+        tag = tag_for(step)
+        if not os.path.isfile(os.path.join(load_dir, tag, META_FILE)):
+            available = complete_iterations(load_dir)
+            raise CheckpointError(f"--ckpt-step {step}: {load_dir} has no complete checkpoint "
+                                  f"{tag}; complete ones: "
+                                  f"{', '.join(map(str, available)) or 'none'}")
+        return tag
+    tag = read_latest_tag(load_dir)
+    if tag is None:
+        raise CheckpointError(f"--load {load_dir} is not a checkpoint directory (no "
+                              f"'{LATEST_FILE}' file); point it at a --save directory")
+    if not os.path.isdir(os.path.join(load_dir, tag)):
+        match = _COMPLETE_NAME.match(tag)
+        raise CheckpointError(f"--load {load_dir}: '{LATEST_FILE}' names {tag!r}, which does not "
+                              "exist (deleted, or not copied with the rest); "
+                              + other_checkpoint_hint(load_dir,
+                                                      int(match.group(1)) if match else None))
+    return tag
