@@ -29,6 +29,7 @@ META_FILE = "hypermoe_checkpoint.json"
 LATEST_FILE = "latest"
 MEGATRON_LATEST_FILE = "latest_checkpointed_iteration.txt"
 PARTIAL, OLD, REMOVING = ".partial", ".old", ".removing"
+TEMPORARY = ".tmp-"  # atomic_write_text's file before its rename
 _COMPLETE_NAME = re.compile(r"iter_(\d{7})")
 
 
@@ -97,7 +98,7 @@ def other_checkpoint_hint(directory: str, unusable_iteration: Optional[int]) -> 
 
 # Writing (rank 0) --------------------------------------------------------------------------------
 def atomic_write_text(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
+    temporary = f"{path}{TEMPORARY}{os.getpid()}"
     with open(temporary, "w") as handle:
         handle.write(text)
         handle.flush()
@@ -117,15 +118,19 @@ def _link_or_copy(source: str, destination: str) -> None:
 
 
 def remove_leftovers(directory: str) -> None:
-    """Remove what interrupted saves and deletions left (every ``.partial`` and ``.removing``,
-    and every ``.old`` that ``latest`` does not name). Rank 0, before a save and after one."""
+    """Remove what interrupted saves and deletions left: every ``.partial`` and ``.removing``,
+    every ``.old`` that ``latest`` does not name, half-written copies of the ``latest`` files.
+    Rank 0, before a save."""
     if not os.path.isdir(directory):
         return
     latest = read_latest_tag(directory)
     for name in os.listdir(directory):
-        stale = name.endswith((PARTIAL, REMOVING)) or (name.endswith(OLD) and name != latest)
-        if stale and name.startswith("iter_"):
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        path = os.path.join(directory, name)
+        if name.startswith("iter_") and (name.endswith((PARTIAL, REMOVING)) or
+                                         (name.endswith(OLD) and name != latest)):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith((LATEST_FILE + TEMPORARY, MEGATRON_LATEST_FILE + TEMPORARY)):
+            os.remove(path)
 
 
 def _remove(directory: str, tag: str) -> None:
