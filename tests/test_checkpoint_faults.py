@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from megatron_hypermoe.errors import ArgumentError, CheckpointError
+from megatron_hypermoe.parallel.distributed import free_port
 from megatron_hypermoe.training import checkpoint_files
 from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.checkpoint_files import (META_FILE, complete_iterations,
@@ -27,6 +28,7 @@ from tests.helpers import (REPO_ROOT, TINY_MODEL, environment, error_line, pretr
                            pretrain_command, read_metrics)
 
 RUN = [*TINY_MODEL, "--mock-data"]
+WORKER = REPO_ROOT / "tests" / "workers" / "checkpoint_write_fault.py"
 
 
 # Directories under --save, in process --------------------------------------------------------
@@ -180,8 +182,8 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_one_exactly
     resumed run reproduces the killed run's iterations 3 and 4 exactly, then removes it."""
     save, marker = tmp_path / "ckpt", tmp_path / "stalled"
     common = [*RUN, "--train-iters", "6", "--save", str(save), "--save-interval", "2"]
-    command = [sys.executable, str(REPO_ROOT / "tests" / "workers" / "stall_checkpoint_write.py"),
-               str(marker), "4", *common, "--metrics-file", str(tmp_path / "killed.jsonl")]
+    command = [sys.executable, str(WORKER), "stall", str(marker), "4", *common,
+               "--metrics-file", str(tmp_path / "killed.jsonl")]
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(command, env=environment(), stdout=log,
                                    stderr=subprocess.STDOUT)
@@ -239,6 +241,31 @@ def test_a_full_disk_during_a_save_stops_with_one_line_and_keeps_the_previous(tm
     assert sorted(os.listdir(save)) == [tag_for(2), "latest", "latest_checkpointed_iteration.txt",
                                         "zero_to_fp32.py", "zero_to_torch.py"]
     assert _digests(save / tag_for(2)) == before
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_write_failing_on_one_rank_stops_every_rank_with_its_line(tmp_path):
+    """Rank 1's optimizer file fails to write (ENOSPC), rank 0's writes succeed: both ranks
+    still pass DeepSpeed's barriers, agree, and stop with rank 1's error; nothing is published
+    (no hang, no 'latest', no .partial directory)."""
+    save = tmp_path / "ckpt"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={free_port()}", str(WORKER), "fail", "1", *RUN, "--train-iters", "2",
+         "--zero-stage", "1", "--save", str(save), "--save-interval", "1"],
+        env=environment(), capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    lines = error_line(output)
+    assert len(lines) == 2 and lines[0] == lines[1], output[-3000:]
+    assert lines[0].startswith(
+        f"error: saving checkpoint iter_0000001 failed: rank 1 could not write "
+        f"{save / 'iter_0000001.partial'}/zero_pp_rank_1_mp_rank_00_optim_states.pt (OSError: "
+        "[Errno 28] No space left on device"), lines[0]
+    assert lines[0].endswith("no checkpoint is saved yet: free space (or raise the file-size "
+                             "limit) and resume")
+    assert sorted(os.listdir(save)) == ["zero_to_fp32.py", "zero_to_torch.py"]
 
 
 @pytest.mark.slow
