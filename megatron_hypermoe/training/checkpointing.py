@@ -12,6 +12,8 @@ Layout under --save (DeepSpeed's, plus three kinds of files of ours)::
                                     learning-rate scheduler's state (Megatron's)
         rng_rank_00000.safetensors  every RNG state of that rank (python, numpy, torch, CUDA,
                                     megatron's model-parallel streams)
+        layout_free/                the training state by global parameter name, for a resume in
+                                    another layout (training/layout_free_checkpoint.py)
 
 Atomic: every rank writes into ``iter_N.partial/``; after a barrier rank 0 renames it to
 ``iter_N/`` and only then moves ``latest`` (write-to-temp then rename). A crash at any point
@@ -41,6 +43,9 @@ from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
 from megatron_hypermoe.training.arguments import hyper_lr_mult, recorded_args
 from megatron_hypermoe.training.expert_checkpoint import (restore_local_experts,
                                                           save_local_experts)
+from megatron_hypermoe.training.layout_free_checkpoint import (needs_reshard,
+                                                               restore_layout_free,
+                                                               rng_carries_over, save_layout_free)
 from megatron_hypermoe.training.lr_schedule import SCHEDULER_STATE_KEY
 from megatron_hypermoe.training.metrics import jsonable_args
 
@@ -50,13 +55,12 @@ META_FILE = "hypermoe_checkpoint.json"
 LATEST_FILE = "latest"
 MEGATRON_LATEST_FILE = "latest_checkpointed_iteration.txt"
 
-# Fields a checkpoint must match; --finetune may not change them either. The tensor- and
-# expert-parallel sizes are two: DeepSpeed's files hold per-rank shards of that layout.
+# Fields a checkpoint must match; --finetune may not change them either. The parallel layout is
+# not one: layout_free_checkpoint.py loads any layout's checkpoint into any other.
 SHAPE_FIELDS = (
     "moe_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
     "num_query_groups", "num_experts", "moe_router_topk", "padded_vocab_size",
-    "max_position_embeddings", *HYPER_SIZE_NAMES, "tensor_model_parallel_size",
-    "expert_model_parallel_size",
+    "max_position_embeddings", *HYPER_SIZE_NAMES,
 )
 
 
@@ -162,6 +166,7 @@ def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] =
     _barrier()
     engine.save_checkpoint(args.save, tag=partial_tag, client_state={}, save_latest=False)
     save_rng_state(partial_dir)
+    save_layout_free(engine, args, partial_dir)
     if args.expert_model_parallel_size > 1:
         save_local_experts(engine.module, partial_dir, args.num_experts)
     if _rank() == 0:
@@ -248,6 +253,26 @@ def load_checkpoint(engine, args, schedule=None) -> TrainState:
     tag, meta = read_latest(args.load)
     check_model_shape(meta, args)
     load_optimizer = not (args.finetune or args.no_load_optim)
+    directory = os.path.join(args.load, tag)
+    if needs_reshard(meta, args, directory, load_optimizer):  # another layout
+        restore_layout_free(engine, directory, load_optimizer)
+    else:
+        _load_same_layout(engine, args, tag, load_optimizer, meta)
+    if args.finetune:
+        return TrainState()
+    if not args.no_load_rng and rng_carries_over(meta, args):
+        load_rng_state(directory)
+    state = TrainState(**meta["train_state"])
+    if load_optimizer and schedule is not None:
+        if SCHEDULER_STATE_KEY in meta:
+            schedule.load_state_dict(meta[SCHEDULER_STATE_KEY])
+        else:  # written before the scheduler was saved
+            schedule.resume_without_state(state.consumed_train_samples)
+    return state
+
+
+def _load_same_layout(engine, args, tag: str, load_optimizer: bool, meta: dict) -> None:
+    """DeepSpeed's own files (and our expert files), in the layout that wrote them."""
     if load_optimizer:
         check_optimizer_groups(meta, args)
     install_weights_only_checkpoint_engine(engine)
@@ -258,17 +283,6 @@ def load_checkpoint(engine, args, schedule=None) -> TrainState:
         raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {args.load}")
     if args.expert_model_parallel_size > 1:
         restore_local_experts(engine, os.path.join(args.load, tag), args.num_experts)
-    if args.finetune:
-        return TrainState()
-    if not args.no_load_rng:
-        load_rng_state(os.path.join(args.load, tag))
-    state = TrainState(**meta["train_state"])
-    if load_optimizer and schedule is not None:
-        if SCHEDULER_STATE_KEY in meta:
-            schedule.load_state_dict(meta[SCHEDULER_STATE_KEY])
-        else:  # written before the scheduler was saved
-            schedule.resume_without_state(state.consumed_train_samples)
-    return state
 
 
 def latest_iteration(load_dir: Optional[str]) -> Optional[int]:
