@@ -45,7 +45,8 @@ from megatron_hypermoe.training.expert_checkpoint import (restore_local_experts,
                                                           save_local_experts)
 from megatron_hypermoe.training.layout_free_checkpoint import (needs_reshard,
                                                                restore_layout_free,
-                                                               rng_carries_over, save_layout_free)
+                                                               rng_carries_over, save_layout_free,
+                                                               vocab_padding_message)
 from megatron_hypermoe.training.lr_schedule import SCHEDULER_STATE_KEY
 from megatron_hypermoe.training.metrics import jsonable_args
 
@@ -224,6 +225,8 @@ def check_model_shape(meta: dict, args) -> None:
     saved, current = meta.get("model", {}), checkpoint_shape(args)
     for field in SHAPE_FIELDS:
         if field in saved and saved[field] != current[field]:
+            if field == "padded_vocab_size":  # TP is part of Megatron's vocabulary padding
+                raise CheckpointError(vocab_padding_message(meta, args))
             flag = "--" + field.replace("_", "-")
             raise CheckpointError(f"checkpoint has {field}={saved[field]!r} but the flags give "
                                   f"{current[field]!r}: pass {flag} {saved[field]} or load "

@@ -124,6 +124,24 @@ def _print_rank0(line: str) -> None:
         print(line, flush=True)
 
 
+def vocab_padding_message(meta: dict, args) -> str:
+    """Megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP, so a
+    TP change can change the model's shape: name the divisor that gives the saved size."""
+    saved = meta["model"]["padded_vocab_size"]
+    tp = args.tensor_model_parallel_size
+    problem = (f"checkpoint has padded_vocab_size={saved} but the flags give "
+               f"{args.padded_vocab_size} (the vocabulary is padded to a multiple of "
+               f"--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} x TP {tp})")
+    recorded = meta.get("args", {})
+    saved_multiple = int(recorded.get("make_vocab_size_divisible_by", 128)) * \
+        int(recorded.get("tensor_model_parallel_size", 1))
+    if saved_multiple % tp == 0:  # the saved run's multiple
+        return f"{problem}: pass --make-vocab-size-divisible-by {saved_multiple // tp}"
+    if saved % tp == 0:  # one multiple covering the whole padded vocabulary
+        return f"{problem}: pass --make-vocab-size-divisible-by {saved // tp}"
+    return f"{problem}: no divisor gives {saved} at TP {tp}; use a TP that divides {saved}"
+
+
 # Save ---------------------------------------------------------------------------------------------
 def _is_writer(expert: bool, dim: Optional[int]) -> bool:
     """One rank writes each tensor: data-parallel rank 0 (of the expert-data-parallel group for
