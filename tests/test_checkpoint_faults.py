@@ -210,7 +210,8 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_one_exactly
 
 
 def _digests(directory):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in directory.rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow

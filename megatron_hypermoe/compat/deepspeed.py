@@ -3,7 +3,8 @@
 DeepSpeed's public API has no way to (a) register expert-parallel process groups that someone
 else created, (b) have its engine treat a MoE layer class other than its own as MoE, or (c) load
 its checkpoint files without unpickling arbitrary objects, or (d) skip building a comm op it
-does not need. Each is done here, against 0.19.8
+does not need, or (e) give Adam's state to a ZeRO optimizer that has not stepped yet. Each is
+done here, against 0.19.8
 exactly: any other version is refused with a message saying which to install.
 
 a. :func:`register_expert_groups`: DeepSpeed reduces expert gradients over the groups it keeps
@@ -24,6 +25,16 @@ d. :func:`skip_unused_shm_comm_op`: DeepSpeed's torch comm backend JIT-compiles 
    only ``inference_all_reduce`` (AutoTP inference) uses it; training collectives go through
    gloo. ``deepspeed.comm.torch.build_shm_op`` returns None on the CPU accelerator instead, which
    DeepSpeed already handles (it then falls back to torch.distributed).
+e. :func:`optimizer_step_count` / :func:`create_optimizer_state`: the base optimizer (torch's
+   AdamW, or DeepSpeedCPUAdam with offload) creates Adam's state lazily at its first step, and
+   ZeRO links each parameter's fragment of it (where ``safe_set_full_optimizer_state`` writes)
+   only after that step, in ``_lazy_init_hp_params_optimizer_state``. A layout-free resume sets
+   the state before the first step: it creates the state zeroed at the saved step, in the form
+   the base optimizer would (torch: a float tensor step; CPUAdam: an int), and links it there.
+   :func:`link_optimizer_state` works around a DeepSpeed 0.19.8 bug: ZeRO links the fragments
+   of EVERY group right after the FIRST group's first step, when the later groups have no state
+   yet, and never again; their parameters then have no ``exp_avg`` for
+   ``safe_get_full_optimizer_state``. It links them again once every group has stepped.
 """
 
 from __future__ import annotations
@@ -177,3 +188,46 @@ def skip_unused_shm_comm_op() -> None:
 
     build_shm_op._hypermoe_patch = True
     ds_comm_torch.build_shm_op = build_shm_op
+
+
+# e ------------------------------------------------------------------------------------------------
+def _flat_partitions(zero_optimizer):
+    """The base optimizer's parameters: ZeRO's flat fp32 partitions, one per group."""
+    return [flat for group in zero_optimizer.optimizer.param_groups for flat in group["params"]]
+
+
+def optimizer_step_count(zero_optimizer) -> int:
+    """Adam's step of a ZeRO 1/2 optimizer (every partition steps together); 0 before the first
+    step."""
+    check_deepspeed_version()
+    state = zero_optimizer.optimizer.state
+    steps = {int(state[flat]["step"]) for flat in _flat_partitions(zero_optimizer)
+             if "step" in state.get(flat, {})}
+    if len(steps) > 1:
+        raise CheckpointError(f"the optimizer's parameter groups are at different steps {steps}")
+    return steps.pop() if steps else 0
+
+
+def create_optimizer_state(zero_optimizer, step: int) -> None:
+    """Give a ZeRO 1/2 optimizer that has not stepped Adam's state at ``step`` (moments zero) and
+    link every parameter's fragment to it, so that DeepSpeed's safe_set_full_optimizer_state can
+    fill it."""
+    check_deepspeed_version()
+    base = zero_optimizer.optimizer
+    for flat in _flat_partitions(zero_optimizer):
+        state = base.state[flat]
+        if state:
+            raise CheckpointError("the optimizer has stepped already; set its state before "
+                                  "the first step")
+        state["step"] = torch.tensor(float(step)) if isinstance(base, torch.optim.Adam) \
+            else int(step)
+        state["exp_avg"] = torch.zeros_like(flat)
+        state["exp_avg_sq"] = torch.zeros_like(flat)
+    link_optimizer_state(zero_optimizer)
+
+
+def link_optimizer_state(zero_optimizer) -> None:
+    """Point every parameter's fragment at its group's current Adam state (see e)."""
+    check_deepspeed_version()
+    zero_optimizer._hp_optimizer_states_linked = False
+    zero_optimizer._lazy_init_hp_params_optimizer_state()

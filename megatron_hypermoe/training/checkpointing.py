@@ -12,6 +12,8 @@ Layout under --save (DeepSpeed's, plus three kinds of files of ours)::
                                     learning-rate scheduler's state (Megatron's)
         rng_rank_00000.safetensors  every RNG state of that rank (python, numpy, torch, CUDA,
                                     megatron's model-parallel streams)
+        layout_free/                the training state by global parameter name, for a resume in
+                                    another layout (training/layout_free_checkpoint.py)
 
 Atomic: every rank writes into ``iter_N.partial/``; after a barrier rank 0 renames it to
 ``iter_N/`` and only then moves ``latest`` (write-to-temp then rename). A crash at any point
@@ -48,19 +50,23 @@ from megatron_hypermoe.training.checkpoint_files import (  # noqa: F401 (names o
     retain_newest, tag_for)
 from megatron_hypermoe.training.expert_checkpoint import (restore_local_experts,
                                                           save_local_experts)
+from megatron_hypermoe.training.layout_free_checkpoint import DIRECTORY as LAYOUT_FREE_DIRECTORY
+from megatron_hypermoe.training.layout_free_checkpoint import (gather_layout_free, needs_reshard,
+                                                               restore_layout_free,
+                                                               rng_carries_over,
+                                                               vocab_padding_message)
 from megatron_hypermoe.training.lr_schedule import SCHEDULER_STATE_KEY
 from megatron_hypermoe.training.metrics import jsonable_args
 
 CHECKPOINT_FORMAT = "megatron-hypermoe-checkpoint"
 CHECKPOINT_VERSION = 1
 
-# Fields a checkpoint must match; --finetune may not change them either. The tensor- and
-# expert-parallel sizes are two: DeepSpeed's files hold per-rank shards of that layout.
+# Fields a checkpoint must match; --finetune may not change them either. The parallel layout is
+# not one: layout_free_checkpoint.py loads any layout's checkpoint into any other.
 SHAPE_FIELDS = (
     "moe_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
     "num_query_groups", "num_experts", "moe_router_topk", "padded_vocab_size",
-    "max_position_embeddings", *HYPER_SIZE_NAMES, "tensor_model_parallel_size",
-    "expert_model_parallel_size",
+    "max_position_embeddings", *HYPER_SIZE_NAMES,
 )
 
 
@@ -193,9 +199,14 @@ def _write_partial(engine, args, state, partial_dir, tokenizer, schedule) -> Opt
     with deferring_write_errors(engine) as failures:  # all ranks still pass DeepSpeed's barriers
         engine.save_checkpoint(args.save, tag=os.path.basename(partial_dir), client_state={},
                                save_latest=False)
+    # Collective, so before any return: a rank whose write failed still takes part.
+    write_layout_free = gather_layout_free(engine, args)
     if failures:
         return _failure_text(*failures[0])
     writes = [(_rng_path(partial_dir, _rank()), lambda: save_rng_state(partial_dir))]
+    if write_layout_free is not None:
+        writes.append((os.path.join(partial_dir, LAYOUT_FREE_DIRECTORY),
+                       lambda: write_layout_free(partial_dir)))
     if args.expert_model_parallel_size > 1:
         writes.append((partial_dir, lambda: save_local_experts(engine.module, partial_dir,
                                                                args.num_experts)))
@@ -261,6 +272,8 @@ def check_model_shape(meta: dict, args) -> None:
     saved, current = meta.get("model", {}), checkpoint_shape(args)
     for field in SHAPE_FIELDS:
         if field in saved and saved[field] != current[field]:
+            if field == "padded_vocab_size":  # TP is part of Megatron's vocabulary padding
+                raise CheckpointError(vocab_padding_message(meta, args))
             flag = "--" + field.replace("_", "-")
             raise CheckpointError(f"checkpoint has {field}={saved[field]!r} but the flags give "
                                   f"{current[field]!r}: pass {flag} {saved[field]} or load "
@@ -292,18 +305,14 @@ def load_checkpoint(engine, args, schedule=None) -> TrainState:
     load_optimizer = not (args.finetune or args.no_load_optim)
     if load_optimizer:
         check_optimizer_groups(meta, args)
-    install_weights_only_checkpoint_engine(engine)
+    directory = os.path.join(args.load, tag)
     try:
-        path, _ = engine.load_checkpoint(args.load, tag=tag,
-                                         load_optimizer_states=load_optimizer,
-                                         load_lr_scheduler_states=False,
-                                         load_module_only=not load_optimizer)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {args.load}")
-        if args.expert_model_parallel_size > 1:
-            restore_local_experts(engine, os.path.join(args.load, tag), args.num_experts)
-        if not args.finetune and not args.no_load_rng:
-            load_rng_state(os.path.join(args.load, tag))
+        if needs_reshard(meta, args, directory, load_optimizer):  # another layout
+            restore_layout_free(engine, directory, load_optimizer)
+        else:
+            _load_same_layout(engine, args, tag, load_optimizer)
+        if not args.finetune and not args.no_load_rng and rng_carries_over(meta, args):
+            load_rng_state(directory)
     except CheckpointError as error:  # a damaged, missing or refused file: say what else loads
         raise CheckpointError(f"{error}; "
                               f"{other_checkpoint_hint(args.load, _iteration_of(tag))}") from None
@@ -316,6 +325,18 @@ def load_checkpoint(engine, args, schedule=None) -> TrainState:
         else:  # written before the scheduler was saved
             schedule.resume_without_state(state.consumed_train_samples)
     return state
+
+
+def _load_same_layout(engine, args, tag: str, load_optimizer: bool) -> None:
+    """DeepSpeed's own files (and our expert files), in the layout that wrote them."""
+    install_weights_only_checkpoint_engine(engine)
+    path, _ = engine.load_checkpoint(args.load, tag=tag, load_optimizer_states=load_optimizer,
+                                     load_lr_scheduler_states=False,
+                                     load_module_only=not load_optimizer)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {args.load}")
+    if args.expert_model_parallel_size > 1:
+        restore_local_experts(engine, os.path.join(args.load, tag), args.num_experts)
 
 
 def latest_iteration(load_dir: Optional[str]) -> Optional[int]:

@@ -1,0 +1,337 @@
+"""Layout-free training state: a checkpoint of one (TP, EP, DP, ZeRO 1/2) layout resumes in any
+other valid layout of the same model, optimizer state included.
+
+DeepSpeed's files hold each rank's flat ZeRO partitions of the layout that wrote them. Next to
+them every checkpoint gets ``layout_free/``, tensors by GLOBAL parameter name (experts by global
+id), read with DeepSpeed's public helpers ``safe_get_full_fp32_param`` and
+``safe_get_full_optimizer_state``, which assemble a parameter from the ZeRO partitions of its
+data-parallel group (for experts: the expert-data-parallel group)::
+
+    layout_free/
+        index.json                       the layout that wrote it, Adam's step, engine counters
+        dense_tp_rank_00.safetensors     non-expert parameters as TP rank 0 holds them, the
+                                         replicated ones, the module's buffers
+        dense_tp_rank_01.safetensors     TP rank 1's shards of the tensor-parallel weights
+        experts_ep_rank_00001_tp_rank_00.safetensors   EP rank 1's experts (expert-TP rank 0)
+
+Keys: ``fp32/<name>`` (the fp32 master weight), ``exp_avg/<name>``, ``exp_avg_sq/<name>``
+(Adam's moments), ``buffer/<name>``. Tensor-parallel shards stay per TP rank and are merged and
+re-sliced at load by megatron's partition rules (``parallel/tensor_sharding.py``). Each tensor is
+written by one rank: data-parallel rank 0 of each TP rank (expert-data-parallel rank 0 of each
+EP x expert-TP rank for experts), TP rank 0 alone for replicated tensors.
+
+Loading (:func:`restore_layout_free`) runs on the engine built for the new layout: each rank
+gives each of its parameters the full value and moments of its new shard with
+``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` (they write this rank's ZeRO
+fragment, no collective, and leave the module's weight alone), then the optimizer's
+``update_lp_params`` copies the fp32 masters into the module's weights and all-gathers them over
+the data-parallel groups, as DeepSpeed does after its own universal-checkpoint load.
+
+Not carried across layouts: RNG states (they are per rank; :func:`rng_carries_over`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_hypermoe.compat.deepspeed import (create_optimizer_state, link_optimizer_state,
+                                                optimizer_step_count)
+from megatron_hypermoe.errors import CheckpointError
+from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
+from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim, shard
+
+DIRECTORY = "layout_free"
+INDEX_FILE = "index.json"
+FORMAT = "megatron-hypermoe-layout-free"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+
+Layout = collections.namedtuple("Layout", "tp ep dp zero")
+
+
+def describe(layout: Layout) -> str:
+    return f"TP {layout.tp} EP {layout.ep} DP {layout.dp} ZeRO {layout.zero}"
+
+
+def run_layout(args) -> Layout:
+    return Layout(args.tensor_model_parallel_size, args.expert_model_parallel_size,
+                  args.data_parallel_size, args.zero_stage)
+
+
+def checkpoint_layout(meta: dict) -> Layout:
+    """The layout a checkpoint was written with (from hypermoe_checkpoint.json)."""
+    recorded = meta.get("args", {})
+    return Layout(int(recorded.get("tensor_model_parallel_size", 1)),
+                  int(recorded.get("expert_model_parallel_size", 1)),
+                  int(meta.get("data_parallel_size", 1)), int(recorded.get("zero_stage", 1)))
+
+
+def dense_file_name(tp_rank: int) -> str:
+    return f"dense_tp_rank_{tp_rank:02d}.safetensors"
+
+
+def expert_file_name(ep_rank: int, expert_tp_rank: int) -> str:
+    return f"experts_ep_rank_{ep_rank:05d}_tp_rank_{expert_tp_rank:02d}.safetensors"
+
+
+def has_layout_free_files(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, DIRECTORY, INDEX_FILE))
+
+
+def rng_carries_over(meta: dict, args) -> bool:
+    """Per-rank RNG states fit a run whose ranks have the same roles: same TP, EP and DP (a
+    ZeRO stage change keeps them)."""
+    return checkpoint_layout(meta)[:3] == run_layout(args)[:3]
+
+
+# Which path a load takes --------------------------------------------------------------------------
+def needs_reshard(meta: dict, args, directory: str, load_optimizer: bool) -> bool:
+    """False: DeepSpeed's own files fit this run (same layout; or, without the optimizer, same TP
+    and EP). True: the layout-free files must be used. Refuses what neither can load, in one
+    line; says which path on rank 0."""
+    saved, current = checkpoint_layout(meta), run_layout(args)
+    if saved == current:
+        _print_rank0(f"resuming with the same layout ({describe(current)})")
+        return False
+    if not has_layout_free_files(directory):
+        if not load_optimizer and saved[:2] == current[:2]:
+            # DeepSpeed loads module weights into any DP size / ZeRO stage (today's path).
+            _print_rank0(f"loading weights only from {describe(saved)} into {describe(current)}")
+            return False
+        raise CheckpointError(
+            f"checkpoint {directory} predates layout-free files, so it loads only in the layout "
+            f"that wrote it ({describe(saved)}; this run: {describe(current)}): resume it "
+            "there and save again")
+    if current.zero not in (1, 2):
+        raise CheckpointError(f"--zero-stage {current.zero}: a checkpoint of another layout "
+                              f"({describe(saved)}) resumes under ZeRO stage 1 or 2 only")
+    _print_rank0(f"resharding from {describe(saved)} to {describe(current)}")
+    if not rng_carries_over(meta, args):
+        _print_rank0("RNG states are per rank and do not carry over to another layout: dropout "
+                     "and sampling continue from fresh streams of --seed")
+    return True
+
+
+def _print_rank0(line: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line, flush=True)
+
+
+def vocab_padding_message(meta: dict, args) -> str:
+    """Megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP, so a
+    TP change can change the model's shape: name the divisor that gives the saved size."""
+    saved = meta["model"]["padded_vocab_size"]
+    tp = args.tensor_model_parallel_size
+    problem = (f"checkpoint has padded_vocab_size={saved} but the flags give "
+               f"{args.padded_vocab_size} (the vocabulary is padded to a multiple of "
+               f"--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} x TP {tp})")
+    recorded = meta.get("args", {})
+    saved_multiple = int(recorded.get("make_vocab_size_divisible_by", 128)) * \
+        int(recorded.get("tensor_model_parallel_size", 1))
+    if saved_multiple % tp == 0:  # the saved run's multiple
+        return f"{problem}: pass --make-vocab-size-divisible-by {saved_multiple // tp}"
+    if saved % tp == 0:  # one multiple covering the whole padded vocabulary
+        return f"{problem}: pass --make-vocab-size-divisible-by {saved // tp}"
+    return f"{problem}: no divisor gives {saved} at TP {tp}; use a TP that divides {saved}"
+
+
+# Save ---------------------------------------------------------------------------------------------
+def _is_writer(expert: bool, dim: Optional[int]) -> bool:
+    """One rank writes each tensor: data-parallel rank 0 (of the expert-data-parallel group for
+    experts) of each TP rank, or of TP rank 0 for tensors every TP rank holds whole."""
+    if expert:
+        dp_rank = parallel_state.get_expert_data_parallel_rank()
+        tp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    else:
+        dp_rank = parallel_state.get_data_parallel_rank()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    return dp_rank == 0 and (dim is not None or tp_rank == 0)
+
+
+def _global_names(model):
+    """(local name, global name, parameter) of every trained parameter."""
+    ep_size = parallel_state.get_expert_model_parallel_world_size()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    num_local = (model.config.num_moe_experts or ep_size) // ep_size
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            yield name, global_parameter_name(name, num_local, ep_rank), param
+
+
+def gather_layout_free(engine, args) -> Optional[Callable[[str], None]]:
+    """Assemble this rank's share of the layout-free state (collective: every rank takes part in
+    assembling every one of its parameters over its data-parallel group) and return the write
+    of it into ``directory/layout_free`` (local I/O only, so a rank whose disk fails cannot
+    leave the others in a collective). ZeRO-3 runs write none: None."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from safetensors.torch import save_file
+
+    if args.zero_stage not in (1, 2):
+        return None
+    step = optimizer_step_count(engine.optimizer)
+    if step > 0:
+        link_optimizer_state(engine.optimizer)
+    dense: Dict[str, torch.Tensor] = {}
+    experts: Dict[str, torch.Tensor] = {}
+    for name, global_name, param in _global_names(engine.module):
+        if not hasattr(param, "_hp_mapping"):
+            raise CheckpointError(f"{name} is not in the ZeRO optimizer: cannot save it "
+                                  "layout-free")
+        # Collective over the parameter's (expert-)data-parallel group: every rank calls.
+        values = {"fp32": safe_get_full_fp32_param(param)}
+        if step > 0:  # Adam's state exists from the first step on
+            values.update({key: safe_get_full_optimizer_state(param, key) for key in MOMENTS})
+        expert = is_expert_parameter(name)
+        if _is_writer(expert, partition_dim(name)):
+            target = experts if expert else dense
+            for kind, value in values.items():
+                target[f"{kind}/{global_name}"] = value.detach().cpu().contiguous()
+    parameters = {name for name, _ in engine.module.named_parameters()}
+    if _is_writer(False, None):
+        for name, tensor in engine.module.state_dict().items():
+            if name not in parameters and torch.is_tensor(tensor) and \
+                    not name.endswith("_extra_state"):
+                dense[f"buffer/{name}"] = tensor.detach().cpu().contiguous()
+    dense_name = dense_file_name(parallel_state.get_tensor_model_parallel_rank())
+    expert_name = expert_file_name(parallel_state.get_expert_model_parallel_rank(),
+                                   parallel_state.get_expert_tensor_parallel_rank())
+    index = None
+    if dist.get_rank() == 0:
+        index = {"format": FORMAT, "version": 1,
+                 "layout": run_layout(args)._asdict(), "step": step,
+                 "engine": {key: int(getattr(engine, key)) for key in ENGINE_COUNTERS},
+                 "loss_scaler": _loss_scaler_state(engine.optimizer)}
+
+    def write(directory: str) -> None:
+        out = os.path.join(directory, DIRECTORY)
+        os.makedirs(out, exist_ok=True)
+        if dense:
+            save_file(dense, os.path.join(out, dense_name))
+        if experts:
+            save_file(experts, os.path.join(out, expert_name))
+        if index is not None:
+            with open(os.path.join(out, INDEX_FILE), "w") as handle:
+                json.dump(index, handle, indent=1)
+    return write
+
+
+def save_layout_free(engine, args, directory: str) -> None:
+    """Gather and write in one call (collective)."""
+    write = gather_layout_free(engine, args)
+    if write is not None:
+        write(directory)
+
+
+def _loss_scaler_state(optimizer) -> dict:
+    """fp16's dynamic loss scale (plain numbers), so that a resharded run scales as before."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is None:
+        return {}
+    return {key: value for key, value in vars(scaler).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+# Load ---------------------------------------------------------------------------------------------
+class _Tensors:
+    """Every ``layout_free`` file of a checkpoint, opened lazily; a tensor by (TP rank, key)."""
+
+    def __init__(self, directory: str):
+        from safetensors import safe_open
+
+        self.directory = os.path.join(directory, DIRECTORY)
+        with open(os.path.join(self.directory, INDEX_FILE)) as handle:
+            self.index = json.load(handle)
+        if self.index.get("format") != FORMAT:
+            raise CheckpointError(f"{self.directory}/{INDEX_FILE} is not a {FORMAT} index")
+        self.layout = Layout(**self.index["layout"])
+        self.by_tp_rank = [dict() for _ in range(self.layout.tp)]
+        self.handles = []
+        for file_name in sorted(os.listdir(self.directory)):
+            if not file_name.endswith(".safetensors"):
+                continue
+            tp_rank = int(file_name[-len("00.safetensors"):-len(".safetensors")])
+            handle = safe_open(os.path.join(self.directory, file_name), framework="pt")
+            self.handles.append(handle)
+            for key in handle.keys():
+                if key in self.by_tp_rank[tp_rank]:
+                    raise CheckpointError(f"{self.directory}: {key} is in two files of TP rank "
+                                          f"{tp_rank}; the checkpoint is damaged")
+                self.by_tp_rank[tp_rank][key] = handle
+
+    def get(self, key: str, tp_rank: int = 0) -> torch.Tensor:
+        handle = self.by_tp_rank[tp_rank].get(key)
+        if handle is None:
+            raise CheckpointError(f"{self.directory} lacks {key} (TP rank {tp_rank}): a "
+                                  "layout-free file is missing; copy the whole checkpoint")
+        return handle.get_tensor(key)
+
+    def full(self, kind: str, global_name: str, gated: bool) -> torch.Tensor:
+        """The whole tensor, merged from the saved TP ranks' shards."""
+        dim = partition_dim(global_name)
+        ranks = range(self.layout.tp) if dim is not None else [0]
+        return merge([self.get(f"{kind}/{global_name}", r) for r in ranks], global_name, dim,
+                     gated)
+
+
+def _local_shard(tensors: _Tensors, kind: str, name: str, global_name: str, param,
+                 gated: bool) -> torch.Tensor:
+    """This rank's slice, in the new layout, of the saved tensor ``kind/global_name``."""
+    if is_expert_parameter(name):
+        tp_size = parallel_state.get_expert_tensor_parallel_world_size()
+        tp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    else:
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    full = tensors.full(kind, global_name, gated)
+    local = shard(full, name, partition_dim(name), tp_size, tp_rank, gated)
+    if local.shape != param.shape:
+        raise CheckpointError(f"{tensors.directory}: {global_name} has shape "
+                              f"{tuple(full.shape)}, which does not give this run's shard "
+                              f"{tuple(param.shape)}")
+    return local.to(device=param.device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def restore_layout_free(engine, directory: str, load_optimizer: bool) -> None:
+    """Give every parameter of this (freshly built) engine its saved fp32 master weight and, with
+    ``load_optimizer``, Adam's moments and step (collective: ends with an all-gather)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    tensors = _Tensors(directory)
+    model, optimizer = engine.module, engine.optimizer
+    gated = bool(getattr(model.config, "gated_linear_unit", True))
+    step = int(tensors.index["step"]) if load_optimizer else 0
+    if step > 0:
+        create_optimizer_state(optimizer, step)
+    for name, global_name, param in _global_names(model):
+        if not hasattr(param, "_hp_mapping"):
+            raise CheckpointError(f"{name} is not in the ZeRO optimizer: a layout change "
+                                  "needs ZeRO stage 1 or 2")
+        # Each setter writes only this rank's fragment of the flat partition.
+        safe_set_full_fp32_param(param, _local_shard(tensors, "fp32", name, global_name, param,
+                                                     gated))
+        for key in MOMENTS if step > 0 else ():
+            safe_set_full_optimizer_state(
+                param, _local_shard(tensors, key, name, global_name, param, gated), key)
+    for name, buffer in model.named_buffers():
+        key = f"buffer/{name}"
+        if key in tensors.by_tp_rank[0]:
+            buffer.copy_(tensors.get(key))
+    # The setters leave the module's weights alone: copy the masters there and all-gather.
+    optimizer.update_lp_params()
+    if load_optimizer:
+        for key, value in tensors.index["engine"].items():
+            setattr(engine, key, value)
+        scaler = getattr(optimizer, "loss_scaler", None)
+        for key, value in tensors.index.get("loss_scaler", {}).items():
+            if scaler is not None and hasattr(scaler, key):
+                setattr(scaler, key, value)
+    del tensors
+    dist.barrier()
