@@ -23,7 +23,8 @@ from megatron.core import parallel_state
 
 from megatron_hypermoe.model.config import HyperMoEConfig
 from megatron_hypermoe.model.hypernetwork import init_head_weight_
-from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
+from megatron_hypermoe.parallel.experts import (global_parameter_name,
+                                                tensor_parallel_size_and_rank)
 from megatron_hypermoe.parallel.tensor_sharding import shard
 
 _HYPERNET_HEAD = re.compile(r"hypernetwork\.(down_weight|down_bias|up_weight|up_bias)\.weight$")
@@ -62,12 +63,7 @@ def _assign_by_global_name(model: torch.nn.Module, config: HyperMoEConfig, full_
     num_local_experts = (config.num_moe_experts or ep_size) // ep_size
     for name, param in model.named_parameters():
         global_name = global_parameter_name(name, num_local_experts, ep_rank)
-        if is_expert_parameter(name):
-            tp_size = parallel_state.get_expert_tensor_parallel_world_size()
-            tp_rank = parallel_state.get_expert_tensor_parallel_rank()
-        else:
-            tp_size = parallel_state.get_tensor_model_parallel_world_size()
-            tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size, tp_rank = tensor_parallel_size_and_rank(name)
         full = full_tensor(global_name, _full_shape(param, tp_size))
         dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
         local = shard(full, name, dim, tp_size, tp_rank, config.gated_linear_unit)

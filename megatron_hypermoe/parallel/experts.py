@@ -29,3 +29,15 @@ def global_parameter_name(name: str, num_local_experts: int, ep_rank: int) -> st
         return f"{match.group(1)}experts.local_experts.{global_id}."
 
     return _LOCAL_EXPERT.sub(to_global, name)
+
+
+def tensor_parallel_size_and_rank(name: str) -> tuple:
+    """The (size, rank) of the tensor-parallel group that splits parameter ``name``: the
+    expert-TP group for experts, the TP group otherwise (needs megatron's parallel state)."""
+    from megatron.core import parallel_state
+
+    if is_expert_parameter(name):
+        return (parallel_state.get_expert_tensor_parallel_world_size(),
+                parallel_state.get_expert_tensor_parallel_rank())
+    return (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_tensor_model_parallel_rank())

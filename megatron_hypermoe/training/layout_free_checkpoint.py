@@ -44,7 +44,8 @@ from megatron.core import parallel_state
 from megatron_hypermoe.compat.deepspeed import (create_optimizer_state, link_optimizer_state,
                                                 optimizer_step_count)
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
+from megatron_hypermoe.parallel.experts import (global_parameter_name, is_expert_parameter,
+                                                tensor_parallel_size_and_rank)
 from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim, shard
 
 DIRECTORY = "layout_free"
@@ -283,12 +284,7 @@ class _Tensors:
 def _local_shard(tensors: _Tensors, kind: str, name: str, global_name: str, param,
                  gated: bool) -> torch.Tensor:
     """This rank's slice, in the new layout, of the saved tensor ``kind/global_name``."""
-    if is_expert_parameter(name):
-        tp_size = parallel_state.get_expert_tensor_parallel_world_size()
-        tp_rank = parallel_state.get_expert_tensor_parallel_rank()
-    else:
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size, tp_rank = tensor_parallel_size_and_rank(name)
     full = tensors.full(kind, global_name, gated)
     local = shard(full, name, partition_dim(name), tp_size, tp_rank, gated)
     if local.shape != param.shape:
