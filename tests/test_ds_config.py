@@ -271,6 +271,16 @@ def test_shm_comm_op_is_not_built_on_the_cpu_accelerator():
     assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
 
 
+@pytest.mark.usefixtures("megatron_single_process")
+def test_bf16_optimizer_prints_no_memory_report(capsys):
+    from megatron_hypermoe.compat.deepspeed import quiet_bf16_optimizer_memory_report
+
+    _, optimizer = build_tiny_engine(["--bf16", "--zero-stage", "1"])
+    assert type(optimizer).__name__ == "BF16_Optimizer"
+    assert "CPU Virtual Memory" not in capsys.readouterr().out
+    quiet_bf16_optimizer_memory_report()  # idempotent
+
+
 def test_help_prints_no_warnings():
     result = subprocess.run([sys.executable, str(REPO_ROOT / "pretrain_gpt_hypermoe.py"),
                              "--help"], env=child_environment(), capture_output=True, text=True,

@@ -3,8 +3,8 @@
 DeepSpeed's public API has no way to (a) register expert-parallel process groups that someone
 else created, (b) have its engine treat a MoE layer class other than its own as MoE, or (c) load
 its checkpoint files without unpickling arbitrary objects, or (d) skip building a comm op it
-does not need, or (e) give Adam's state to a ZeRO optimizer that has not stepped yet. Each is
-done here, against 0.19.8
+does not need, or (e) give Adam's state to a ZeRO optimizer that has not stepped yet, or (f)
+build its bf16 optimizer without printing a memory report. Each is done here, against 0.19.8
 exactly: any other version is refused with a message saying which to install.
 
 a. :func:`register_expert_groups`: DeepSpeed reduces expert gradients over the groups it keeps
@@ -35,6 +35,11 @@ e. :func:`optimizer_step_count` / :func:`create_optimizer_state`: the base optim
    of EVERY group right after the FIRST group's first step, when the later groups have no state
    yet, and never again; their parameters then have no ``exp_avg`` for
    ``safe_get_full_optimizer_state``. It links them again once every group has stepped.
+f. :func:`quiet_bf16_optimizer_memory_report`: ``BF16_Optimizer.__init__`` (ZeRO-1 with bf16)
+   calls ``see_memory_usage(..., force=True)`` around every group, which prints two dozen lines
+   of memory figures with ``print`` on rank 0 of every bf16 run. Its module-level name
+   ``see_memory_usage`` drops the forced calls instead (an explicit DeepSpeed
+   ``memory_breakdown`` still prints through other callers).
 """
 
 from __future__ import annotations
@@ -188,6 +193,24 @@ def skip_unused_shm_comm_op() -> None:
 
     build_shm_op._hypermoe_patch = True
     ds_comm_torch.build_shm_op = build_shm_op
+
+
+# f ------------------------------------------------------------------------------------------------
+def quiet_bf16_optimizer_memory_report() -> None:
+    """Make BF16_Optimizer's forced memory prints no-ops (see f). Idempotent."""
+    check_deepspeed_version()
+    from deepspeed.runtime import bf16_optimizer
+
+    original = bf16_optimizer.see_memory_usage
+    if getattr(original, "_hypermoe_patch", False):
+        return
+
+    def see_memory_usage(message, force=False):
+        if not force:
+            original(message, force)
+
+    see_memory_usage._hypermoe_patch = True
+    bf16_optimizer.see_memory_usage = see_memory_usage
 
 
 # e ------------------------------------------------------------------------------------------------

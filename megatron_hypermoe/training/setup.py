@@ -11,7 +11,8 @@ from contextlib import nullcontext
 
 import torch
 
-from megatron_hypermoe.compat.deepspeed import skip_unused_shm_comm_op
+from megatron_hypermoe.compat.deepspeed import (quiet_bf16_optimizer_memory_report,
+                                                 skip_unused_shm_comm_op)
 from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.initialization import initialize_from_global_names
@@ -107,6 +108,7 @@ def build_engine(model, args):
     import deepspeed
 
     skip_unused_shm_comm_op()
+    quiet_bf16_optimizer_memory_report()
     check_precision_supported(args)
     # Norms, router and the HyperMoE path see one sequence slice per TP rank: sum their
     # gradients over the TP group (DeepSpeed only reduces over data-parallel ranks).
