@@ -3,6 +3,8 @@
 #   make test    set up .venv on a fresh machine and run the CPU test suite
 #   make test-fast  the in-process tests only (no trainer subprocesses, no torchrun): < 3 min
 #   make test-gpu the CUDA tests (on a machine with a GPU)
+#   make gpu-check  the prepared GPU check: CUDA tests + bf16 layer/step benchmarks, < 8 min,
+#                 writes docs/RESULTS_gpu_<device>.md (run it first when a GPU is lent)
 #   make bench   run the layer benchmark
 #   make hf-compat  check that HF exports load and agree under transformers 4.57.1 and the pin
 # Variables: PYTEST_ARGS (extra pytest arguments, e.g. -m "not multiprocess"),
@@ -14,7 +16,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: setup demo test test-fast test-gpu bench hf-compat clean
+.PHONY: setup demo test test-fast test-gpu gpu-check bench hf-compat clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +48,9 @@ test-fast: setup
 
 test-gpu: setup
 	$(PY) -m pytest -m gpu tests/test_gpu.py
+
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 bench: setup
 	$(PY) benchmarks/bench_layer.py

@@ -34,6 +34,9 @@ SHAPES = {
     # GPT-2 small's MLP as 8 experts, paper-default hyper sizes (64/128/128/128,128/10).
     "gpt2": dict(hidden_size=768, ffn_hidden_size=3072, num_moe_experts=8, tokens=2048,
                  hyper=dict()),
+    # The widths users train at (a Llama-7B-like MLP split over 8 experts' worth of FFN).
+    "wide": dict(hidden_size=2048, ffn_hidden_size=5632, num_moe_experts=8, tokens=2048,
+                 hyper=dict()),
 }
 VARIANTS = ("moe", "hypermoe", "hypermoe-factored", "hypermoe-naive")
 
@@ -118,20 +121,24 @@ def summarize(rows):
         return next(r for r in rows
                     if (r["shape"], r["topk"], r["variant"]) == (shape, topk, variant))
 
-    gpt2_topks = sorted({r["topk"] for r in rows if r["shape"] == "gpt2"})
-    over_moe, naive_over_fast, extra_mem = [], [], []
-    for topk in gpt2_topks:
-        moe, fast = row("gpt2", topk, "moe"), row("gpt2", topk, "hypermoe")
-        naive = row("gpt2", topk, "hypermoe-naive")
-        over_moe.append(fast["ms"] / moe["ms"])
-        naive_over_fast.append(naive["ms"] / fast["ms"])
-        extra_mem.append(fast["saved_mb"] / moe["saved_mb"] - 1.0)
-    return dict(
-        hypermoe_over_moe_time=max(over_moe),
-        naive_over_fast_time=min(naive_over_fast),
-        hypermoe_extra_memory_fraction=max(extra_mem),
-        cases=[f"gpt2-top{k}" for k in gpt2_topks],
-    )
+    summary, cases = {}, []
+    # (shape, suffix of its keys): GPT-2 width keeps the original key names.
+    for shape, suffix in (("gpt2", ""), ("wide", "_wide")):
+        topks = sorted({r["topk"] for r in rows if r["shape"] == shape})
+        if not topks:
+            continue
+        over_moe, naive_over_fast, extra_mem = [], [], []
+        for topk in topks:
+            moe, fast = row(shape, topk, "moe"), row(shape, topk, "hypermoe")
+            naive = row(shape, topk, "hypermoe-naive")
+            over_moe.append(fast["ms"] / moe["ms"])
+            naive_over_fast.append(naive["ms"] / fast["ms"])
+            extra_mem.append(fast["saved_mb"] / moe["saved_mb"] - 1.0)
+        summary.update({f"hypermoe_over_moe_time{suffix}": max(over_moe),
+                        f"naive_over_fast_time{suffix}": min(naive_over_fast),
+                        f"hypermoe_extra_memory_fraction{suffix}": max(extra_mem)})
+        cases += [f"{shape}-top{k}" for k in topks]
+    return dict(summary, cases=cases)
 
 
 def main():
@@ -170,7 +177,7 @@ def main():
             line += f" {r['peak_mb']:8.1f}"
         print(line)
     destroy_distributed()
-    if args.json and any(r["shape"] == "gpt2" for r in rows):
+    if args.json and any(r["shape"] in ("gpt2", "wide") for r in rows):
         summary = summarize(rows)
         summary["device"] = str(device)
         summary["dtype"] = str(dtype)[6:]

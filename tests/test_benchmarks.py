@@ -60,3 +60,56 @@ def test_compare_variants_run_command_does_not_depend_on_jobs():
                                               "runs/x/hypermoe_seed1234/metrics.jsonl"))
     assert commands[0] == commands[1]
     assert commands[0][commands[0].index("--hyper-lr-mult") + 1] == "1/d_g"  # spelled out
+
+
+def test_bench_layer_summary_has_a_key_set_per_width():
+    bench = load_script("bench_layer")
+    rows = [dict(shape=shape, topk=k, variant=v, ms=ms, saved_mb=mb, peak_mb=None)
+            for shape, scale in (("gpt2", 1.0), ("wide", 4.0)) for k in (1, 2)
+            for v, ms, mb in (("moe", 10 * scale * k, 100), ("hypermoe", 11 * scale * k + k, 104),
+                              ("hypermoe-factored", 20, 150), ("hypermoe-naive", 40, 300))]
+    summary = bench.summarize(rows)
+    assert summary["hypermoe_over_moe_time"] == max(12 / 10, 24 / 20)
+    assert summary["hypermoe_over_moe_time_wide"] == max(45 / 40, 90 / 80)
+    assert summary["cases"] == ["gpt2-top1", "gpt2-top2", "wide-top1", "wide-top2"]
+    assert "hypermoe_over_moe_time_wide" not in bench.summarize(rows[:8])
+
+
+def test_gpu_check_page_reports_every_step_and_the_targets():
+    check = load_script("gpu_check")
+    assert check.device_slug("NVIDIA H200") == "h200"
+    assert check.device_slug("NVIDIA H100 80GB HBM3") == "h100_80gb"
+    machine = dict(device="NVIDIA H200", torch="2.13.0", cuda="13.0", python="3.11.7", cpus=16,
+                   date="2026-12-01 10:00 UTC")
+    layer_row = dict(shape="gpt2", topk=1, variant="moe", ms=1.5, saved_mb=10.0, peak_mb=20.0)
+    results = [
+        dict(name="GPU tests", command="-m pytest -m gpu", status="passed", seconds=60,
+             json=None, tail=""),
+        dict(name="layer, GPT-2 width", command="bench_layer.py", status="passed", seconds=50,
+             json=dict(hypermoe_over_moe_time=1.10, rows=[layer_row]), tail=""),
+        dict(name="layer, hidden 2048", command="bench_layer.py", status="timed out after 100 s",
+             seconds=100, json=None, tail="# wide top-1 ..."),
+        dict(name="training step", command="bench_train.py", status="passed", seconds=40,
+             json=dict(hypermoe_over_moe_step_time=1.40), tail=""),
+    ]
+    page = check.report(machine, results)
+    assert "| layer fwd+bwd, GPT-2 width, worst of top-1/2 | 1.10x (meets <= 1.15) |" in page
+    assert "| layer fwd+bwd, hidden 2048, worst of top-1/2 | n/a |" in page
+    assert "| training step, small config | 1.40x (misses <= 1.15) |" in page
+    assert "| gpt2 | 1 | moe | 1.50 | 10.0 | 20.0 |" in page
+    assert "### layer, hidden 2048: timed out after 100 s" in page and "# wide top-1" in page
+    assert sum(limit for _, _, limit in check.steps("python")) <= 8 * 60
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line():
+    import subprocess
+    import sys
+
+    from tests.helpers import environment
+
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py")],
+                            env={**environment(), "CUDA_VISIBLE_DEVICES": ""},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: make gpu-check needs a CUDA GPU")
