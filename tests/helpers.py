@@ -235,6 +235,8 @@ HYPER_EXPERT_CASES = {
     "top2-few-sets": (8, 2, 64, 5),
     "top2-many-sets": (16, 2, 48, None),
     "top4-many-sets": (16, 4, 40, None),
+    "top8-many-sets": (16, 8, 40, None),
+    "top8-of-8": (8, 8, 16, None),  # one possible set: s = 0
 }
 
 

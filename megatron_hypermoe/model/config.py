@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_hypermoe.errors import ConfigError
 
 MOE_TYPES = ("hypermoe", "moe", "moe_adapter", "dense")
-HYPER_EXPERT_IMPLS = ("auto", "grouped", "factored", "naive")
+HYPER_EXPERT_IMPLS = ("auto", "allsets", "grouped", "factored", "naive")
 # How the hypernetwork's four weight heads start: the paper's "hyperfanin" uniform scaled by
 # 1e-3 (the HyperExpert starts near zero), or N(0, init_method_std) like every other weight,
 # which is how the authors' GPT-2 runs actually started (post_init re-initialised the heads).
@@ -66,10 +66,11 @@ HyperSizes = dataclasses.make_dataclass(
 class HyperMoEConfig(TransformerConfig, HyperSizes):
     moe_type: str = "hypermoe"
 
-    # How the HyperExpert is computed. "auto" picks "grouped" (one generated HyperExpert per
-    # distinct selected set, applied as a grouped matmul) unless distinct sets exceed
-    # hyper_factored_min_sets_fraction of the tokens, then "factored". "naive" is the paper's
-    # per-token form, kept as the reference the fast forms are tested against.
+    # How the HyperExpert is computed (model/hyper_expert.py): "auto" picks "allsets" (every
+    # possible selected set generated, no host sync) when C(E, k) <= tokens, else "grouped" on
+    # the CPU (distinct sets present; "factored" once they exceed
+    # hyper_factored_min_sets_fraction of the tokens) and "factored" on a GPU. "naive" is the
+    # paper's per-token form, kept as the reference the fast forms are tested against.
     hyper_expert_impl: str = "auto"
     hyper_factored_min_sets_fraction: float = 0.5
     hyper_init: str = "hyperfanin"  # one of HYPER_INITS
