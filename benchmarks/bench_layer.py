@@ -118,7 +118,8 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
     for variant in variants:
         rows.append(dict(shape=shape_name, topk=topk, variant=variant,
                          impl=None if variant == "moe" else choose_impl(
-                             impl_of[variant], x.shape[0], shape["num_moe_experts"], topk, device),
+                             impl_of[variant], x.shape[0], shape["num_moe_experts"], topk,
+                             device, shape["hidden_size"], hyper_model.hypernetwork.fc.out_features),
                          ms=1000 * statistics.median(times[variant]),
                          saved_mb=memory[variant][0] / 2**20,
                          peak_mb=None if memory[variant][1] is None

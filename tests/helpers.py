@@ -318,6 +318,10 @@ EP_RECOMPUTE_CASES = {
         recompute_granularity="selective", recompute_modules=["moe"])),
 }
 
+# Each HyperExpert form under EP (the cases above take auto: allsets at these token counts).
+EP_IMPL_CASES = {f"hypermoe_alltoall_{impl}": ("hypermoe", "alltoall", dict(hyper_expert_impl=impl))
+                 for impl in ("grouped", "factored")}
+
 
 def ep_case_model(moe_type, dispatcher, **overrides):
     """The EP equivalence tests' model: tiny, top-2 of 4 experts, weights from global names

@@ -85,12 +85,14 @@ def test_selected_set_index_is_the_row_of_every_possible_set(num_experts, topk):
 
 
 def test_auto_rule_from_shapes():
-    # allsets while every possible set can be generated for no more than one per token
-    assert choose_impl("auto", 2048, 8, 2, "cpu") == "allsets"       # C = 28
-    assert choose_impl("auto", 2048, 64, 2, "cuda") == "allsets"     # C = 2016
-    assert choose_impl("auto", 2048, 64, 8, "cuda") == "factored"    # C = 4.4e9
-    assert choose_impl("auto", 2048, 64, 8, "cpu") == "grouped"
-    assert choose_impl("grouped", 2048, 8, 1, "cuda") == "grouped"   # explicit stays
+    # allsets while all C(E, k) HyperExperts keep no more than factored would: C * d <= T * d_g
+    assert choose_impl("auto", 2048, 8, 2, "cpu", 768, 128) == "allsets"    # 28 * 6 <= 2048
+    assert choose_impl("auto", 4096, 8, 2, "cuda", 2048, 128) == "allsets"  # 28 * 16 <= 4096
+    assert choose_impl("auto", 4096, 64, 2, "cuda", 2048, 128) == "factored"  # 2016 * 16
+    assert choose_impl("auto", 4096, 64, 2, "cpu", 2048, 128) == "grouped"
+    assert choose_impl("auto", 2048, 64, 8, "cuda", 768, 128) == "factored"  # C = 4.4e9
+    assert choose_impl("auto", 100, 8, 2, "cuda", 768, 128) == "factored"   # too few tokens
+    assert choose_impl("grouped", 2048, 8, 1, "cuda", 768, 128) == "grouped"  # explicit stays
 
 
 def test_auto_on_cpu_turns_factored_when_distinct_sets_are_many(monkeypatch):

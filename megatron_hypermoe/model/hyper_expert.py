@@ -18,12 +18,14 @@ All of them compute, for each token t with input x_t and selected-expert set S(t
   head's weight viewed [d, d_g, r]; likewise for W_up. Per-token codes, no synchronisation; its
   cost grows with the tokens, not the sets, so it is the form for huge C(E, k) (top-8 of 64).
 
-``auto`` (:func:`choose_impl`): generating a HyperExpert costs d_g * 2dr multiply-adds, so
-``allsets`` costs C(E, k) of them per layer, ``factored`` about one per token (the contraction is
-the same product per token), ``grouped`` one per distinct set present (<= both). Rule:
-``allsets`` when C(E, k) <= tokens; otherwise ``grouped`` on the CPU (a host sync costs nothing
-there) unless the distinct sets exceed ``factored_min_sets_fraction`` of the tokens, and
-``factored`` on a GPU. Measured (``benchmarks/bench_layer.py``, numbers in benchmarks/README.md):
+``auto`` (:func:`choose_impl`): generating a HyperExpert costs d_g * 2dr multiply-adds and keeps
+2dr values for backward, so ``allsets`` costs C(E, k) of each per layer; ``factored`` costs about
+one generation per token (the contraction is the same product per token) and keeps 2 * d_g * r
+values per token; ``grouped`` one generation per distinct set present (<= both). Rule:
+``allsets`` when it keeps no more than ``factored`` would (C * d <= T * d_g: top-1/top-2 of 8 at
+any usual batch, not top-2 of 64 at hidden 2048); otherwise ``grouped`` on the CPU (a host sync
+costs nothing there) unless the distinct sets exceed ``factored_min_sets_fraction`` of the
+tokens, and ``factored`` on a GPU. Measured (``benchmarks/bench_layer.py``, numbers in benchmarks/README.md):
 on the CPU ``allsets`` and ``grouped`` cost the same at GPT-2 width (top-1/top-2 of 8, 2,048
 tokens, every set present); on one H200 (2026-11-26, before ``allsets`` existed) the
 synchronising ``grouped`` form cost 1.58-2.07x the MoE layer and ``factored`` 1.12-1.64x.
@@ -97,15 +99,24 @@ def distinct_selected_sets(routing_map: torch.Tensor):
 
 
 # Choosing and computing --------------------------------------------------------------------------
-def choose_impl(impl: str, num_tokens: int, num_experts: int, topk: int, device) -> str:
+def choose_impl(impl: str, num_tokens: int, num_experts: int, topk: int, device,
+                hidden_size: int, code_size: int) -> str:
     """Resolve ``auto`` from shapes alone (no look at the data, so no host synchronisation).
     ``grouped`` returned here on the CPU may still turn ``factored`` once the distinct sets
     are known (see :func:`hyper_expert_output`)."""
     if impl != "auto":
         return impl
-    if math.comb(num_experts, topk) <= num_tokens:
+    if allsets_fits(num_tokens, num_experts, topk, hidden_size, code_size):
         return "allsets"
     return "grouped" if torch.device(device).type == "cpu" else "factored"
+
+
+def allsets_fits(num_tokens: int, num_experts: int, topk: int, hidden_size: int,
+                 code_size: int) -> bool:
+    """Whether generating all C(E, k) HyperExperts keeps no more for backward than the factored
+    form (C * 2dr values against 2 * T * d_g * r: C * d <= T * d_g). Its generation is then
+    cheaper too (C <= T, as d_g < d)."""
+    return math.comb(num_experts, topk) * hidden_size <= num_tokens * code_size
 
 
 def hyper_expert_naive(x, routing_map, selection: ExpertSelectionEmbedding,
@@ -129,7 +140,8 @@ def hyper_expert_output(x, routing_map, selection: ExpertSelectionEmbedding,
     if topk is None:
         topk = int(routing_map[:1].sum()) if num_tokens else 1  # (reads the device)
     chosen_by_auto = impl == "auto"
-    impl = choose_impl(impl, num_tokens, num_experts, topk, x.device)
+    impl = choose_impl(impl, num_tokens, num_experts, topk, x.device, x.shape[1],
+                       hypernet.fc.out_features)
     if impl == "naive":
         return hyper_expert_naive(x, routing_map, selection, hypernet, layer_index)
     if impl == "factored":
