@@ -1,6 +1,6 @@
 """Training step time of hypermoe against moe (and dense) at two configs, in one run.
 
-    python benchmarks/bench_train.py [--json] [--steps 20] [--configs small,gpt2]
+    python benchmarks/bench_train.py [--json] [--configs small,gpt2] [--steps N]
 
 ``small``: 4 layers, hidden 256, 8 experts of FFN 512, top-1, 4 x 256 tokens; there the
 paper-size hypernetwork heads are 28% of the model, the worst case for HyperMoE's fixed costs.
@@ -43,10 +43,11 @@ CONFIG = COMMON + ["--num-layers", "4", "--hidden-size", "256", "--ffn-hidden-si
 GPT2_CONFIG = COMMON + ["--num-layers", "2", "--hidden-size", "768", "--ffn-hidden-size", "3072",
                         "--num-attention-heads", "12", "--seq-length", "512",
                         "--micro-batch-size", "4"]
-# (name, flags, variants): each entry's variants are interleaved with each other.
+# (name, flags, variants, timed steps by default): each entry's variants are interleaved with
+# each other. A GPT-2-width step takes 6-9 s on 2 CPU cores.
 RUNS = {
-    "small": [("small", CONFIG, ("moe", "hypermoe", "dense"))],
-    "gpt2": [(f"gpt2-top{k}", GPT2_CONFIG + ["--moe-router-topk", str(k)], ("moe", "hypermoe"))
+    "small": [("small", CONFIG, ("moe", "hypermoe", "dense"), 20)],
+    "gpt2": [(f"gpt2-top{k}", GPT2_CONFIG + ["--moe-router-topk", str(k)], ("moe", "hypermoe"), 6)
              for k in (1, 2)],
 }
 
@@ -106,7 +107,8 @@ def bench_run(flags, variants, steps, bf16, label):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per config (default: 20 small, 6 gpt2)")
     parser.add_argument("--configs", default="small,gpt2", help="comma-separated: small, gpt2")
     parser.add_argument("--bf16", action="store_true", help="train (and take the matmul peak) "
                                                             "in bf16, as on GPUs")
@@ -116,8 +118,8 @@ def main():
     peak = matmul_flops(dtype)
     results = {}
     for config in args.configs.split(","):
-        for label, flags, variants in RUNS[config]:
-            results[label] = bench_run(flags, variants, args.steps, args.bf16, label)
+        for label, flags, variants, steps in RUNS[config]:
+            results[label] = bench_run(flags, variants, args.steps or steps, args.bf16, label)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(f"machine: {os.cpu_count()} cores, {device}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}; {str(dtype)[6:]} matmul (2048^3 mm): "

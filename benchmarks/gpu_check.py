@@ -33,13 +33,13 @@ def steps(python: str):
         ("GPU tests", [python, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q",
                        "-p", "no:cacheprovider"], 150),
         ("layer, GPT-2 width", layer + ["--shapes", "gpt2", "--topk", "1,2",
-                                        "--tokens", "16384"], 90),
+                                        "--tokens", "16384"], 80),
         ("layer, hidden 2048", layer + ["--shapes", "wide", "--topk", "2",
-                                        "--tokens", "4096"], 60),
+                                        "--tokens", "4096"], 50),
         ("layer, hidden 2048, 64 experts", layer + ["--shapes", "wide64", "--topk", "2,8",
-                                                    "--tokens", "4096"], 90),
+                                                    "--tokens", "4096"], 80),
         ("training step", [python, "benchmarks/bench_train.py", "--json", "--bf16",
-                           "--steps", "20"], 60),
+                           "--steps", "20"], 90),
     ]
 
 
