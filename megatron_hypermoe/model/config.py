@@ -16,6 +16,7 @@ generated from it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +28,9 @@ from megatron_hypermoe.errors import ConfigError
 
 MOE_TYPES = ("hypermoe", "moe", "moe_adapter", "dense")
 HYPER_EXPERT_IMPLS = ("auto", "allsets", "grouped", "factored", "naive")
+# "allsets" generates C(E, k) HyperExperts per layer: past this many, refuse it when asked for
+# by name (auto never picks it there: see model/hyper_expert.py).
+MAX_ALLSETS = 65536
 # How the hypernetwork's four weight heads start: the paper's "hyperfanin" uniform scaled by
 # 1e-3 (the HyperExpert starts near zero), or N(0, init_method_std) like every other weight,
 # which is how the authors' GPT-2 runs actually started (post_init re-initialised the heads).
@@ -133,6 +137,12 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
                 f"hyper_expert_impl={self.hyper_expert_impl!r} is not one of "
                 f"{', '.join(HYPER_EXPERT_IMPLS)}"
             )
+        num_sets = math.comb(self.num_moe_experts, self.moe_router_topk)
+        if self.hyper_expert_impl == "allsets" and num_sets > MAX_ALLSETS:
+            raise ConfigError(
+                f"hyper_expert_impl='allsets' would generate C({self.num_moe_experts}, "
+                f"{self.moe_router_topk}) = {num_sets:,} HyperExperts per layer (at most "
+                f"{MAX_ALLSETS:,}): use auto or factored")
         if self.hyper_init not in HYPER_INITS:
             raise ConfigError(f"hyper_init={self.hyper_init!r} is not one of "
                               f"{', '.join(HYPER_INITS)}")
