@@ -44,6 +44,7 @@ class Checkpoint:
         args = self.args
         args.tensor_model_parallel_size = 1
         args.expert_model_parallel_size = 1
+        args.pipeline_model_parallel_size = 1
         args.sequence_parallel = False
         args.bf16 = args.fp16 = False
         return args

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
+from megatron_hypermoe.parallel.experts import global_name_function, is_expert_parameter
 
 def expert_file_name(ep_rank: int, expert_tp_rank: int) -> str:
     """One file per (EP rank, expert-TP rank): with expert tensor parallelism each holds a shard
@@ -26,12 +26,9 @@ def expert_file_name(ep_rank: int, expert_tp_rank: int) -> str:
 
 
 def _global_expert_state(model, num_experts: int):
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    ep_size = parallel_state.get_expert_model_parallel_world_size()
-    return {
-        global_parameter_name(name, num_experts // ep_size, ep_rank): param
-        for name, param in model.named_parameters() if is_expert_parameter(name)
-    }
+    to_global = global_name_function(model.config)
+    return {to_global(name): param
+            for name, param in model.named_parameters() if is_expert_parameter(name)}
 
 
 def save_local_experts(model, directory: str, num_experts: int) -> None:

@@ -44,7 +44,7 @@ from megatron.core import parallel_state
 from megatron_hypermoe.compat.deepspeed import (create_optimizer_state, link_optimizer_state,
                                                 optimizer_step_count)
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.parallel.experts import (global_parameter_name, is_expert_parameter,
+from megatron_hypermoe.parallel.experts import (global_name_function, is_expert_parameter,
                                                 tensor_parallel_size_and_rank)
 from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim, shard
 
@@ -158,12 +158,10 @@ def _is_writer(expert: bool, dim: Optional[int]) -> bool:
 
 def _global_names(model):
     """(local name, global name, parameter) of every trained parameter."""
-    ep_size = parallel_state.get_expert_model_parallel_world_size()
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    num_local = (model.config.num_moe_experts or ep_size) // ep_size
+    to_global = global_name_function(model.config)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            yield name, global_parameter_name(name, num_local, ep_rank), param
+            yield name, to_global(name), param
 
 
 def gather_layout_free(engine, args) -> Optional[Callable[[str], None]]:
