@@ -112,8 +112,8 @@ TOP_LEVEL_KEYS = {
                                             "with --sequence-parallel"),
     "data_parallel_size": Rule(REFUSED, "the data-parallel size is the world size / TP"),
     "seq_parallel_communication_data_type": Rule(REFUSED, "DeepSpeed-Ulysses only: " + _NOT_USED),
-    "pipeline": Rule(REFUSED, "pipeline parallelism is not supported (the hypernetwork is shared "
-                              "by every layer)"),
+    "pipeline": Rule(REFUSED, "DeepSpeed's PipelineEngine is not used: pipeline parallelism is "
+                              "--pipeline-model-parallel-size (megatron-core's schedule)"),
     "dataloader_drop_last": Rule(REFUSED, "DeepSpeed's data loader is not used: the data come "
                                           "from megatron-core's datasets (--data-path)"),
     "data_efficiency": Rule(REFUSED, "DeepSpeed's data sampling/routing needs its data loader; "
