@@ -46,7 +46,9 @@ g. :func:`reduce_gradients_after_external_backward`: under pipeline parallelism 
    ``engine.backward``; the ZeRO-1 gradients are then reduced as DeepSpeed's own PipelineEngine
    reduces them after its schedule: ``reduce_gradients(pipeline_parallel=True)`` (which
    allocates the buckets a skipped ``engine.backward`` would have), or, for the bf16 optimizer,
-   the fp32 gradient copy and ``buffered_allreduce_fallback``.
+   the step's bf16 gradients folded into the fp32 ones once and ``buffered_allreduce_fallback``
+   (its ``immediate_grad_update`` folding, tried instead, did not reproduce one process's
+   gradient norm under the schedule).
 """
 
 from __future__ import annotations
