@@ -157,7 +157,8 @@ SECTION_KEYS = {
     "zero_optimization": {
         "stage": Rule(CHECKED, "--zero-stage"),
         "overlap_comm": Rule(CHECKED, "--overlap-grad-reduce (overlap the gradient reduction "
-                                      "with backward; the file may turn it on by itself)"),
+                                      "with backward; the file may turn it on by itself; "
+                                      "refused with pipeline parallelism)"),
         "offload_optimizer": Rule(CHECKED, "--optimizer-cpu-offload (device cpu; the trainer "
                                            "then builds DeepSpeedCPUAdam)"),
         "contiguous_gradients": Rule(HONOURED, "copy gradients into one buffer as produced"),
@@ -191,7 +192,8 @@ SECTION_KEYS = {
     "bf16": {
         "enabled": Rule(CHECKED, "--bf16"),
         "immediate_grad_update": Rule(HONOURED, "fold 16-bit gradients into the fp32 ones as "
-                                                "they are produced"),
+                                                "they are produced (refused with pipeline "
+                                                "parallelism)"),
         "check_grad_overflow": Rule(HONOURED, "skip a step whose gradient is not finite"),
         "bf16_master_weights_and_grads": Rule(REFUSED, "bf16 master weights need ZeRO-Offload "
                                                        "with DeepSpeed's CPU optimizer; the "
