@@ -1,4 +1,4 @@
-"""Forward+backward time and activation memory of one MoE layer: HyperMoE (fast, factored, naive)
+"""Forward+backward time and activation memory of one MoE layer: HyperMoE (auto and each form)
 against megatron-core's own MoE layer, measured in one run with the same router and experts.
 
     python benchmarks/bench_layer.py            # table
@@ -23,6 +23,7 @@ import torch
 
 from megatron_hypermoe.model.config import make_config
 from megatron_hypermoe.model.gpt import build_gpt_model
+from megatron_hypermoe.model.hyper_expert import choose_impl
 from megatron_hypermoe.model.memory import SavedActivationBytes
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
 
@@ -34,11 +35,18 @@ SHAPES = {
     # GPT-2 small's MLP as 8 experts, paper-default hyper sizes (64/128/128/128,128/10).
     "gpt2": dict(hidden_size=768, ffn_hidden_size=3072, num_moe_experts=8, tokens=2048,
                  hyper=dict()),
-    # The widths users train at (a Llama-7B-like MLP split over 8 experts' worth of FFN).
+    # The widths users train at: a Llama-like MLP (hidden 2048, FFN 5632) as 8 experts, and 64
+    # fine-grained experts of a quarter of that FFN (top-2 and top-8: C(64, 8) sets is 4.4e9).
     "wide": dict(hidden_size=2048, ffn_hidden_size=5632, num_moe_experts=8, tokens=2048,
                  hyper=dict()),
+    "wide64": dict(hidden_size=2048, ffn_hidden_size=1408, num_moe_experts=64, tokens=2048,
+                   hyper=dict()),
 }
-VARIANTS = ("moe", "hypermoe", "hypermoe-factored", "hypermoe-naive")
+VARIANTS = ("moe", "hypermoe", "hypermoe-allsets", "hypermoe-grouped", "hypermoe-factored",
+            "hypermoe-naive")
+# Interleaved with each other only: a run after one with large buffers (factored, naive) pays
+# for fresh pages, which would bias the ratio that matters.
+INTERLEAVED = (VARIANTS[:4], VARIANTS[4:])
 
 
 def build_layers(shape: dict, topk: int, device: torch.device, dtype: torch.dtype):
@@ -77,7 +85,8 @@ def run_once(layer, x, grad_out, params):
     return elapsed, counter.total, peak
 
 
-def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=None):
+def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=None,
+               variants=VARIANTS):
     shape = SHAPES[shape_name]
     moe_layer, hyper_layer, hyper_model = build_layers(shape, topk, device, dtype)
     generator = torch.Generator().manual_seed(0)
@@ -85,7 +94,7 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
                     generator=generator).to(device, dtype)
     x.requires_grad_(True)
     grad_out = torch.randn(x.shape, generator=generator).to(device, dtype)
-    impl_of = {"hypermoe": "auto", "hypermoe-factored": "factored", "hypermoe-naive": "naive"}
+    impl_of = {"hypermoe": "auto", **{v: v.split("-")[1] for v in VARIANTS[2:]}}
     hyper_params = list(hyper_layer.parameters()) + list(hyper_model.hypernetwork.parameters())
 
     def run(variant):
@@ -94,11 +103,10 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
         hyper_layer.config.hyper_expert_impl = impl_of[variant]
         return run_once(hyper_layer, x, grad_out, hyper_params)
 
-    times = {v: [] for v in VARIANTS}
+    times = {v: [] for v in variants}
     memory = {}
-    # MoE and fast HyperMoE are interleaved with each other only: a run after one with large
-    # buffers (factored, naive) pays for fresh pages, which would bias the ratio that matters.
-    for group in (VARIANTS[:2], VARIANTS[2:]):
+    for group in INTERLEAVED:
+        group = [v for v in group if v in variants]
         for variant in group:
             run(variant)  # warm-up
         for _ in range(repeats):
@@ -107,8 +115,11 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
                 times[variant].append(elapsed)
                 memory[variant] = (saved, peak)
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         rows.append(dict(shape=shape_name, topk=topk, variant=variant,
+                         impl=None if variant == "moe" else choose_impl(
+                             impl_of[variant], x.shape[0], shape["num_moe_experts"], topk,
+                             device, shape["hidden_size"], hyper_model.hypernetwork.fc.out_features),
                          ms=1000 * statistics.median(times[variant]),
                          saved_mb=memory[variant][0] / 2**20,
                          peak_mb=None if memory[variant][1] is None
@@ -117,28 +128,30 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
 
 
 def summarize(rows):
-    def row(shape, topk, variant):
-        return next(r for r in rows
-                    if (r["shape"], r["topk"], r["variant"]) == (shape, topk, variant))
+    """The JSON keys: GPT-2 width keeps the original names, the wide shapes (worst over every
+    wide case run) add the suffix ``_wide``."""
+    def row(case, variant):
+        return next((r for r in rows if (r["shape"], r["topk"], r["variant"]) == case + (variant,)),
+                    None)
 
-    summary, cases = {}, []
-    # (shape, suffix of its keys): GPT-2 width keeps the original key names.
-    for shape, suffix in (("gpt2", ""), ("wide", "_wide")):
-        topks = sorted({r["topk"] for r in rows if r["shape"] == shape})
-        if not topks:
+    summary, names = {}, []
+    for suffix, shapes in (("", ("gpt2",)), ("_wide", ("wide", "wide64"))):
+        cases = sorted({(r["shape"], r["topk"]) for r in rows if r["shape"] in shapes})
+        if not cases:
             continue
         over_moe, naive_over_fast, extra_mem = [], [], []
-        for topk in topks:
-            moe, fast = row(shape, topk, "moe"), row(shape, topk, "hypermoe")
-            naive = row(shape, topk, "hypermoe-naive")
+        for case in cases:
+            moe, fast, naive = row(case, "moe"), row(case, "hypermoe"), row(case, "hypermoe-naive")
             over_moe.append(fast["ms"] / moe["ms"])
-            naive_over_fast.append(naive["ms"] / fast["ms"])
             extra_mem.append(fast["saved_mb"] / moe["saved_mb"] - 1.0)
-        summary.update({f"hypermoe_over_moe_time{suffix}": max(over_moe),
-                        f"naive_over_fast_time{suffix}": min(naive_over_fast),
-                        f"hypermoe_extra_memory_fraction{suffix}": max(extra_mem)})
-        cases += [f"{shape}-top{k}" for k in topks]
-    return dict(summary, cases=cases)
+            if naive is not None:
+                naive_over_fast.append(naive["ms"] / fast["ms"])
+        summary[f"hypermoe_over_moe_time{suffix}"] = max(over_moe)
+        summary[f"hypermoe_extra_memory_fraction{suffix}"] = max(extra_mem)
+        if naive_over_fast:
+            summary[f"naive_over_fast_time{suffix}"] = min(naive_over_fast)
+        names += [f"{shape}-top{k}" for shape, k in cases]
+    return dict(summary, cases=names)
 
 
 def main():
@@ -147,6 +160,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default="tiny,gpt2")
     parser.add_argument("--topk", default="1,2")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="subset of " + ",".join(VARIANTS) + " (moe and hypermoe always run)")
     parser.add_argument("--bf16", action="store_true", help="weights and activations in bf16")
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per batch (default: the shape's; GPUs want more)")
@@ -155,29 +170,32 @@ def main():
 
     initialize_distributed(seed=0)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    variants = [v for v in VARIANTS if v in {"moe", "hypermoe", *args.variants.split(",")}]
     rows = []
     for shape_name in args.shapes.split(","):
         for topk in (int(k) for k in args.topk.split(",")):
             print(f"# {shape_name} top-{topk} ...", file=sys.stderr, flush=True)
-            rows.extend(bench_case(shape_name, topk, args.repeats, device, dtype, args.tokens))
+            rows.extend(bench_case(shape_name, topk, args.repeats, device, dtype, args.tokens,
+                                   variants))
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else \
         platform.processor() or platform.machine()
     print(f"device: {device} ({name}, {torch.get_num_threads()} threads), {str(dtype)[6:]}, "
           f"torch {torch.__version__}")
-    print(f"{'shape':6} {'top':>3} {'variant':18} {'fwd+bwd ms':>11} {'x moe':>6} "
+    print(f"{'shape':6} {'top':>3} {'variant':18} {'form':8} {'fwd+bwd ms':>11} {'x moe':>6} "
           f"{'saved MB':>9} {'x moe':>6}" + (" peak MB" if device.type == "cuda" else ""))
     for r in rows:
         moe = next(m for m in rows if (m["shape"], m["topk"], m["variant"])
                    == (r["shape"], r["topk"], "moe"))
-        line = (f"{r['shape']:6} {r['topk']:>3} {r['variant']:18} {r['ms']:11.1f} "
+        line = (f"{r['shape']:6} {r['topk']:>3} {r['variant']:18} {r['impl'] or '':8} "
+                f"{r['ms']:11.1f} "
                 f"{r['ms'] / moe['ms']:6.2f} {r['saved_mb']:9.1f} "
                 f"{r['saved_mb'] / moe['saved_mb']:6.2f}")
         if r["peak_mb"] is not None:
             line += f" {r['peak_mb']:8.1f}"
         print(line)
     destroy_distributed()
-    if args.json and any(r["shape"] in ("gpt2", "wide") for r in rows):
+    if args.json and any(r["shape"] != "tiny" for r in rows):
         summary = summarize(rows)
         summary["device"] = str(device)
         summary["dtype"] = str(dtype)[6:]

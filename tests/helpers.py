@@ -235,6 +235,8 @@ HYPER_EXPERT_CASES = {
     "top2-few-sets": (8, 2, 64, 5),
     "top2-many-sets": (16, 2, 48, None),
     "top4-many-sets": (16, 4, 40, None),
+    "top8-many-sets": (16, 8, 40, None),
+    "top8-of-8": (8, 8, 16, None),  # one possible set: s = 0
 }
 
 
@@ -315,6 +317,10 @@ EP_RECOMPUTE_CASES = {
     "hypermoe_alltoall_recompute_moe": ("hypermoe", "alltoall", dict(
         recompute_granularity="selective", recompute_modules=["moe"])),
 }
+
+# Each HyperExpert form under EP (the cases above take auto: allsets at these token counts).
+EP_IMPL_CASES = {f"hypermoe_alltoall_{impl}": ("hypermoe", "alltoall", dict(hyper_expert_impl=impl))
+                 for impl in ("grouped", "factored")}
 
 
 def ep_case_model(moe_type, dispatcher, **overrides):

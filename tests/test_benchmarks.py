@@ -65,14 +65,20 @@ def test_compare_variants_run_command_does_not_depend_on_jobs():
 def test_bench_layer_summary_has_a_key_set_per_width():
     bench = load_script("bench_layer")
     rows = [dict(shape=shape, topk=k, variant=v, ms=ms, saved_mb=mb, peak_mb=None)
-            for shape, scale in (("gpt2", 1.0), ("wide", 4.0)) for k in (1, 2)
+            for shape, scale, topks in (("gpt2", 1.0, (1, 2)), ("wide", 4.0, (2,)),
+                                        ("wide64", 8.0, (2, 8))) for k in topks
             for v, ms, mb in (("moe", 10 * scale * k, 100), ("hypermoe", 11 * scale * k + k, 104),
                               ("hypermoe-factored", 20, 150), ("hypermoe-naive", 40, 300))]
     summary = bench.summarize(rows)
     assert summary["hypermoe_over_moe_time"] == max(12 / 10, 24 / 20)
-    assert summary["hypermoe_over_moe_time_wide"] == max(45 / 40, 90 / 80)
-    assert summary["cases"] == ["gpt2-top1", "gpt2-top2", "wide-top1", "wide-top2"]
-    assert "hypermoe_over_moe_time_wide" not in bench.summarize(rows[:8])
+    assert summary["hypermoe_over_moe_time_wide"] == max(90 / 80, 178 / 160, 712 / 640)
+    assert summary["naive_over_fast_time"] == min(40 / 12, 40 / 24)
+    assert summary["cases"] == ["gpt2-top1", "gpt2-top2", "wide-top2", "wide64-top2",
+                                "wide64-top8"]
+    gpt2_only = bench.summarize(rows[:8])
+    assert "hypermoe_over_moe_time_wide" not in gpt2_only
+    without_naive = bench.summarize([r for r in rows if r["variant"] != "hypermoe-naive"])
+    assert "naive_over_fast_time" not in without_naive
 
 
 def test_gpu_check_page_reports_every_step_and_the_targets():
@@ -81,23 +87,31 @@ def test_gpu_check_page_reports_every_step_and_the_targets():
     assert check.device_slug("NVIDIA H100 80GB HBM3") == "h100_80gb"
     machine = dict(device="NVIDIA H200", torch="2.13.0", cuda="13.0", python="3.11.7", cpus=16,
                    date="2026-12-01 10:00 UTC")
-    layer_row = dict(shape="gpt2", topk=1, variant="moe", ms=1.5, saved_mb=10.0, peak_mb=20.0)
+    layer_row = dict(shape="gpt2", topk=1, variant="hypermoe", impl="allsets", ms=1.5,
+                     saved_mb=10.0, peak_mb=20.0)
     results = [
         dict(name="GPU tests", command="-m pytest -m gpu", status="passed", seconds=60,
              json=None, tail=""),
         dict(name="layer, GPT-2 width", command="bench_layer.py", status="passed", seconds=50,
              json=dict(hypermoe_over_moe_time=1.10, rows=[layer_row]), tail=""),
-        dict(name="layer, hidden 2048", command="bench_layer.py", status="timed out after 100 s",
-             seconds=100, json=None, tail="# wide top-1 ..."),
+        dict(name="layer, hidden 2048", command="bench_layer.py", status="passed", seconds=50,
+             json=dict(hypermoe_over_moe_time_wide=1.03, rows=[]), tail=""),
+        dict(name="layer, hidden 2048, 64 experts", command="bench_layer.py",
+             status="timed out after 100 s", seconds=100, json=None, tail="# wide64 top-2 ..."),
         dict(name="training step", command="bench_train.py", status="passed", seconds=40,
-             json=dict(hypermoe_over_moe_step_time=1.40), tail=""),
+             json=dict(hypermoe_over_moe_step_time=1.40, hypermoe_over_moe_step_time_gpt2=1.07),
+             tail=""),
     ]
     page = check.report(machine, results)
     assert "| layer fwd+bwd, GPT-2 width, worst of top-1/2 | 1.10x (meets <= 1.15) |" in page
-    assert "| layer fwd+bwd, hidden 2048, worst of top-1/2 | n/a |" in page
+    # a wide case that did not run leaves no verdict for the wide shapes
+    assert "| layer fwd+bwd, hidden 2048, worst of 8 experts top-2, 64 experts top-2/8 | n/a |" \
+        in page
     assert "| training step, small config | 1.40x (misses <= 1.15) |" in page
-    assert "| gpt2 | 1 | moe | 1.50 | 10.0 | 20.0 |" in page
-    assert "### layer, hidden 2048: timed out after 100 s" in page and "# wide top-1" in page
+    assert "| training step, GPT-2 width, worst of top-1/2 | 1.07x (meets <= 1.15) |" in page
+    assert "| gpt2 | 1 | hypermoe | allsets | 1.50 | 10.0 | 20.0 |" in page
+    assert "### layer, hidden 2048, 64 experts: timed out after 100 s" in page
+    assert "# wide64 top-2" in page
     assert sum(limit for _, _, limit in check.steps("python")) <= 8 * 60
 
 

@@ -13,7 +13,10 @@ from tests.helpers import TINY
     (dict(hyper_adapter_dim=0), r"hyper_adapter_dim=0 must be a positive integer"),
     (dict(hyper_hidden_size=-3), r"hyper_hidden_size=-3 must be a positive integer"),
     (dict(hyper_layer_embedding_dim=2.5), r"hyper_layer_embedding_dim=2.5 must be a positive"),
-    (dict(hyper_expert_impl="fast"), r"hyper_expert_impl='fast' is not one of auto, grouped"),
+    (dict(hyper_expert_impl="fast"),
+     r"hyper_expert_impl='fast' is not one of auto, allsets, grouped"),
+    (dict(hyper_expert_impl="allsets", num_moe_experts=64, moe_router_topk=8),
+     r"'allsets' would generate C\(64, 8\) = 4,426,165,368 HyperExperts .*: use auto or factored"),
     (dict(hyper_factored_min_sets_fraction=0), r"must be in \(0, 1\]"),
 ])
 def test_bad_hypermoe_values_give_one_line_errors(overrides, message):

@@ -21,12 +21,43 @@ def test_fast_forms_equal_naive_on_cuda(case, monkeypatch):
     y_ref, grads_ref = output_and_grads("naive", x, routing_map, selection, hypernet)
     # Relative to each tensor's scale: cuBLAS sums in other orders than the naive form, and an
     # element-wise rtol failed on an H200 for one near-zero gradient entry (1.7e-5 absolute).
-    for impl in ("grouped", "factored"):
+    for impl in ("allsets", "grouped", "factored"):
         y, grads = output_and_grads(impl, x, routing_map, selection, hypernet)
         assert_close_relative(y, y_ref, rtol=1e-4, what=f"{impl} output")
         for name in grads_ref:
             assert_close_relative(grads[name], grads_ref[name], rtol=1e-4,
                                   what=f"{impl} grad {name}")
+
+
+def test_allsets_in_bf16_never_waits_for_the_gpu_and_equals_the_loop(monkeypatch):
+    """The GPU form: torch._grouped_mm in bf16 (Hopper) or the loop elsewhere, no host
+    synchronisation in forward or backward, and the same result as the per-set loop."""
+    import megatron_hypermoe.model.hyper_expert as he
+
+    _, selection, hypernet = hyper_parts(8, 2, hidden=64)
+    selection, hypernet = selection.cuda().bfloat16(), hypernet.cuda().bfloat16()
+    generator = torch.Generator().manual_seed(3)
+    routing_map = random_routing_map(512, 8, 2, generator).cuda()
+    x = torch.randn(512, 64, generator=generator).cuda().bfloat16()
+    he.hyper_expert_output(x, routing_map, selection, hypernet, 0, impl="allsets", topk=2)
+    results = {}
+    weights_like = torch.empty(1, 64, 8, dtype=torch.bfloat16, device="cuda")
+    for native in (True, False) if he._native_grouped_mm(x, weights_like) else (False,):
+        monkeypatch.setattr(he, "_native_grouped_mm", lambda a, b, native=native: native)
+        xg = x.clone().requires_grad_(True)
+        torch.cuda.synchronize()
+        if native:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = he.hyper_expert_output(xg, routing_map, selection, hypernet, 0, impl="allsets",
+                                       topk=2)
+            y.float().square().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results[native] = (y.float(), xg.grad.float())
+    if len(results) == 2:
+        for fast, loop in zip(results[True], results[False]):
+            assert_close_relative(fast, loop, rtol=2e-2)
 
 
 def test_bf16_hypermoe_gpt_forward_backward_on_cuda(megatron_single_process):

@@ -5,7 +5,11 @@ import itertools
 import pytest
 import torch
 
-from megatron_hypermoe.model.hyper_expert import distinct_selected_sets, hyper_expert_output
+import math
+
+from megatron_hypermoe.model.hyper_expert import (all_selected_sets, choose_impl,
+                                                  distinct_selected_sets, hyper_expert_output,
+                                                  selected_set_index)
 from tests.helpers import (HYPER_EXPERT_CASES, assert_close_relative, hyper_parts,
                            output_and_grads, random_routing_map)
 
@@ -45,7 +49,7 @@ def test_distinct_selected_sets_reconstructs_routing_map():
 
 
 # Invariant 4 --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", ["grouped", "factored", "auto"])
+@pytest.mark.parametrize("impl", ["allsets", "grouped", "factored", "auto"])
 @pytest.mark.parametrize("case", sorted(HYPER_EXPERT_CASES))
 def test_fast_forms_equal_naive_outputs_and_every_gradient(impl, case):
     num_experts, topk, tokens, patterns = HYPER_EXPERT_CASES[case]
@@ -61,24 +65,96 @@ def test_fast_forms_equal_naive_outputs_and_every_gradient(impl, case):
     assert_close_relative(y, y_ref, what="output")
     assert grads.keys() == grads_ref.keys()
     for name in grads_ref:
-        assert grads_ref[name].abs().max() > 0 or name.startswith("selection.embedding"), name
+        # (the embedding rows of always-selected experts get none; with k = E, s = 0 and the
+        # selection MLP's first weight gets none)
+        no_grad_expected = name.startswith("selection.embedding") or (
+            topk == num_experts and name == "selection.fc1.weight")
+        assert grads_ref[name].abs().max() > 0 or no_grad_expected, name
         assert_close_relative(grads[name], grads_ref[name], what=f"grad {name}")
 
 
-def test_auto_picks_grouped_for_few_sets_and_factored_for_many(monkeypatch):
+@pytest.mark.parametrize("num_experts,topk", [(8, 1), (8, 2), (6, 3), (16, 4), (9, 9)])
+def test_selected_set_index_is_the_row_of_every_possible_set(num_experts, topk):
+    sets = all_selected_sets(num_experts, topk, "cpu")
+    assert sets.shape == (math.comb(num_experts, topk), num_experts)
+    assert bool((sets.sum(1) == topk).all())
+    assert len({tuple(row.tolist()) for row in sets}) == sets.shape[0]  # each set once
+    assert torch.equal(selected_set_index(sets, topk), torch.arange(sets.shape[0]))
+    routing_map = random_routing_map(50, num_experts, topk, torch.Generator().manual_seed(2))
+    assert torch.equal(sets[selected_set_index(routing_map, topk)], routing_map)
+
+
+def test_auto_rule_from_shapes():
+    # allsets while all C(E, k) HyperExperts keep no more than factored would: C * d <= T * d_g
+    assert choose_impl("auto", 2048, 8, 2, "cpu", 768, 128) == "allsets"    # 28 * 6 <= 2048
+    assert choose_impl("auto", 4096, 8, 2, "cuda", 2048, 128) == "allsets"  # 28 * 16 <= 4096
+    assert choose_impl("auto", 4096, 64, 2, "cuda", 2048, 128) == "factored"  # 2016 * 16
+    assert choose_impl("auto", 4096, 64, 2, "cpu", 2048, 128) == "grouped"
+    assert choose_impl("auto", 2048, 64, 8, "cuda", 768, 128) == "factored"  # C = 4.4e9
+    assert choose_impl("auto", 100, 8, 2, "cuda", 768, 128) == "factored"   # too few tokens
+    assert choose_impl("grouped", 2048, 8, 1, "cuda", 768, 128) == "grouped"  # explicit stays
+
+
+def test_auto_on_cpu_turns_factored_when_distinct_sets_are_many(monkeypatch):
     import megatron_hypermoe.model.hyper_expert as he
 
-    _, selection, hypernet = hyper_parts(16, 4)
+    _, selection, hypernet = hyper_parts(16, 4)  # C(16, 4) = 1820 > 40 tokens: not allsets
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(40, 24, generator=generator)
     used = []
-    monkeypatch.setattr(he, "_apply_grouped", lambda *a: used.append("grouped") or a[0])
+    monkeypatch.setattr(he, "apply_hyper_experts", lambda *a: used.append("grouped") or a[0])
     monkeypatch.setattr(he, "_apply_factored", lambda *a: used.append("factored") or a[0])
     few = random_routing_map(40, 16, 4, generator, num_patterns=3)
     many = random_routing_map(40, 16, 4, generator)
     he.hyper_expert_output(x, few, selection, hypernet, 0, impl="auto")
     he.hyper_expert_output(x, many, selection, hypernet, 0, impl="auto")
-    assert used == ["grouped", "factored"]
+    he.hyper_expert_output(x, many, selection, hypernet, 0, impl="grouped")
+    assert used == ["grouped", "factored", "grouped"]
+
+
+def test_allsets_reads_nothing_on_the_host(monkeypatch):
+    """The GPU form may not wait for the device: no .item(), .tolist(), bool(), unique or
+    bincount anywhere in its forward or backward (on a GPU, tests/test_gpu.py checks the same
+    with CUDA's sync debug mode)."""
+    _, selection, hypernet = hyper_parts(8, 2, hidden=32)
+    routing_map = random_routing_map(64, 8, 2, torch.Generator().manual_seed(1))
+    x = torch.randn(64, 32, requires_grad=True)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("read a tensor on the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    for name in ("unique", "bincount", "nonzero"):
+        monkeypatch.setattr(torch, name, host_read)
+    y = hyper_expert_output(x, routing_map, selection, hypernet, 0, impl="allsets", topk=2)
+    y.square().sum().backward()
+    monkeypatch.undo()
+    assert x.grad.abs().max() > 0
+
+
+def test_native_grouped_gemm_equals_the_loop(monkeypatch):
+    """torch._grouped_mm (sync-free, used on the CPU and on Hopper GPUs in bf16) and the
+    per-group loop used elsewhere give the same products, empty groups included."""
+    import megatron_hypermoe.model.hyper_expert as he
+
+    generator = torch.Generator().manual_seed(4)
+    set_index = torch.randint(0, 5, (37,), generator=generator)
+    set_index[set_index == 2] = 3  # group 2 empty
+    sorted_index = set_index.sort().values
+    ends = he._group_ends(sorted_index, 5)
+    assert ends.tolist() == torch.bincount(set_index, minlength=5).cumsum(0).tolist()
+    a, grad = torch.randn(37, 8, generator=generator), torch.randn(37, 4, generator=generator)
+    b = torch.randn(5, 8, 4, generator=generator)
+    assert he._native_grouped_mm(a, b) == hasattr(torch, "_grouped_mm")
+    assert not he._native_grouped_mm(a[:, :6], b[:, :6])  # rows not 16-byte aligned
+    results = {}
+    for native in (True, False):
+        monkeypatch.setattr(he, "_native_grouped_mm", lambda a, b: native)
+        results[native] = (he.grouped_mm(a, b, ends), he.grouped_weight_grad(a, grad, ends))
+    for fast, loop in zip(results[True], results[False]):
+        torch.testing.assert_close(fast, loop)
+    assert results[True][1][2].abs().max() == 0
 
 
 # Invariant 7 --------------------------------------------------------------------------------------

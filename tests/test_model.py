@@ -46,6 +46,44 @@ def test_hypernetwork_is_one_object_shared_by_all_layers():
     assert layers[0].selection is not layers[1].selection
 
 
+# The HyperExperts of all layers generated together (hyper_expert.shared_generation) -------------
+@pytest.mark.parametrize("topk", [1, 2])
+def test_shared_generation_equals_per_layer_and_naive_with_one_pass_over_each_head(
+        topk, monkeypatch):
+    import contextlib
+
+    import megatron_hypermoe.model.gpt as gpt
+
+    model, config = tiny_model("hypermoe", num_layers=3, moe_router_topk=topk)
+    with torch.no_grad():  # a HyperExpert large enough that a wrong gradient would show
+        for head in ("down_weight", "up_weight"):
+            getattr(model.hypernetwork, head).weight.mul_(1000)
+    head_calls = []
+    model.hypernetwork.up_weight.register_forward_hook(lambda *a: head_calls.append(1))
+
+    def step(impl):
+        config.hyper_expert_impl = impl
+        model.zero_grad(set_to_none=True)
+        head_calls.clear()
+        loss = lm_loss(model, *batch(seed=2))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, \
+            len(head_calls)
+
+    shared = step("allsets")
+    assert shared[2] == 1  # one GEMM per head for the three layers
+    naive = step("naive")
+    monkeypatch.setattr(gpt, "shared_generation", lambda *a: contextlib.nullcontext())
+    per_layer = step("allsets")
+    assert per_layer[2] == 3
+    for other in (per_layer, naive):
+        torch.testing.assert_close(shared[0], other[0], rtol=1e-6, atol=0)
+        for name, grad in other[1].items():
+            scale = grad.abs().max().clamp_min(1e-12)
+            assert (shared[1][name] - grad).abs().max() / scale <= 1e-5, name
+    assert shared[1]["decoder.layers.2.mlp.selection.fc1.weight"].abs().max() > 0
+
+
 # Invariant 10 -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("topk", [1, 2])
 def test_parameter_count_matches_formula(topk):

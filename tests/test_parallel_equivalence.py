@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tests.helpers import (EP_CAPACITY_CASES, EP_CASES, EP_RECOMPUTE_CASES, ep_case_model,
-                           loss_and_global_grads, run_torchrun)
+from tests.helpers import (EP_CAPACITY_CASES, EP_CASES, EP_IMPL_CASES, EP_RECOMPUTE_CASES,
+                           ep_case_model, loss_and_global_grads, run_torchrun)
 
 
 def assert_relative(actual, expected, tol, what):
@@ -22,7 +22,7 @@ def ep2_results(tmp_path_factory):
 
 CASES = {**{f"{moe_type}_{dispatcher}": (moe_type, dispatcher, {})
             for moe_type, dispatcher in EP_CASES}, **EP_CAPACITY_CASES,
-         **EP_RECOMPUTE_CASES}
+         **EP_RECOMPUTE_CASES, **EP_IMPL_CASES}
 
 
 @pytest.mark.multiprocess

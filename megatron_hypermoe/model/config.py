@@ -16,6 +16,7 @@ generated from it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,7 +27,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_hypermoe.errors import ConfigError
 
 MOE_TYPES = ("hypermoe", "moe", "moe_adapter", "dense")
-HYPER_EXPERT_IMPLS = ("auto", "grouped", "factored", "naive")
+HYPER_EXPERT_IMPLS = ("auto", "allsets", "grouped", "factored", "naive")
+# "allsets" generates C(E, k) HyperExperts per layer: past this many, refuse it when asked for
+# by name (auto never picks it there: see model/hyper_expert.py).
+MAX_ALLSETS = 65536
 # How the hypernetwork's four weight heads start: the paper's "hyperfanin" uniform scaled by
 # 1e-3 (the HyperExpert starts near zero), or N(0, init_method_std) like every other weight,
 # which is how the authors' GPT-2 runs actually started (post_init re-initialised the heads).
@@ -66,10 +70,11 @@ HyperSizes = dataclasses.make_dataclass(
 class HyperMoEConfig(TransformerConfig, HyperSizes):
     moe_type: str = "hypermoe"
 
-    # How the HyperExpert is computed. "auto" picks "grouped" (one generated HyperExpert per
-    # distinct selected set, applied as a grouped matmul) unless distinct sets exceed
-    # hyper_factored_min_sets_fraction of the tokens, then "factored". "naive" is the paper's
-    # per-token form, kept as the reference the fast forms are tested against.
+    # How the HyperExpert is computed (model/hyper_expert.py): "auto" picks "allsets" (every
+    # possible selected set generated, no host sync) when C(E, k) <= tokens, else "grouped" on
+    # the CPU (distinct sets present; "factored" once they exceed
+    # hyper_factored_min_sets_fraction of the tokens) and "factored" on a GPU. "naive" is the
+    # paper's per-token form, kept as the reference the fast forms are tested against.
     hyper_expert_impl: str = "auto"
     hyper_factored_min_sets_fraction: float = 0.5
     hyper_init: str = "hyperfanin"  # one of HYPER_INITS
@@ -132,6 +137,12 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
                 f"hyper_expert_impl={self.hyper_expert_impl!r} is not one of "
                 f"{', '.join(HYPER_EXPERT_IMPLS)}"
             )
+        num_sets = math.comb(self.num_moe_experts, self.moe_router_topk)
+        if self.hyper_expert_impl == "allsets" and num_sets > MAX_ALLSETS:
+            raise ConfigError(
+                f"hyper_expert_impl='allsets' would generate C({self.num_moe_experts}, "
+                f"{self.moe_router_topk}) = {num_sets:,} HyperExperts per layer (at most "
+                f"{MAX_ALLSETS:,}): use auto or factored")
         if self.hyper_init not in HYPER_INITS:
             raise ConfigError(f"hyper_init={self.hyper_init!r} is not one of "
                               f"{', '.join(HYPER_INITS)}")

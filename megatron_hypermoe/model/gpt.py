@@ -20,8 +20,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_hypermoe.model.adapter_layer import AdapterMoELayer
 from megatron_hypermoe.model.config import HyperMoEConfig
+from megatron_hypermoe.model.hyper_expert import shared_generation
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
 from megatron_hypermoe.model.hypernetwork import HyperNetwork
+from megatron_hypermoe.model.recompute import recomputes_moe_layers
 from megatron_hypermoe.model.router import TopKRouterBeforeCapacity
 
 
@@ -52,7 +54,9 @@ def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
 
 
 class HyperMoEGPTModel(GPTModel):
-    """GPTModel that owns the hypernetwork shared by all its HyperMoE layers."""
+    """GPTModel that owns the hypernetwork shared by all its HyperMoE layers, and lets them
+    generate their HyperExperts together in each forward
+    (:func:`~megatron_hypermoe.model.hyper_expert.shared_generation`)."""
 
     def __init__(self, config: HyperMoEConfig, **gpt_kwargs):
         super().__init__(config=config, **gpt_kwargs)
@@ -62,6 +66,15 @@ class HyperMoEGPTModel(GPTModel):
 
     def hypermoe_layers(self):
         return [m for m in self.modules() if isinstance(m, HyperMoELayer)]
+
+    def forward(self, *args, **kwargs):
+        # Recomputed layers generate their own HyperExperts: a shared generation would keep
+        # for backward what recomputation is there to drop.
+        if recomputes_moe_layers(self.config):
+            return super().forward(*args, **kwargs)
+        layers = [(layer.selection, layer.layer_index) for layer in self.hypermoe_layers()]
+        with shared_generation(self.hypernetwork, layers):
+            return super().forward(*args, **kwargs)
 
 
 class _DropUnknownMlpWarning(logging.Filter):

@@ -1,27 +1,86 @@
-"""The HyperExpert output y_hyper for a batch of tokens, in three exact forms.
+"""The HyperExpert output y_hyper for a batch of tokens, in four exact forms.
 
-All three compute, for each token t with input x_t and selected-expert set S(t):
+All of them compute, for each token t with input x_t and selected-expert set S(t):
 
     h_t   = HyperNetwork.hidden(selection(S(t)), layer)
     y_t   = relu(x_t W_down(h_t) + b_down(h_t)) W_up(h_t) + b_up(h_t)
 
 - ``naive``: the paper's code. Generates W_down, W_up for every token (2*d*r values per token,
   kept for backward). The reference the fast forms are tested against; never used for speed.
-- ``grouped``: h depends on the token only through S(t), so generate one HyperExpert per distinct
-  selected set present (at most C(E, k), bounded by the token count) and apply each to its tokens
-  as a grouped matmul.
-- ``factored``: never materialise a HyperExpert at all: x W_down(h) = sum_g h_g (x A_g) with A the
-  down head's weight viewed [d, r, d_g]; likewise for W_up. Per-token intermediate d_g*r instead
-  of 2*d*r. Pays off only when almost every token has its own set.
+- ``allsets``: h depends on the token only through S(t), and a top-k router can select only
+  C(E, k) sets. Generate a HyperExpert for every possible set (static shapes), find each token's
+  set by its rank in the combinatorial number system (tensor arithmetic), and apply them as one
+  grouped GEMM pair. No Python loop over sets, no host synchronisation: what a GPU wants.
+- ``grouped``: generate one HyperExpert per distinct set present in the batch (``torch.unique``:
+  the host waits for the device) and apply them the same way. Fewer sets to generate than
+  ``allsets`` when C(E, k) exceeds the token count.
+- ``factored``: never materialise a HyperExpert: x W_down(h) = sum_g h_g (x A_g) with A the down
+  head's weight viewed [d, d_g, r]; likewise for W_up. Per-token codes, no synchronisation; its
+  cost grows with the tokens, not the sets, so it is the form for huge C(E, k) (top-8 of 64).
 
-``auto`` picks grouped unless distinct sets exceed a fraction of the tokens.
+``auto`` (:func:`choose_impl`): generating a HyperExpert costs d_g * 2dr multiply-adds and keeps
+2dr values for backward, so ``allsets`` costs C(E, k) of each per layer; ``factored`` costs about
+one generation per token (the contraction is the same product per token) and keeps 2 * d_g * r
+values per token; ``grouped`` one generation per distinct set present (<= both). Rule:
+``allsets`` when it keeps no more than ``factored`` would (C * d <= T * d_g: top-1/top-2 of 8 at
+any usual batch, not top-2 of 64 at hidden 2048); otherwise ``grouped`` on the CPU (a host sync
+costs nothing there) unless the distinct sets exceed ``factored_min_sets_fraction`` of the
+tokens, and ``factored`` on a GPU. Measured (``benchmarks/bench_layer.py``, numbers in benchmarks/README.md):
+on the CPU ``allsets`` and ``grouped`` cost the same at GPT-2 width (top-1/top-2 of 8, 2,048
+tokens, every set present); on one H200 (2026-11-26, before ``allsets`` existed) the
+synchronising ``grouped`` form cost 1.58-2.07x the MoE layer and ``factored`` 1.12-1.64x.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import itertools
+import math
+
 import torch
 
 from megatron_hypermoe.model.hypernetwork import ExpertSelectionEmbedding, HyperNetwork
+from megatron_hypermoe.model.recompute import in_recompute_replay
+
+
+# Selected sets -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _colex_tables(num_experts: int, topk: int, device: str = "cpu"):
+    """(every k-subset of E experts as a [C, E] bool map in colex order, and C(n, j) for n < E,
+    j <= k as an [E, k + 1] table), built once per device: no copy per call."""
+    if device != "cpu":
+        return tuple(table.to(device) for table in _colex_tables(num_experts, topk))
+    binomial = torch.tensor([[math.comb(n, j) for j in range(topk + 1)]
+                             for n in range(num_experts)], dtype=torch.int64)
+    sets = torch.zeros(math.comb(num_experts, topk), num_experts, dtype=torch.bool)
+    for chosen in itertools.combinations(range(num_experts), topk):
+        rank = sum(math.comb(e, j + 1) for j, e in enumerate(chosen))
+        sets[rank, list(chosen)] = True
+    return sets, binomial
+
+
+def _device_key(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def all_selected_sets(num_experts: int, topk: int, device) -> torch.Tensor:
+    """Every set a top-k router can select, [C(E, k), E] bool, row i the set of colex rank i."""
+    return _colex_tables(num_experts, topk, _device_key(device))[0]
+
+
+def selected_set_index(routing_map: torch.Tensor, topk: int) -> torch.Tensor:
+    """Row i of :func:`all_selected_sets` that each token selected, [T] long, for a [T, E] map
+    with exactly ``topk`` experts per row (a top-k router's map). The colex rank of the
+    selected experts e_1 < ... < e_k is sum_j C(e_j, j): position j is a cumulative count."""
+    binomial = _colex_tables(routing_map.shape[1], topk, _device_key(routing_map.device))[1]
+    selected = routing_map.to(torch.int64)
+    position = torch.cumsum(selected, dim=1).clamp_(max=topk)  # j for a selected expert
+    experts = torch.arange(routing_map.shape[1], device=routing_map.device)
+    return (binomial[experts, position] * selected).sum(dim=1)
 
 
 def distinct_selected_sets(routing_map: torch.Tensor):
@@ -39,6 +98,27 @@ def distinct_selected_sets(routing_map: torch.Tensor):
     return sets, inverse
 
 
+# Choosing and computing --------------------------------------------------------------------------
+def choose_impl(impl: str, num_tokens: int, num_experts: int, topk: int, device,
+                hidden_size: int, code_size: int) -> str:
+    """Resolve ``auto`` from shapes alone (no look at the data, so no host synchronisation).
+    ``grouped`` returned here on the CPU may still turn ``factored`` once the distinct sets
+    are known (see :func:`hyper_expert_output`)."""
+    if impl != "auto":
+        return impl
+    if allsets_fits(num_tokens, num_experts, topk, hidden_size, code_size):
+        return "allsets"
+    return "grouped" if torch.device(device).type == "cpu" else "factored"
+
+
+def allsets_fits(num_tokens: int, num_experts: int, topk: int, hidden_size: int,
+                 code_size: int) -> bool:
+    """Whether generating all C(E, k) HyperExperts keeps no more for backward than the factored
+    form (C * 2dr values against 2 * T * d_g * r: C * d <= T * d_g). Its generation is then
+    cheaper too (C <= T, as d_g < d)."""
+    return math.comb(num_experts, topk) * hidden_size <= num_tokens * code_size
+
+
 def hyper_expert_naive(x, routing_map, selection: ExpertSelectionEmbedding,
                        hypernet: HyperNetwork, layer_index: int):
     """Per-token generation and application (the paper's form). x [T, d] -> [T, d]."""
@@ -50,80 +130,161 @@ def hyper_expert_naive(x, routing_map, selection: ExpertSelectionEmbedding,
 
 def hyper_expert_output(x, routing_map, selection: ExpertSelectionEmbedding,
                         hypernet: HyperNetwork, layer_index: int, impl: str = "auto",
-                        factored_min_sets_fraction: float = 0.5):
-    """y_hyper [T, d] for inputs x [T, d] and the boolean routing map [T, E] of selected experts.
+                        factored_min_sets_fraction: float = 0.5, topk: int = None):
+    """y_hyper [T, d] for inputs x [T, d] and the boolean routing map [T, E] of selected experts
+    (exactly ``topk`` per row; inferred from the first row if not given).
 
-    impl: "naive" | "grouped" | "factored" | "auto" (see the module docstring).
+    impl: "naive" | "allsets" | "grouped" | "factored" | "auto" (see the module docstring).
     """
+    num_tokens, num_experts = routing_map.shape
+    if topk is None:
+        topk = int(routing_map[:1].sum()) if num_tokens else 1  # (reads the device)
+    chosen_by_auto = impl == "auto"
+    impl = choose_impl(impl, num_tokens, num_experts, topk, x.device, x.shape[1],
+                       hypernet.fc.out_features)
     if impl == "naive":
         return hyper_expert_naive(x, routing_map, selection, hypernet, layer_index)
-    sets, inverse = distinct_selected_sets(routing_map)
-    h_sets = hypernet.hidden(selection(sets), layer_index)  # [G, d_g]
-    if impl == "auto":
-        many_sets = sets.shape[0] > factored_min_sets_fraction * x.shape[0]
-        impl = "factored" if many_sets else "grouped"
-    if impl == "grouped":
-        return _apply_grouped(x, inverse, *hypernet.generate(h_sets))
     if impl == "factored":
-        return _apply_factored(x, h_sets[inverse], hypernet)
-    raise ValueError(f"unknown HyperExpert implementation {impl!r}")
+        return _apply_factored(x, hypernet.hidden(selection(routing_map), layer_index), hypernet)
+    if impl == "allsets":
+        weights = _allsets_weights(selection, hypernet, layer_index, num_experts, topk, x.device)
+        return apply_hyper_experts(x, selected_set_index(routing_map, topk), *weights)
+    if impl != "grouped":
+        raise ValueError(f"unknown HyperExpert implementation {impl!r}")
+    sets, set_index = distinct_selected_sets(routing_map)
+    if chosen_by_auto and sets.shape[0] > factored_min_sets_fraction * num_tokens:
+        return _apply_factored(x, hypernet.hidden(selection(routing_map), layer_index), hypernet)
+    h_sets = hypernet.hidden(selection(sets), layer_index)  # [G, d_g]
+    return apply_hyper_experts(x, set_index, *hypernet.generate(h_sets))
 
 
-def _apply_grouped(x, inverse, w_down, b_down, w_up, b_up):
-    """Token t uses HyperExpert inverse[t]: one matmul pair per distinct set."""
+def apply_hyper_experts(x, set_index, w_down, b_down, w_up, b_up):
+    """Token t uses HyperExpert set_index[t] of the G generated ones."""
     if w_down.shape[0] == 1:
         return torch.relu(x @ w_down[0] + b_down[0]) @ w_up[0] + b_up[0]
-    return GroupedHyperExpert.apply(x, inverse, w_down, b_down, w_up, b_up)
+    return GroupedHyperExpert.apply(x, set_index, w_down, b_down, w_up, b_up)
+
+
+# Every possible HyperExpert, generated once per model forward ------------------------------------
+class _SharedGeneration:
+    def __init__(self, layers, grad_enabled: bool):
+        self.selections = dict((index, selection) for selection, index in layers)
+        self.grad_enabled = grad_enabled
+        self.weights = None  # {layer index: (w_down, b_down, w_up, b_up)}, on first use
+
+
+@contextlib.contextmanager
+def shared_generation(hypernet: HyperNetwork, layers):
+    """For one model forward over ``layers`` [(ExpertSelectionEmbedding, layer index)]: the first
+    layer that takes the ``allsets`` form generates every possible HyperExpert of every listed
+    layer with one GEMM per head, and the others take theirs. Backward then also makes one GEMM
+    per head for the heads' weight gradients (autograd joins the layers' gradients of the one
+    output first) instead of one per layer: each pass over a head's d_g x d*r weight is made
+    once per model instead of once per layer."""
+    previous = hypernet.__dict__.get("_shared_generation")
+    hypernet.__dict__["_shared_generation"] = _SharedGeneration(layers, torch.is_grad_enabled())
+    try:
+        yield
+    finally:
+        hypernet.__dict__["_shared_generation"] = previous
+
+
+def _allsets_weights(selection, hypernet, layer_index, num_experts, topk, device):
+    """This layer's HyperExperts for every possible set: from the model's shared generation when
+    there is one, else generated here. A forward replayed by activation recomputation generates
+    its own: its backward runs on its own, before the shared one."""
+    shared = hypernet.__dict__.get("_shared_generation")
+    sets = all_selected_sets(num_experts, topk, device)
+    if shared is None or layer_index not in shared.selections or in_recompute_replay():
+        return hypernet.generate(hypernet.hidden(selection(sets), layer_index))
+    if shared.weights is None:
+        with torch.set_grad_enabled(shared.grad_enabled):
+            z = torch.cat([sel(sets) for sel in shared.selections.values()])
+            layers = torch.cat([torch.full((sets.shape[0],), index, device=device)
+                                for index in shared.selections])
+            generated = hypernet.generate(hypernet.hidden(z, layers))
+            # (split here too: views made with grad disabled would not carry the gradient)
+            per_layer = zip(*(tensor.split(sets.shape[0]) for tensor in generated))
+            shared.weights = dict(zip(shared.selections, per_layer))
+    return shared.weights[layer_index]
+
+
+# Grouped GEMM ------------------------------------------------------------------------------------
+def _native_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on the CPU in every dtype and on NVIDIA GPUs from Hopper (sm90) in
+    bf16, when every row of the operands starts on a 16-byte boundary; otherwise the loop below
+    is used (it reads the group sizes on the host)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(size * a.element_size() % 16 for size in (a.shape[-1], *b.shape[-2:])):
+        return False
+    if a.device.type == "cpu":
+        return True
+    return (a.device.type == "cuda" and a.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(a.device) >= (9, 0))
+
+
+def _group_ends(sorted_index: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Cumulative group sizes (int32, as torch._grouped_mm's offs) of a sorted index, without
+    reading anything on the host."""
+    bounds = torch.arange(1, num_groups + 1, device=sorted_index.device,
+                          dtype=sorted_index.dtype)
+    return torch.searchsorted(sorted_index, bounds, out_int32=True)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows ends[g-1]:ends[g] of a [T, K] times b[g] [K, N] -> [T, N]."""
+    if _native_grouped_mm(a, b):
+        return torch._grouped_mm(a, b, offs=ends)
+    starts = [0] + ends[:-1].tolist()
+    return torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip(starts, ends.tolist()))])
+
+
+def grouped_weight_grad(a: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Per group g: a[rows of g]^T @ grad[rows of g] -> [G, K, N] (zero for an empty group)."""
+    if _native_grouped_mm(a, grad.unsqueeze(0)):
+        return torch._grouped_mm(a.t(), grad, offs=ends)
+    starts = [0] + ends[:-1].tolist()
+    return torch.stack([a[s:e].t() @ grad[s:e] for s, e in zip(starts, ends.tolist())])
 
 
 class GroupedHyperExpert(torch.autograd.Function):
-    """y[t] = relu(x[t] W_down[g] + b_down[g]) W_up[g] + b_up[g] with g = inverse[t].
+    """y[t] = relu(x[t] W_down[g] + b_down[g]) W_up[g] + b_up[g] with g = set_index[t].
 
-    Written out by hand so that backward keeps only x (which the MoE path saves anyway), the
-    bottleneck activations [T, r] and the generated weights: autograd would also keep the
-    set-sorted copy of x, about as large as x itself.
+    Tokens are sorted by set and each of the two products is one grouped GEMM. Written out by
+    hand so that backward keeps only x (which the MoE path saves anyway), the bottleneck
+    activations [T, r] and the generated weights: autograd would also keep the set-sorted copy
+    of x, about as large as x itself.
     """
 
     @staticmethod
-    def forward(ctx, x, inverse, w_down, b_down, w_up, b_up):
-        order, counts = _sort_by_set(inverse, w_down.shape[0])
-        a_chunks, y_chunks = [], []
-        for g, x_g in enumerate(torch.split(x[order], counts)):
-            a_g = torch.relu(torch.addmm(b_down[g], x_g, w_down[g]))
-            a_chunks.append(a_g)
-            y_chunks.append(torch.addmm(b_up[g], a_g, w_up[g]))
-        y = torch.empty_like(x).index_copy_(0, order, torch.cat(y_chunks))
-        ctx.counts = counts
-        ctx.save_for_backward(x, order, torch.cat(a_chunks), w_down, w_up)
-        return y
+    def forward(ctx, x, set_index, w_down, b_down, w_up, b_up):
+        order = torch.argsort(set_index, stable=True)
+        sorted_index = set_index[order]
+        ends = _group_ends(sorted_index, w_down.shape[0])
+        a = torch.relu(grouped_mm(x[order], w_down, ends) + b_down[sorted_index])
+        y_sorted = grouped_mm(a, w_up, ends) + b_up[sorted_index]
+        ctx.save_for_backward(x, order, sorted_index, ends, a, w_down, w_up)
+        return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, order, a_sorted, w_down, w_up = ctx.saved_tensors
-        counts = ctx.counts
-        grad_w_down, grad_w_up = torch.zeros_like(w_down), torch.zeros_like(w_up)
-        grad_b_down = w_down.new_zeros(w_down.shape[0], w_down.shape[2])
-        grad_b_up = w_up.new_zeros(w_up.shape[0], w_up.shape[2])
-        grad_x_chunks = []
-        chunks = zip(torch.split(x[order], counts), torch.split(grad_y[order], counts),
-                     torch.split(a_sorted, counts))
-        for g, (x_g, grad_y_g, a_g) in enumerate(chunks):
-            grad_w_up[g] = a_g.t() @ grad_y_g
-            grad_b_up[g] = grad_y_g.sum(0)
-            grad_pre = (grad_y_g @ w_up[g].t()) * (a_g > 0)
-            grad_w_down[g] = x_g.t() @ grad_pre
-            grad_b_down[g] = grad_pre.sum(0)
-            grad_x_chunks.append(grad_pre @ w_down[g].t())
-        grad_x = torch.empty_like(x).index_copy_(0, order, torch.cat(grad_x_chunks))
+        x, order, sorted_index, ends, a, w_down, w_up = ctx.saved_tensors
+        num_sets = w_down.shape[0]
+        grad_y_sorted = grad_y[order]
+        grad_w_up = grouped_weight_grad(a, grad_y_sorted, ends)
+        grad_b_up = grad_y.new_zeros(num_sets, grad_y.shape[1]).index_add_(
+            0, sorted_index, grad_y_sorted)
+        grad_pre = grouped_mm(grad_y_sorted, w_up.transpose(1, 2), ends) * (a > 0)
+        grad_w_down = grouped_weight_grad(x[order], grad_pre, ends)
+        grad_b_down = grad_pre.new_zeros(num_sets, grad_pre.shape[1]).index_add_(
+            0, sorted_index, grad_pre)
+        grad_x_sorted = grouped_mm(grad_pre, w_down.transpose(1, 2), ends)
+        grad_x = torch.empty_like(grad_x_sorted).index_copy_(0, order, grad_x_sorted)
         return grad_x, None, grad_w_down, grad_b_down, grad_w_up, grad_b_up
 
 
-def _sort_by_set(inverse, num_sets):
-    order = torch.argsort(inverse, stable=True)
-    counts = torch.bincount(inverse, minlength=num_sets).tolist()
-    return order, counts
-
-
+# Factored ----------------------------------------------------------------------------------------
 def _apply_factored(x, h, hypernet: HyperNetwork):
     """Contract x with the heads' weights and per-token codes h [T, d_g], never forming a
     per-token W_down or W_up."""

@@ -58,4 +58,5 @@ class HyperMoELayer(SidePathMoELayer):
             self.layer_index,
             impl=self.config.hyper_expert_impl,
             factored_min_sets_fraction=self.config.hyper_factored_min_sets_fraction,
+            topk=self.config.moe_router_topk,
         )

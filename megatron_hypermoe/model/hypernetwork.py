@@ -141,9 +141,12 @@ class HyperNetwork(nn.Module):
                                    (self.down_weight, self.down_bias, self.up_weight,
                                     self.up_bias)]
 
-    def hidden(self, z: torch.Tensor, layer_index: int) -> torch.Tensor:
-        """h = relu(fc(concat(z, LayerEmb[layer_index]))) for z [N, d_h] -> [N, d_g]."""
-        layer = self.layer_embedding.weight[layer_index].expand(z.shape[0], -1)
+    def hidden(self, z: torch.Tensor, layer_index) -> torch.Tensor:
+        """h = relu(fc(concat(z, LayerEmb[layer_index]))) for z [N, d_h] -> [N, d_g];
+        ``layer_index`` an int, or a long tensor [N] (one layer per row)."""
+        layer = self.layer_embedding.weight[layer_index]
+        if layer.dim() == 1:
+            layer = layer.expand(z.shape[0], -1)
         return torch.relu(self.fc(torch.cat([z, layer], dim=-1)))
 
     def generate(self, h: torch.Tensor):

@@ -171,6 +171,15 @@ def recompute_modules_flag(config):
     return list(config.recompute_modules)
 
 
+def recomputes_moe_layers(config) -> bool:
+    """Whether megatron re-runs the MoE layers' forward in backward (a full-layer checkpoint of
+    any layer, or the selective ``moe`` / ``mlp`` modules)."""
+    if config.recompute_granularity == "full":
+        return True
+    return config.recompute_granularity == "selective" and bool(
+        {"moe", "mlp"} & set(config.recompute_modules or ()))
+
+
 def in_recompute_replay() -> bool:
     """True while megatron's checkpoint re-runs a forward during backward. Its flag is set in
     both passes; only the replay runs with grad enabled (the first pass runs under no_grad).

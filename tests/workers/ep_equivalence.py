@@ -13,8 +13,8 @@ from megatron.core import parallel_state
 
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
 from megatron_hypermoe.parallel.experts import is_expert_parameter
-from tests.helpers import (EP_CAPACITY_CASES, EP_CASES, EP_RECOMPUTE_CASES, ep_case_model,
-                           loss_and_global_grads, tiny_model)
+from tests.helpers import (EP_CAPACITY_CASES, EP_CASES, EP_IMPL_CASES, EP_RECOMPUTE_CASES,
+                           ep_case_model, loss_and_global_grads, tiny_model)
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
     cases = {f"{moe_type}_{dispatcher}": (moe_type, dispatcher, {})
              for moe_type, dispatcher in EP_CASES}
     for name, (moe_type, dispatcher, overrides) in {**cases, **EP_CAPACITY_CASES,
-                                                     **EP_RECOMPUTE_CASES}.items():
+                                                     **EP_RECOMPUTE_CASES, **EP_IMPL_CASES}.items():
         model, config = ep_case_model(moe_type, dispatcher, **overrides)
         loss, grads = loss_and_global_grads(model, config, data_seed=100 + rank)
         torch.save({"loss": loss, "grads": grads},
