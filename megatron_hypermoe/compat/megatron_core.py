@@ -1,8 +1,8 @@
-"""The narrow patches megatron-core 0.16.1 needs here: four for CPU-only machines, two everywhere.
+"""The narrow patches megatron-core 0.16.1 needs here: five for CPU-only machines, two everywhere.
 
-megatron-core assumes CUDA in places that a CPU-only model touches. Patches 1, 2, 4, 6 and 7 are the
-narrowest changes that make those places work on the CPU (and 7); :func:`apply_cpu_patches` applies them
-only when CUDA is unavailable. Patches 3 and 5 are needed on GPUs too (3 on any machine without
+megatron-core assumes CUDA in places that a CPU-only model touches. Patches 1, 2, 4, 6 and 7 are
+the narrowest changes that make those places work on the CPU; :func:`apply_cpu_patches` applies
+them only when CUDA is unavailable. Patches 3 and 5 are needed on GPUs too (3 on any machine without
 Transformer Engine: a GPU run without it failed in the router with a NameError; 5 because
 megatron's local spec uses the torch norm for RMSNorm, with or without CUDA), so
 :func:`apply_patches` applies them on every machine.

@@ -1,8 +1,9 @@
 """Text generation from a GPTModel: greedy or nucleus (top-p) sampling, no KV cache.
 
-Under tensor, expert or pipeline parallelism every rank of the job calls :func:`generate_ids` with the same
-prompt and seed: the forward is collective, the vocabulary-parallel logits are gathered, and the
-same samples come out on every rank.
+Under tensor, expert or pipeline parallelism every rank of the job calls :func:`generate_ids`
+with the same prompt and seed: the forward is collective, the vocabulary-parallel logits are
+gathered, and the same samples come out on every rank (under pipeline parallelism the last stage
+picks each token and sends it to the others).
 """
 
 from __future__ import annotations

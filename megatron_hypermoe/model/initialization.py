@@ -19,7 +19,6 @@ import re
 import zlib
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_hypermoe.model.config import HyperMoEConfig
 from megatron_hypermoe.model.hypernetwork import init_head_weight_
