@@ -1,10 +1,15 @@
-"""Step time of expert and tensor parallelism and ZeRO stages, same global batch, 2 processes.
+"""Step time of expert, tensor and pipeline parallelism and ZeRO stages, same global batch,
+2 processes.
 
     python benchmarks/bench_parallel.py [--json] [--iters 30] [--rounds 2]
 
 Layouts (all torchrun with 2 processes, gloo on CPU / NCCL on GPU, HyperMoE, mock data):
 EP=1 ZeRO-1, EP=2 ZeRO-1, EP=1 ZeRO-2, EP=2 ZeRO-2, TP=2 (sequence parallel, so one
-data-parallel rank accumulating 2 micro-batches) ZeRO-1. Rounds are interleaved so drift hits
+data-parallel rank accumulating 2 micro-batches) ZeRO-1, PP=2 (megatron-core's 1F1B schedule,
+2 layers per stage, one data-parallel rank running 2 micro-batches through the pipeline) ZeRO-1.
+With m micro-batches on p stages each stage idles (p - 1) of the m + p - 1 slots of a step (the
+bubble, 1/3 here); the bench prints that fraction next to the measured step time. Rounds are
+interleaved so drift hits
 every layout alike; step time is the median logged ms/iteration after the first interval.
 On 2 CPU cores the all-to-all of EP=2 is cheap and each rank computes half the experts, so the
 ratio says more about overheads than about a cluster; run it on GPUs for those numbers.
@@ -35,7 +40,10 @@ LAYOUTS = {
     "ep2_zero2": ["--expert-model-parallel-size", "2", "--zero-stage", "2"],
     "tp2_zero1": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                   "--zero-stage", "1"],
+    "pp2_zero1": ["--pipeline-model-parallel-size", "2", "--zero-stage", "1"],
 }
+PIPELINE_STAGES = 2
+MICRO_BATCHES_PER_PIPELINE = 2  # global batch 8 / micro-batch 4 / one data-parallel rank
 
 
 def run_layout(name, flags, iters, log_interval, scratch):
@@ -79,12 +87,20 @@ def main():
         ep2_over_ep1_step_time_zero2=ms["ep2_zero2"] / ms["ep1_zero2"],
         zero2_over_zero1_step_time=ms["ep1_zero2"] / ms["ep1_zero1"],
         tp2_over_tp1_step_time=ms["tp2_zero1"] / ms["ep1_zero1"],
+        pp2_over_ep2_step_time=ms["pp2_zero1"] / ms["ep2_zero1"],
+        pp2_over_tp2_step_time=ms["pp2_zero1"] / ms["tp2_zero1"],
+        pp2_bubble_fraction=(PIPELINE_STAGES - 1) / (MICRO_BATCHES_PER_PIPELINE
+                                                     + PIPELINE_STAGES - 1),
         ms_per_iter=ms,
     )
     print(f"EP=2 / EP=1: {summary['ep2_over_ep1_step_time']:.3f} (ZeRO-1), "
           f"{summary['ep2_over_ep1_step_time_zero2']:.3f} (ZeRO-2); "
           f"ZeRO-2 / ZeRO-1: {summary['zero2_over_zero1_step_time']:.3f}; "
           f"TP=2 / TP=1 (DP=2): {summary['tp2_over_tp1_step_time']:.3f}")
+    print(f"PP=2: {ms['pp2_zero1']:.1f} ms/iter = {summary['pp2_over_ep2_step_time']:.3f} x EP=2, "
+          f"{summary['pp2_over_tp2_step_time']:.3f} x TP=2; its 1F1B bubble idles each stage "
+          f"{summary['pp2_bubble_fraction']:.0%} of a step ({MICRO_BATCHES_PER_PIPELINE} "
+          f"micro-batches on {PIPELINE_STAGES} stages)")
     if args.json:
         print(json.dumps(summary))
 

@@ -16,6 +16,15 @@ EP=${EP:-8}
 TP=${TP:-1}
 SEQUENCE_PARALLEL=()
 if [ "$TP" -gt 1 ]; then SEQUENCE_PARALLEL=(--sequence-parallel); fi
+# Pipeline parallelism: PP stages of --num-layers / PP consecutive layers each (megatron-core's
+# 1F1B schedule; every stage holds a replica of the shared hypernetwork). It needs ZeRO-1, so
+# with PP > 1 the flags switch to examples/ds_config_zero1.json (later flags win).
+# TP x EP x PP must divide the number of GPUs, and PP the number of layers.
+PP=${PP:-1}
+PIPELINE=(--pipeline-model-parallel-size "$PP")
+if [ "$PP" -gt 1 ]; then
+  PIPELINE+=(--deepspeed_config examples/ds_config_zero1.json --zero-stage 1)
+fi
 NUM_EXPERTS=${NUM_EXPERTS:-8}
 NUM_GPUS=${NUM_GPUS:-8}
 
@@ -24,6 +33,7 @@ deepspeed --num_gpus "$NUM_GPUS" pretrain_gpt_hypermoe.py \
   --moe-type hypermoe --num-experts "$NUM_EXPERTS" --moe-router-topk 1 --moe-aux-loss-coeff 1e-2 \
   --expert-model-parallel-size "$EP" --moe-token-dispatcher-type alltoall \
   --tensor-model-parallel-size "$TP" "${SEQUENCE_PARALLEL[@]}" \
+  "${PIPELINE[@]}" \
   --num-layers 12 --hidden-size 768 --ffn-hidden-size 3072 --num-attention-heads 12 \
   --seq-length 1024 --max-position-embeddings 1024 \
   --micro-batch-size 4 --global-batch-size 256 --clip-grad 1.0 \

@@ -1,4 +1,4 @@
-"""Every compatibility patch: the megatron-core ones (four for CPU, two everywhere) and the
+"""Every compatibility patch: the megatron-core ones (five for CPU, two everywhere) and the
 DeepSpeed private-API touches, each with the version guard around it."""
 
 import pytest
@@ -131,6 +131,16 @@ def test_alltoall_dispatcher_builds_without_cuda_stream_and_runs():
 
 
 # 5 and 6
+# 7
+def test_pipeline_schedules_count_tokens_on_the_cpu_and_see_torch_otherwise():
+    from megatron.core.pipeline_parallel import schedules
+
+    counter = schedules.torch.zeros([], dtype=torch.int, device="cuda")
+    assert counter.device.type == "cpu" and counter.dtype == torch.int
+    assert schedules.torch.autograd is torch.autograd  # everything else is torch itself
+    assert torch.zeros is not schedules.torch.zeros  # only that module sees the patch
+
+
 @pytest.mark.multiprocess
 def test_sequence_parallel_norm_and_uneven_all_gather_over_two_ranks():
     output = run_torchrun(2, "tp_collectives.py")

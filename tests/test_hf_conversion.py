@@ -22,12 +22,14 @@ from tests.helpers import (TINY, TINY_MODEL, hf_logits, megatron_logits, pretrai
 
 pytestmark = [pytest.mark.usefixtures("megatron_single_process"), pytest.mark.slow]
 
-# lr 0 keeps the initial weights, which are layout-independent by construction: the EP=2 and
-# TP=2 exports must then equal the one-process export exactly.
+# lr 0 keeps the initial weights, which are layout-independent by construction: the EP=2, TP=2
+# and PP=2 exports must then equal the one-process export exactly.
 RUNS = {
     "hypermoe": (["--lr", "0"], 1),
     "hypermoe_ep2": (["--lr", "0", "--expert-model-parallel-size", "2"], 2),
     "hypermoe_tp2": (["--lr", "0", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                     2),
+    "hypermoe_pp2": (["--lr", "0", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"],
                      2),
     "moe": (["--moe-type", "moe"], 1),
     "dense": (["--moe-type", "dense"], 1),
@@ -152,7 +154,7 @@ def test_native_exports_have_no_custom_code_and_hypermoe_has_the_documented_keys
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("layout", ["hypermoe_ep2", "hypermoe_tp2"])
+@pytest.mark.parametrize("layout", ["hypermoe_ep2", "hypermoe_tp2", "hypermoe_pp2"])
 def test_every_layout_exports_the_same_hf_weights(layout, exported):
     one = load_file(str(exported("hypermoe") / "model.safetensors"))
     other = load_file(str(exported(layout) / "model.safetensors"))

@@ -89,17 +89,19 @@ def test_deepspeed_links_later_groups_before_they_have_state():
 
 
 # Which path a load takes --------------------------------------------------------------------------
-def _meta(tp=1, ep=1, dp=1, zero=1, divisible_by=128, padded=512):
-    return {"args": {"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep,
-                     "zero_stage": zero, "make_vocab_size_divisible_by": divisible_by},
-            "data_parallel_size": dp, "model": {"padded_vocab_size": padded}}
+def _meta(tp=1, ep=1, dp=1, zero=1, divisible_by=128, padded=512, pp=None):
+    recorded = {"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep,
+                "zero_stage": zero, "make_vocab_size_divisible_by": divisible_by}
+    if pp is not None:  # checkpoints from before pipeline parallelism do not record it
+        recorded["pipeline_model_parallel_size"] = pp
+    return {"args": recorded, "data_parallel_size": dp, "model": {"padded_vocab_size": padded}}
 
 
-def _run(tp=1, ep=1, dp=1, zero=1, divisible_by=128, padded=512):
+def _run(tp=1, ep=1, dp=1, zero=1, divisible_by=128, padded=512, pp=1):
     return types.SimpleNamespace(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                                  data_parallel_size=dp, zero_stage=zero,
                                  make_vocab_size_divisible_by=divisible_by,
-                                 padded_vocab_size=padded)
+                                 padded_vocab_size=padded, pipeline_model_parallel_size=pp)
 
 
 def test_load_path_is_chosen_by_layout(tmp_path, capsys):
@@ -132,6 +134,15 @@ def test_load_path_is_chosen_by_layout(tmp_path, capsys):
         needs_reshard(_meta(tp=2), _run(tp=1), str(old), load_optimizer=False)
     with pytest.raises(CheckpointError, match="resumes under ZeRO stage 1 or 2 only"):
         needs_reshard(_meta(dp=2), _run(dp=1, zero=3), str(new), True)
+    # Pipeline stages are part of the layout; a checkpoint that predates them had one.
+    assert not needs_reshard(_meta(pp=2), _run(pp=2), str(old), True)
+    assert not needs_reshard(_meta(), _run(pp=1), str(old), True)
+    assert needs_reshard(_meta(pp=2), _run(), str(new), True)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == "resharding from TP 1 EP 1 PP 2 DP 1 ZeRO 1 to TP 1 EP 1 DP 1 ZeRO 1"
+    assert not rng_carries_over(_meta(pp=2), _run())
+    with pytest.raises(CheckpointError, match="predates layout-free files"):
+        needs_reshard(_meta(pp=2), _run(), str(old), load_optimizer=False)
 
 
 def test_vocabulary_padding_change_names_the_divisor():

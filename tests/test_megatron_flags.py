@@ -66,9 +66,11 @@ def test_help_shows_every_default():
 # The Mixtral example --------------------------------------------------------------------------------
 def mixtral_example(tokenizer_model, checkpoint_dir):
     """Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh flags, in its order,
-    shrunk in sizes only, on mock data. Two changes: --pipeline-model-parallel-size 4 -> 1 (no
-    pipeline parallelism yet) and no --moe-grouped-gemm (it needs the grouped_gemm CUDA
-    package; refused with that reason, tested above)."""
+    shrunk in sizes only, on mock data. Two changes: --pipeline-model-parallel-size 4 -> 1 (the
+    2-layer model on 2 processes with EP=2; pipeline parallelism, which also refuses the
+    script's --overlap-grad-reduce, is tested in test_pipeline_parallel.py) and no
+    --moe-grouped-gemm (it needs the grouped_gemm CUDA package; refused with that reason,
+    tested above)."""
     return [
         "--use-mcore-models", "--disable-bias-linear", "--seq-length", "32",
         "--max-position-embeddings", "128", "--num-layers", "2", "--hidden-size", "64",

@@ -4,7 +4,8 @@ DeepSpeed's public API has no way to (a) register expert-parallel process groups
 else created, (b) have its engine treat a MoE layer class other than its own as MoE, or (c) load
 its checkpoint files without unpickling arbitrary objects, or (d) skip building a comm op it
 does not need, or (e) give Adam's state to a ZeRO optimizer that has not stepped yet, or (f)
-build its bf16 optimizer without printing a memory report. Each is done here, against 0.19.8
+build its bf16 optimizer without printing a memory report, or (g) reduce gradients that a
+backward outside its engine produced. Each is done here, against 0.19.8
 exactly: any other version is refused with a message saying which to install.
 
 a. :func:`register_expert_groups`: DeepSpeed reduces expert gradients over the groups it keeps
@@ -40,6 +41,14 @@ f. :func:`quiet_bf16_optimizer_memory_report`: ``BF16_Optimizer.__init__`` (ZeRO
    of memory figures with ``print`` on rank 0 of every bf16 run. Its module-level name
    ``see_memory_usage`` drops the forced calls instead (an explicit DeepSpeed
    ``memory_breakdown`` still prints through other callers).
+g. :func:`reduce_gradients_after_external_backward`: under pipeline parallelism megatron-core's
+   schedule runs every backward pass (``torch.autograd.backward`` on the stage's output), not
+   ``engine.backward``; the ZeRO-1 gradients are then reduced as DeepSpeed's own PipelineEngine
+   reduces them after its schedule: ``reduce_gradients(pipeline_parallel=True)`` (which
+   allocates the buckets a skipped ``engine.backward`` would have), or, for the bf16 optimizer,
+   the step's bf16 gradients folded into the fp32 ones once and ``buffered_allreduce_fallback``
+   (its ``immediate_grad_update`` folding, tried instead, did not reproduce one process's
+   gradient norm under the schedule).
 """
 
 from __future__ import annotations
@@ -254,3 +263,17 @@ def link_optimizer_state(zero_optimizer) -> None:
     check_deepspeed_version()
     zero_optimizer._hp_optimizer_states_linked = False
     zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def reduce_gradients_after_external_backward(engine) -> None:
+    """(g) Reduce over the data-parallel ranks the gradients accumulated in the module by
+    backward passes run outside ``engine.backward`` (ZeRO stage 1), before ``engine.step()``."""
+    check_deepspeed_version()
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    optimizer = engine.optimizer
+    if isinstance(optimizer, BF16_Optimizer):
+        optimizer.update_hp_grads(clear_lp_grads=True)
+        engine.buffered_allreduce_fallback(grads=None)
+        return
+    optimizer.reduce_gradients(pipeline_parallel=True)

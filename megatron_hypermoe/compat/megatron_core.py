@@ -1,8 +1,8 @@
-"""The narrow patches megatron-core 0.16.1 needs here: four for CPU-only machines, two everywhere.
+"""The narrow patches megatron-core 0.16.1 needs here: five for CPU-only machines, two everywhere.
 
-megatron-core assumes CUDA in places that a CPU-only model touches. Patches 1, 2, 4 and 6 are the
-narrowest changes that make those places work on the CPU; :func:`apply_cpu_patches` applies them
-only when CUDA is unavailable. Patches 3 and 5 are needed on GPUs too (3 on any machine without
+megatron-core assumes CUDA in places that a CPU-only model touches. Patches 1, 2, 4, 6 and 7 are
+the narrowest changes that make those places work on the CPU; :func:`apply_cpu_patches` applies
+them only when CUDA is unavailable. Patches 3 and 5 are needed on GPUs too (3 on any machine without
 Transformer Engine: a GPU run without it failed in the router with a NameError; 5 because
 megatron's local spec uses the torch norm for RMSNorm, with or without CUDA), so
 :func:`apply_patches` applies them on every machine.
@@ -20,6 +20,9 @@ they replace private functions.
    their gradients get the tensor-parallel all-reduce (``parallel/sequence_parallel.py``).
 6. gloo cannot ``all_gather`` tensors of different sizes (``_gather_along_first_dim`` with split
    sizes, used with expert tensor parallelism): pad to the largest, gather, trim.
+7. The pipeline schedules count tokens in ``torch.zeros([], device="cuda")``: the schedules
+   module sees a ``torch`` whose ``zeros`` puts a "cuda" tensor on the CPU (nothing else
+   changes, for that module or any other).
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def apply_cpu_patches() -> bool:
     _patch_rng_tracker()
     _patch_alltoall_dispatcher()
     _patch_uneven_all_gather()
+    _patch_schedule_token_counter()
     _applied = True
     return True
 
@@ -273,3 +277,22 @@ def accelerator_summary():
         return None
     return (f"optional accelerators not installed: {', '.join(missing)} (megatron-core runs "
             "its PyTorch implementations)")
+
+
+class _TorchZerosOnCpu:
+    """``torch`` as megatron's schedules module sees it after patch 7."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        if str(kwargs.get("device")) == "cuda":
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
+def _patch_schedule_token_counter():
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchZerosOnCpu()

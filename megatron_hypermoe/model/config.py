@@ -209,6 +209,9 @@ def make_config(moe_type: str = "hypermoe", **overrides) -> HyperMoEConfig:
     # single selected logit would be 1 and give the router no gradient. (megatron-core checks
     # this even for dense models.)
     fields.setdefault("moe_router_pre_softmax", fields.get("moe_router_topk", 2) == 1)
+    if fields.get("pipeline_model_parallel_size", 1) > 1:
+        # what the stages send each other (megatron requires it be named)
+        fields.setdefault("pipeline_dtype", fields.get("params_dtype", torch.float32))
     if moe_type == "dense":
         fields.pop("num_moe_experts", None)
         fields.pop("moe_ffn_hidden_size", None)

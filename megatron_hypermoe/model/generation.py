@@ -1,8 +1,9 @@
 """Text generation from a GPTModel: greedy or nucleus (top-p) sampling, no KV cache.
 
-Under tensor or expert parallelism every rank of the job calls :func:`generate_ids` with the same
-prompt and seed: the forward is collective, the vocabulary-parallel logits are gathered, and the
-same samples come out on every rank.
+Under tensor, expert or pipeline parallelism every rank of the job calls :func:`generate_ids`
+with the same prompt and seed: the forward is collective, the vocabulary-parallel logits are
+gathered, and the same samples come out on every rank (under pipeline parallelism the last stage
+picks each token and sends it to the others).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_hypermoe.model.gpt import causal_attention_mask
+from megatron_hypermoe.parallel.pipeline import broadcast_token, pipeline_size, pipelined_logits
 
 
 def _tensor_parallel_size() -> int:
@@ -39,14 +41,22 @@ def generate_ids(model, prompt_ids, max_new_tokens: int, max_sequence_length: in
         padded = window + [window[-1]] * (-length % tp_size)
         tokens = torch.tensor([padded], device=device)
         positions = torch.arange(len(padded), device=device).unsqueeze(0)
-        logits = model(tokens, positions, causal_attention_mask(len(padded), device))
-        if tp_size > 1:
-            logits = gather_from_tensor_model_parallel_region(logits)
-        next_logits = logits[0, length - 1].float()
-        if vocab_size is not None:  # padded vocabulary rows are not tokens
-            next_logits = next_logits[:vocab_size]
-        next_id = int(next_logits.argmax()) if greedy else \
-            _sample_top_p(next_logits / temperature, top_p, generator)
+        mask = causal_attention_mask(len(padded), device)
+        pipelined = pipeline_size() > 1
+        # Under pipeline parallelism only the last stage has logits; it picks the token.
+        logits = pipelined_logits(model, tokens, positions, mask) if pipelined else \
+            model(tokens, positions, mask)
+        next_id = None
+        if logits is not None:
+            if tp_size > 1:
+                logits = gather_from_tensor_model_parallel_region(logits)
+            next_logits = logits[0, length - 1].float()
+            if vocab_size is not None:  # padded vocabulary rows are not tokens
+                next_logits = next_logits[:vocab_size]
+            next_id = int(next_logits.argmax()) if greedy else \
+                _sample_top_p(next_logits / temperature, top_p, generator)
+        if pipelined:
+            next_id = broadcast_token(next_id, device)
         if eod is not None and next_id == eod:
             break
         ids.append(next_id)

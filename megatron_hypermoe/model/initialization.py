@@ -19,11 +19,10 @@ import re
 import zlib
 
 import torch
-from megatron.core import parallel_state
 
 from megatron_hypermoe.model.config import HyperMoEConfig
 from megatron_hypermoe.model.hypernetwork import init_head_weight_
-from megatron_hypermoe.parallel.experts import (global_parameter_name,
+from megatron_hypermoe.parallel.experts import (global_name_function,
                                                 tensor_parallel_size_and_rank)
 from megatron_hypermoe.parallel.tensor_sharding import shard
 
@@ -58,11 +57,9 @@ def _draw(global_name: str, shape, config: HyperMoEConfig, generator) -> torch.T
 
 def _assign_by_global_name(model: torch.nn.Module, config: HyperMoEConfig, full_tensor) -> None:
     """Set every parameter to its shard of ``full_tensor(global_name, full_shape)``."""
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    ep_size = parallel_state.get_expert_model_parallel_world_size()
-    num_local_experts = (config.num_moe_experts or ep_size) // ep_size
+    to_global = global_name_function(config)
     for name, param in model.named_parameters():
-        global_name = global_parameter_name(name, num_local_experts, ep_rank)
+        global_name = to_global(name)
         tp_size, tp_rank = tensor_parallel_size_and_rank(name)
         full = full_tensor(global_name, _full_shape(param, tp_size))
         dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None

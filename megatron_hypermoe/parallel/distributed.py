@@ -25,7 +25,7 @@ def free_port() -> int:
 
 def initialize_distributed(tensor_model_parallel_size: int = 1,
                            expert_model_parallel_size: int = 1,
-                           seed: int = 1234) -> None:
+                           seed: int = 1234, pipeline_model_parallel_size: int = 1) -> None:
     """Initialise the process group (if needed), megatron's parallel groups and RNG streams."""
     apply_patches()
     if not dist.is_initialized():
@@ -53,17 +53,20 @@ def initialize_distributed(tensor_model_parallel_size: int = 1,
             world_size=world_size,
         )
     world_size = dist.get_world_size()
-    model_parallel = tensor_model_parallel_size * expert_model_parallel_size
+    model_parallel = (tensor_model_parallel_size * expert_model_parallel_size
+                      * pipeline_model_parallel_size)
     if world_size % model_parallel:
         raise ValueError(
             f"world size {world_size} is not divisible by tensor-model-parallel size "
             f"{tensor_model_parallel_size} x expert-model-parallel size "
-            f"{expert_model_parallel_size}: change the process count or the parallel sizes"
+            f"{expert_model_parallel_size} x pipeline-model-parallel size "
+            f"{pipeline_model_parallel_size}: change the process count or the parallel sizes"
         )
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -18,6 +18,7 @@ import torch
 from megatron_hypermoe.data.tokenizer import add_tokenizer_args
 from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.training.megatron_flags import add_megatron_flags, check_megatron_flags
+from megatron_hypermoe.parallel.pipeline import add_pipeline_args, check_pipeline_args
 from megatron_hypermoe.training.ds_config import add_deepspeed_args, check_deepspeed_args
 from megatron_hypermoe.training.checkpoint_files import (add_checkpoint_file_args,
                                                          check_checkpoint_file_args)
@@ -41,6 +42,7 @@ MODEL_CONFIG_FLAGS = {
     "rotary_base": "rotary_base", "norm_epsilon": "layernorm_epsilon",
     "bf16": "bf16", "fp16": "fp16",
     "tensor_model_parallel_size": "tensor_model_parallel_size",
+    "pipeline_model_parallel_size": "pipeline_model_parallel_size",
     "sequence_parallel": "sequence_parallel",
     **RECOMPUTE_CONFIG_FLAGS,
 }
@@ -113,13 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="only the default (= --tensor-model-parallel-size) is supported")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="only 1 is supported")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="split norms, router and the HyperMoE path along the sequence over "
                         "the tensor-parallel ranks (megatron-core requires it for MoE with TP)")
 
     add_router_args(parser)
+    add_pipeline_args(parser)
 
     g = parser.add_argument_group("HyperMoE (paper defaults)")
     add_hyper_size_args(g)
@@ -275,10 +276,6 @@ def _check_tensor_parallel(args) -> None:
     tp = args.tensor_model_parallel_size
     if tp < 1:
         raise ArgumentError("--tensor-model-parallel-size must be at least 1")
-    if args.pipeline_model_parallel_size != 1:
-        raise ArgumentError("pipeline parallelism is not supported (the hypernetwork is shared "
-                            "by every layer, so each stage would need it): use "
-                            "--pipeline-model-parallel-size 1 and more TP/EP/DP instead")
     if args.expert_tensor_parallel_size not in (None, tp):
         raise ArgumentError(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} "
                             f"differs from --tensor-model-parallel-size {tp}, which is not "
@@ -338,7 +335,8 @@ def finalize_args(args, world_size: int) -> None:
         raise ArgumentError("--bf16 and --fp16 are exclusive: pick one")
     check_router_args(args)
     check_deepspeed_args(args)
-    model_parallel = args.tensor_model_parallel_size * args.expert_model_parallel_size
+    model_parallel = args.tensor_model_parallel_size * args.expert_model_parallel_size * \
+        args.pipeline_model_parallel_size
     if world_size % args.tensor_model_parallel_size:
         raise ArgumentError(f"world size {world_size} is not divisible by "
                             f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
@@ -348,7 +346,7 @@ def finalize_args(args, world_size: int) -> None:
         raise ArgumentError(f"--num-experts {args.num_experts} is not divisible by "
                             f"--expert-model-parallel-size {args.expert_model_parallel_size}")
     if world_size % model_parallel:
-        raise ArgumentError(f"world size {world_size} is not divisible by TP x EP = "
+        raise ArgumentError(f"world size {world_size} is not divisible by TP x EP x PP = "
                             f"{model_parallel}")
     if args.moe_type != "hypermoe":
         for flag, value, neutral in (("--hyper-init", args.hyper_init, ("hyperfanin",)),
@@ -363,9 +361,11 @@ def finalize_args(args, world_size: int) -> None:
         raise ArgumentError("ZeRO stage 3 does not support MoE layers (DeepSpeed partitions "
                             "expert parameters only with stages 1 and 2): use --zero-stage 2")
     _check_tensor_parallel(args)
+    check_pipeline_args(args, world_size)
     check_recompute_args(args)
     args.world_size = world_size
-    args.data_parallel_size = world_size // args.tensor_model_parallel_size
+    args.data_parallel_size = world_size // (args.tensor_model_parallel_size *
+                                             args.pipeline_model_parallel_size)
     per_step = args.micro_batch_size * args.data_parallel_size
     if args.global_batch_size is None:
         args.global_batch_size = per_step

@@ -21,7 +21,7 @@ import torch
 
 from megatron_hypermoe.compat.deepspeed import load_deepspeed_file
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.parallel.experts import is_expert_parameter
+from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
 from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim
 from megatron_hypermoe.training.arguments import model_config, recorded_args
 from megatron_hypermoe.training.checkpointing import META_FILE, read_latest, tag_for
@@ -44,6 +44,7 @@ class Checkpoint:
         args = self.args
         args.tensor_model_parallel_size = 1
         args.expert_model_parallel_size = 1
+        args.pipeline_model_parallel_size = 1
         args.sequence_parallel = False
         args.bf16 = args.fp16 = False
         return args
@@ -74,13 +75,13 @@ def _load_module(path: str) -> Dict[str, torch.Tensor]:
             if isinstance(tensor, torch.Tensor) and not name.endswith("_extra_state")}
 
 
-def _load_experts(directory: str, ep_size: int, tp_size: int):
+def _load_experts(directory: str, ep_size: int, tp_size: int, pp_rank: Optional[int]):
     from safetensors.torch import load_file
 
     per_tp_rank = [{} for _ in range(tp_size)]
     for tp_rank in range(tp_size):
         for ep_rank in range(ep_size):
-            path = os.path.join(directory, expert_file_name(ep_rank, tp_rank))
+            path = os.path.join(directory, expert_file_name(ep_rank, tp_rank, pp_rank))
             if not os.path.isfile(path):
                 raise CheckpointError(f"expert shard {path} is missing (EP={ep_size}, "
                                       f"TP={tp_size} checkpoint); copy the whole checkpoint "
@@ -89,26 +90,45 @@ def _load_experts(directory: str, ep_size: int, tp_size: int):
     return per_tp_rank
 
 
-def read_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Checkpoint:
-    """The full state of the newest (or the given) checkpoint under ``load_dir``."""
-    directory, meta = _checkpoint_directory(load_dir, iteration)
-    args = meta["args"]
-    tp_size = int(args.get("tensor_model_parallel_size", 1))
-    ep_size = int(args.get("expert_model_parallel_size", 1))
-    shards = [_load_module(os.path.join(directory, f"mp_rank_{rank:02d}_model_states.pt"))
+def _read_stage(directory: str, stage: int, sizes: dict, num_layers: int):
+    """One pipeline stage's full tensors (TP merged, experts from our files), global names."""
+    tp_size, ep_size, pp_size = sizes["tp"], sizes["ep"], sizes["pp"]
+    # DeepSpeed names its files by the rank in megatron's TP x PP model-parallel group.
+    shards = [_load_module(os.path.join(directory,
+                                        f"mp_rank_{stage * tp_size + rank:02d}_model_states.pt"))
               for rank in range(tp_size)]
+    offset = stage * (num_layers // pp_size)  # DeepSpeed's files number a stage's layers from 0
+    shards = [{global_parameter_name(n, 0, 0, offset): t for n, t in shard.items()}
+              for shard in shards]
     if ep_size > 1:
         # DeepSpeed's files hold only EP rank 0's experts, under local ids: use ours.
         shards = [{n: t for n, t in shard.items() if not is_expert_parameter(n)}
                   for shard in shards]
-        for shard, experts in zip(shards, _load_experts(directory, ep_size, tp_size)):
-            shard.update(experts)
+        experts = _load_experts(directory, ep_size, tp_size, stage if pp_size > 1 else None)
+        for shard, stage_experts in zip(shards, experts):
+            shard.update(stage_experts)
     names = list(shards[0])
     for rank, shard in enumerate(shards[1:], start=1):
         if set(shard) != set(names):
             raise CheckpointError(f"{directory}: tensor-parallel rank {rank} holds other "
                                   "parameters than rank 0; the checkpoint is damaged")
-    state = {name: merge([shard[name] for shard in shards], name, partition_dim(name),
-                         gated=True).clone()
-             for name in names}
+    return {name: merge([shard[name] for shard in shards], name, partition_dim(name),
+                        gated=True).clone()
+            for name in names}
+
+
+def read_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Checkpoint:
+    """The full state of the newest (or the given) checkpoint under ``load_dir``. Under
+    pipeline parallelism the stages' states are joined; what several stages hold (the shared
+    hypernetwork's replicas) is taken from the first."""
+    directory, meta = _checkpoint_directory(load_dir, iteration)
+    args = meta["args"]
+    sizes = {"tp": int(args.get("tensor_model_parallel_size", 1)),
+             "ep": int(args.get("expert_model_parallel_size", 1)),
+             "pp": int(args.get("pipeline_model_parallel_size", 1))}
+    state = {}
+    for stage in range(sizes["pp"]):
+        for name, tensor in _read_stage(directory, stage, sizes,
+                                        int(args["num_layers"])).items():
+            state.setdefault(name, tensor)
     return Checkpoint(directory=directory, meta=meta, state=state)

@@ -11,27 +11,35 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
+from megatron_hypermoe.parallel.experts import global_name_function, is_expert_parameter
 
-def expert_file_name(ep_rank: int, expert_tp_rank: int) -> str:
-    """One file per (EP rank, expert-TP rank): with expert tensor parallelism each holds a shard
-    of its experts; the tensor names inside are global (``local_experts.<global id>``)."""
-    return f"experts_ep_rank_{ep_rank:05d}_tp_rank_{expert_tp_rank:02d}.safetensors"
+def expert_file_name(ep_rank: int, expert_tp_rank: int, pp_rank: Optional[int] = None) -> str:
+    """One file per (EP rank, expert-TP rank), and pipeline stage under pipeline parallelism
+    (``pp_rank`` not None): with expert tensor parallelism each holds a shard of its experts;
+    the tensor names inside are global (``decoder.layers.<global layer>`` ...
+    ``local_experts.<global id>``)."""
+    stage = "" if pp_rank is None else f"pp_rank_{pp_rank:02d}_"
+    return f"experts_{stage}ep_rank_{ep_rank:05d}_tp_rank_{expert_tp_rank:02d}.safetensors"
+
+
+def this_rank_expert_file_name() -> str:
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank() \
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1 else None
+    return expert_file_name(parallel_state.get_expert_model_parallel_rank(),
+                            parallel_state.get_expert_tensor_parallel_rank(), pp_rank)
 
 
 def _global_expert_state(model, num_experts: int):
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    ep_size = parallel_state.get_expert_model_parallel_world_size()
-    return {
-        global_parameter_name(name, num_experts // ep_size, ep_rank): param
-        for name, param in model.named_parameters() if is_expert_parameter(name)
-    }
+    to_global = global_name_function(model.config)
+    return {to_global(name): param
+            for name, param in model.named_parameters() if is_expert_parameter(name)}
 
 
 def save_local_experts(model, directory: str, num_experts: int) -> None:
@@ -42,9 +50,7 @@ def save_local_experts(model, directory: str, num_experts: int) -> None:
         return
     tensors = {name: param.detach().cpu().contiguous()
                for name, param in _global_expert_state(model, num_experts).items()}
-    name = expert_file_name(parallel_state.get_expert_model_parallel_rank(),
-                            parallel_state.get_expert_tensor_parallel_rank())
-    save_file(tensors, os.path.join(directory, name))
+    save_file(tensors, os.path.join(directory, this_rank_expert_file_name()))
 
 
 def restore_local_experts(engine, directory: str, num_experts: int) -> None:
@@ -56,7 +62,7 @@ def restore_local_experts(engine, directory: str, num_experts: int) -> None:
     # Every EP rank's file of this rank's expert-TP shard (a checkpoint of another EP size
     # loads through layout_free_checkpoint.py instead).
     expert_tp_rank = parallel_state.get_expert_tensor_parallel_rank()
-    own_shard = f"experts_ep_rank_*_tp_rank_{expert_tp_rank:02d}.safetensors"
+    own_shard = f"experts_*ep_rank_*_tp_rank_{expert_tp_rank:02d}.safetensors"
     with torch.no_grad():
         for path in sorted(glob.glob(os.path.join(directory, own_shard))):
             try:

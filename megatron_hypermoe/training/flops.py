@@ -4,6 +4,8 @@ parameter counts, total and active per token."""
 
 from math import comb
 
+import torch
+
 from megatron_hypermoe.parallel.experts import is_expert_parameter
 
 
@@ -41,15 +43,20 @@ def training_flops_per_iteration(args) -> float:
 
 def parameter_counts(model, args):
     """(total, active per token) parameters of the whole model, from one rank's shards: a
-    tensor-parallel shard counts TP times, a local expert EP times; a token uses top-k of E
-    experts."""
+    tensor-parallel shard counts TP times, a local expert EP times, pipeline stages are summed
+    (the hypernetwork's replicas once); a token uses top-k of E experts. Collective under
+    pipeline parallelism."""
     from megatron.core import parallel_state
+
+    from megatron_hypermoe.parallel.pipeline import sum_over_stages
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     expert_tp = parallel_state.get_expert_tensor_parallel_world_size()
     ep = parallel_state.get_expert_model_parallel_world_size()
     total = experts = 0
     for name, param in model.named_parameters():
+        if getattr(param, "ds_pipe_replicated", False):
+            continue  # the first stage counts the shared hypernetwork
         is_expert = is_expert_parameter(name)
         count = param.numel()
         if getattr(param, "tensor_model_parallel", False):
@@ -58,7 +65,8 @@ def parameter_counts(model, args):
             count *= ep
             experts += count
         total += count
+    total, experts = sum_over_stages(torch.tensor([total, experts], dtype=torch.float64)).tolist()
     active = total - experts
     if experts:
         active += experts * args.moe_router_topk / args.num_experts
-    return total, int(active)
+    return int(total), int(active)

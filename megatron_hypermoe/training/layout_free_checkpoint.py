@@ -44,9 +44,10 @@ from megatron.core import parallel_state
 from megatron_hypermoe.compat.deepspeed import (create_optimizer_state, link_optimizer_state,
                                                 optimizer_step_count)
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.parallel.experts import (global_parameter_name, is_expert_parameter,
+from megatron_hypermoe.parallel.experts import (global_name_function, is_expert_parameter,
                                                 tensor_parallel_size_and_rank)
 from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim, shard
+from megatron_hypermoe.training.expert_checkpoint import this_rank_expert_file_name
 
 DIRECTORY = "layout_free"
 INDEX_FILE = "index.json"
@@ -54,16 +55,18 @@ FORMAT = "megatron-hypermoe-layout-free"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
-Layout = collections.namedtuple("Layout", "tp ep dp zero")
+# pp last, defaulting to 1: indexes written before pipeline parallelism have no pp
+Layout = collections.namedtuple("Layout", "tp ep dp zero pp", defaults=(1,))
 
 
 def describe(layout: Layout) -> str:
-    return f"TP {layout.tp} EP {layout.ep} DP {layout.dp} ZeRO {layout.zero}"
+    stages = f" PP {layout.pp}" if layout.pp > 1 else ""
+    return f"TP {layout.tp} EP {layout.ep}{stages} DP {layout.dp} ZeRO {layout.zero}"
 
 
 def run_layout(args) -> Layout:
     return Layout(args.tensor_model_parallel_size, args.expert_model_parallel_size,
-                  args.data_parallel_size, args.zero_stage)
+                  args.data_parallel_size, args.zero_stage, args.pipeline_model_parallel_size)
 
 
 def checkpoint_layout(meta: dict) -> Layout:
@@ -71,15 +74,17 @@ def checkpoint_layout(meta: dict) -> Layout:
     recorded = meta.get("args", {})
     return Layout(int(recorded.get("tensor_model_parallel_size", 1)),
                   int(recorded.get("expert_model_parallel_size", 1)),
-                  int(meta.get("data_parallel_size", 1)), int(recorded.get("zero_stage", 1)))
+                  int(meta.get("data_parallel_size", 1)), int(recorded.get("zero_stage", 1)),
+                  int(recorded.get("pipeline_model_parallel_size", 1)))
 
 
 def dense_file_name(tp_rank: int) -> str:
-    return f"dense_tp_rank_{tp_rank:02d}.safetensors"
-
-
-def expert_file_name(ep_rank: int, expert_tp_rank: int) -> str:
-    return f"experts_ep_rank_{ep_rank:05d}_tp_rank_{expert_tp_rank:02d}.safetensors"
+    """(Under pipeline parallelism with the stage: ``dense_pp_rank_01_tp_rank_00``; every name
+    ends with the TP rank, which the loader reads.)"""
+    stage = ""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        stage = f"pp_rank_{parallel_state.get_pipeline_model_parallel_rank():02d}_"
+    return f"dense_{stage}tp_rank_{tp_rank:02d}.safetensors"
 
 
 def has_layout_free_files(directory: str) -> bool:
@@ -89,7 +94,9 @@ def has_layout_free_files(directory: str) -> bool:
 def rng_carries_over(meta: dict, args) -> bool:
     """Per-rank RNG states fit a run whose ranks have the same roles: same TP, EP and DP (a
     ZeRO stage change keeps them)."""
-    return checkpoint_layout(meta)[:3] == run_layout(args)[:3]
+    saved, current = checkpoint_layout(meta), run_layout(args)
+    return (saved.tp, saved.ep, saved.dp, saved.pp) == (current.tp, current.ep, current.dp,
+                                                        current.pp)
 
 
 # Which path a load takes --------------------------------------------------------------------------
@@ -102,7 +109,8 @@ def needs_reshard(meta: dict, args, directory: str, load_optimizer: bool) -> boo
         _print_rank0(f"resuming with the same layout ({describe(current)})")
         return False
     if not has_layout_free_files(directory):
-        if not load_optimizer and saved[:2] == current[:2]:
+        if not load_optimizer and (saved.tp, saved.ep, saved.pp) == (current.tp, current.ep,
+                                                                      current.pp):
             # DeepSpeed loads module weights into any DP size / ZeRO stage (today's path).
             _print_rank0(f"loading weights only from {describe(saved)} into {describe(current)}")
             return False
@@ -158,12 +166,10 @@ def _is_writer(expert: bool, dim: Optional[int]) -> bool:
 
 def _global_names(model):
     """(local name, global name, parameter) of every trained parameter."""
-    ep_size = parallel_state.get_expert_model_parallel_world_size()
-    ep_rank = parallel_state.get_expert_model_parallel_rank()
-    num_local = (model.config.num_moe_experts or ep_size) // ep_size
+    to_global = global_name_function(model.config)
     for name, param in model.named_parameters():
         if param.requires_grad:
-            yield name, global_parameter_name(name, num_local, ep_rank), param
+            yield name, to_global(name), param
 
 
 def gather_layout_free(engine, args) -> Optional[Callable[[str], None]]:
@@ -195,14 +201,15 @@ def gather_layout_free(engine, args) -> Optional[Callable[[str], None]]:
             for kind, value in values.items():
                 target[f"{kind}/{global_name}"] = value.detach().cpu().contiguous()
     parameters = {name for name, _ in engine.module.named_parameters()}
+    to_global = global_name_function(engine.module.config)
     if _is_writer(False, None):
         for name, tensor in engine.module.state_dict().items():
             if name not in parameters and torch.is_tensor(tensor) and \
                     not name.endswith("_extra_state"):
-                dense[f"buffer/{name}"] = tensor.detach().cpu().contiguous()
+                dense[f"buffer/{to_global(name)}"] = tensor.detach().cpu().contiguous()
+    _drop_earlier_stages_keys(dense)
     dense_name = dense_file_name(parallel_state.get_tensor_model_parallel_rank())
-    expert_name = expert_file_name(parallel_state.get_expert_model_parallel_rank(),
-                                   parallel_state.get_expert_tensor_parallel_rank())
+    expert_name = this_rank_expert_file_name()
     index = None
     if dist.get_rank() == 0:
         index = {"format": FORMAT, "version": 1,
@@ -221,6 +228,20 @@ def gather_layout_free(engine, args) -> Optional[Callable[[str], None]]:
             with open(os.path.join(out, INDEX_FILE), "w") as handle:
                 json.dump(index, handle, indent=1)
     return write
+
+
+def _drop_earlier_stages_keys(tensors: Dict[str, torch.Tensor]) -> None:
+    """Under pipeline parallelism, what several stages hold (the shared hypernetwork, the
+    rotary tables) is written once, by the first stage that holds it (collective over the
+    pipeline group)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    group = parallel_state.get_pipeline_model_parallel_group()
+    keys = [None] * dist.get_world_size(group)
+    dist.all_gather_object(keys, sorted(tensors), group=group)
+    earlier = set().union(*keys[:parallel_state.get_pipeline_model_parallel_rank()])
+    for key in earlier & set(tensors):
+        del tensors[key]
 
 
 def save_layout_free(engine, args, directory: str) -> None:
@@ -316,8 +337,9 @@ def restore_layout_free(engine, directory: str, load_optimizer: bool) -> None:
         for key in MOMENTS if step > 0 else ():
             safe_set_full_optimizer_state(
                 param, _local_shard(tensors, key, name, global_name, param, gated), key)
+    to_global = global_name_function(model.config)
     for name, buffer in model.named_buffers():
-        key = f"buffer/{name}"
+        key = f"buffer/{to_global(name)}"
         if key in tensors.by_tp_rank[0]:
             buffer.copy_(tensors.get(key))
     # The setters leave the module's weights alone: copy the masters there and all-gather.

@@ -127,7 +127,8 @@ FIXED: Tuple[FixedFlag, ...] = (
     FixedFlag("--moe-layer-freq", "1", "every layer is an MoE layer"),
     FixedFlag("--num-distributed-optimizer-instances", 1,
               "one ZeRO optimizer over all data-parallel ranks", int),
-    FixedFlag("--no-pipeline-parallel", SWITCH, "no pipeline parallelism"),
+    FixedFlag("--no-pipeline-parallel", SWITCH, "the model is never a DeepSpeed PipelineModule "
+              "(pipeline parallelism is megatron-core's schedule: --pipeline-model-parallel-size)"),
     FixedFlag("--deepspeed", SWITCH, "the engine is always DeepSpeed"),
     FixedFlag("--create-moe-param-group", SWITCH,
               "experts always have optimizer groups of their own"),
@@ -181,9 +182,13 @@ REFUSED: Tuple[RefusedFlag, ...] = (
     RefusedFlag("--auto-detect-ckpt-format", "checkpoints have one format (DeepSpeed's)",
                 SWITCH),
     RefusedFlag("--tp-comm-overlap", "needs Transformer Engine's userbuffers", SWITCH),
-    RefusedFlag("--overlap-p2p-comm", "no pipeline parallelism", SWITCH),
-    RefusedFlag("--num-layers-per-virtual-pipeline-stage", "no pipeline parallelism"),
-    RefusedFlag("--pipeline-model-parallel-layout", "no pipeline parallelism"),
+    RefusedFlag("--overlap-p2p-comm", "needs the interleaved schedule, which is not implemented "
+                "(megatron refuses it with the non-interleaved 1F1B schedule used here)", SWITCH),
+    RefusedFlag("--num-layers-per-virtual-pipeline-stage", "the interleaved (virtual-pipeline) "
+                "schedule is not implemented; stages run megatron-core's non-interleaved 1F1B "
+                "schedule: drop it"),
+    RefusedFlag("--pipeline-model-parallel-layout", "stages hold equal shares of the layers "
+                "(--num-layers divisible by --pipeline-model-parallel-size); no custom layout"),
     RefusedFlag("--use-precision-aware-optimizer", "optimizer states are always fp32 (AdamW "
                 "under DeepSpeed ZeRO)", SWITCH),
     RefusedFlag("--exp-avg-dtype", "optimizer states are always fp32"),
@@ -275,7 +280,8 @@ SAME_FLAG_REMARKS = {
     "--num-query-groups": "also honoured without --group-query-attention",
     "--group-query-attention": "without --num-query-groups: one group (Megatron's default)",
     "--sequence-parallel": "required for MoE with TP > 1; a no-op at TP 1",
-    "--pipeline-model-parallel-size": "1 only (pipeline parallelism is issue 17)",
+    "--pipeline-model-parallel-size": "megatron-core's 1F1B schedule; equal layers per stage, "
+                                      "ZeRO stage 1, the hypernetwork replicated per stage",
     "--expert-tensor-parallel-size": "equal to --tensor-model-parallel-size only",
     "--tokenizer-type": "SentencePiece (incl. Llama2Tokenizer), HuggingFace, GPT2BPE, Null",
 }

@@ -27,6 +27,7 @@ from megatron.core import parallel_state
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
 from megatron_hypermoe.model.recompute import in_recompute_replay
 from megatron_hypermoe.model.side_path import SidePathMoELayer
+from megatron_hypermoe.parallel.pipeline import sum_over_stages
 
 
 class ExpertLoadCounter:
@@ -52,10 +53,14 @@ class ExpertLoadCounter:
         return record
 
     def take(self) -> Optional[torch.Tensor]:
-        """[layers, experts] token counts summed over every rank, then reset."""
+        """[layers, experts] token counts summed over every rank, then reset (rows by global
+        layer: under pipeline parallelism each stage fills its own layers' rows)."""
         if not self.layers or any(c is None for c in self.counts):
             return None
-        counts = torch.stack(self.counts)
+        counts = torch.zeros(self.layers[0].config.num_layers, self.counts[0].numel(),
+                             dtype=torch.float64, device=self.counts[0].device)
+        for layer, count in zip(self.layers, self.counts):
+            counts[layer.layer_number - 1] = count
         if dist.is_initialized():
             dist.all_reduce(counts)
         self.counts = [None] * len(self.layers)
@@ -64,14 +69,20 @@ class ExpertLoadCounter:
 
 def side_path_values(model) -> dict:
     """Per layer, from the last forward: the HyperExpert's output RMS (HyperMoE), and for any
-    side path (HyperMoE, the static adapter) its RMS relative to the experts' output."""
+    side path (HyperMoE, the static adapter) its RMS relative to the experts' output.
+    Collective under pipeline parallelism (each stage has its own layers' values)."""
     layers = [m for m in model.modules()
               if isinstance(m, SidePathMoELayer) and m.last_side_output_rms is not None]
-    values = {}
-    if layers:
-        values["side_over_experts_rms"] = [float(m.last_side_over_experts_rms) for m in layers]
-    if layers and isinstance(layers[0], HyperMoELayer):
-        values["hyper_output_rms"] = [float(m.last_side_output_rms) for m in layers]
+    if not layers:
+        return {}
+    rows = torch.zeros(2, layers[0].config.num_layers, dtype=torch.float64)
+    for m in layers:
+        rows[:, m.layer_number - 1] = torch.stack([m.last_side_over_experts_rms.double().cpu(),
+                                                   m.last_side_output_rms.double().cpu()])
+    rows = sum_over_stages(rows.to(layers[0].last_side_output_rms.device)).tolist()
+    values = {"side_over_experts_rms": rows[0]}
+    if isinstance(layers[0], HyperMoELayer):
+        values["hyper_output_rms"] = rows[1]
     return values
 
 
@@ -81,6 +92,7 @@ def _reduce_over_ranks(entry) -> torch.Tensor:
     values = entry["values"].clone()
     if not dist.is_initialized():
         return values
+    sum_over_stages(values)  # each pipeline stage holds its own layers' entries
     if entry.get("reduce_group") is not None:
         dist.all_reduce(values, group=entry["reduce_group"])
     averaged = [entry.get("avg_group")]

@@ -18,6 +18,8 @@ from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.initialization import initialize_from_global_names
 from megatron_hypermoe.parallel.deepspeed_mpu import MegatronMPU
 from megatron_hypermoe.parallel.distributed import initialize_distributed
+from megatron_hypermoe.parallel.pipeline import (configure_schedule, mark_shared_replicas,
+                                                 pipeline_size, stage_kwargs)
 from megatron_hypermoe.parallel.expert_parallel import (deepspeed_recognises_megatron_moe,
                                                         register_expert_parallel,
                                                         split_moe_param_groups)
@@ -38,13 +40,14 @@ def initialize_parallel(args) -> None:
         # variable, which then agrees.
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     initialize_distributed(args.tensor_model_parallel_size, args.expert_model_parallel_size,
-                           args.seed)
+                           args.seed, args.pipeline_model_parallel_size)
 
 
 def build_model(config, args, initialize: bool = True):
     """This rank's shard of the model; with ``initialize`` every weight drawn from (seed, global
     name), so any layout starts from the same model."""
-    model = build_gpt_model(config, args.padded_vocab_size, args.max_position_embeddings)
+    model = build_gpt_model(config, args.padded_vocab_size, args.max_position_embeddings,
+                            **stage_kwargs())
     if initialize:
         initialize_from_global_names(model, config, args.seed)
     return model
@@ -119,8 +122,16 @@ def build_engine(model, args):
     optimizer = build_optimizer(
         optimizer_param_groups(model, args.weight_decay, expert_parallel, hyper_lr_mult(args)),
         args)
+    if pipeline_size() > 1:
+        mark_shared_replicas(model)
     with deepspeed_recognises_megatron_moe() if expert_parallel else nullcontext():
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model.to(training_device()), optimizer=optimizer, config=resolve_config(args),
             mpu=MegatronMPU())
+    if pipeline_size() > 1:
+        # megatron's schedule runs every micro-batch of a step; each engine.step() is then an
+        # accumulation boundary. fp16: the last stage's loss carries DeepSpeed's loss scale.
+        engine.set_gradient_accumulation_boundary(True)
+        configure_schedule(model.config, grad_scale=(lambda loss: loss * optimizer.cur_scale)
+                           if args.fp16 else None)
     return engine, optimizer

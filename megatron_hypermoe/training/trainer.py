@@ -9,6 +9,7 @@ model, engine) is ``training/setup.py``; what is logged and how, ``training/metr
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import time
 
@@ -24,6 +25,9 @@ from megatron_hypermoe.errors import TrainingStopped
 from megatron_hypermoe.model.generation import generate_ids
 from megatron_hypermoe.model.gpt import causal_attention_mask
 from megatron_hypermoe.model.router import finish_router_step
+from megatron_hypermoe.compat.deepspeed import reduce_gradients_after_external_backward
+from megatron_hypermoe.parallel.pipeline import (allreduce_shared_grads, from_last_stage,
+                                                 pipeline_size, run_schedule)
 from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
 from megatron_hypermoe.training.ds_config import engine_summary_lines
 from megatron_hypermoe.training.checkpointing import (TrainState, latest_iteration,
@@ -56,14 +60,22 @@ def print_rank0(*values, **kwargs):
         print(*values, **kwargs, flush=True)
 
 
-def masked_lm_loss(model, batch, device):
+def model_output(model, batch, device):
+    """The per-token loss (on a pipeline stage before the last: its hidden states) and the
+    loss mask."""
     tokens = batch["tokens"].to(device)
     labels = batch["labels"].to(device)
-    loss_mask = batch["loss_mask"].to(device).float()
     position_ids = batch["position_ids"].to(device)
     mask = causal_attention_mask(tokens.shape[1], device)
-    per_token = model(tokens, position_ids, mask, labels=labels).float()
-    return (per_token * loss_mask).sum() / loss_mask.sum().clamp_min(1.0)
+    return model(tokens, position_ids, mask, labels=labels), batch["loss_mask"].to(device).float()
+
+
+def masked_mean(per_token, loss_mask):
+    return (per_token.float() * loss_mask).sum() / loss_mask.sum().clamp_min(1.0)
+
+
+def masked_lm_loss(model, batch, device):
+    return masked_mean(*model_output(model, batch, device))
 
 
 class Trainer:
@@ -106,11 +118,14 @@ class Trainer:
         self.flops_per_iteration = training_flops_per_iteration(args)
         total, active = parameter_counts(self.model, args)
         self.metrics.record({"parameters": total, "active_parameters": active})
+        pp = args.pipeline_model_parallel_size
+        pipeline_line = f"PP {pp} ({args.num_layers // pp} layers per stage), " if pp > 1 else ""
         print_rank0(f"model: {args.moe_type}, {total / 1e6:.2f}M parameters "
                     f"({active / 1e6:.2f}M active per token), "
                     f"{args.world_size} rank(s), TP {args.tensor_model_parallel_size}"
                     f"{' (sequence parallel)' if args.sequence_parallel else ''}, "
-                    f"EP {args.expert_model_parallel_size}, DP {args.data_parallel_size}, "
+                    f"EP {args.expert_model_parallel_size}, "
+                    f"{pipeline_line}DP {args.data_parallel_size}, "
                     f"global batch {args.global_batch_size} "
                     f"({args.gradient_accumulation_steps} micro-batch(es) of "
                     f"{args.micro_batch_size} per rank), ZeRO stage {args.zero_stage}")
@@ -153,19 +168,22 @@ class Trainer:
         self.engine.eval()
         self.expert_load.paused = True
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        batches = iter(loader)
+        count = min(args.eval_iters * args.gradient_accumulation_steps, len(loader))
         with AuxLossesPaused():
-            for _ in range(args.eval_iters * args.gradient_accumulation_steps):
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                mask = batch["loss_mask"].to(self.device).float()
-                loss = masked_lm_loss(self.engine, batch, self.device)
-                totals += torch.stack([loss.double() * mask.sum(), mask.sum().double()])
+            if pipeline_size() > 1:
+                for store in self.run_pipeline(iter(loader), count, forward_only=True):
+                    totals += torch.stack([store["lm_loss"].double() * store["tokens"],
+                                           store["tokens"]])
+            else:
+                for batch in itertools.islice(loader, count):
+                    mask = batch["loss_mask"].to(self.device).float()
+                    loss = masked_lm_loss(self.engine, batch, self.device)
+                    totals += torch.stack([loss.double() * mask.sum(), mask.sum().double()])
         self.expert_load.paused = False
         self.engine.train()
         self.last_eval_iteration = self.state.iteration
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        from_last_stage(totals)
         val_loss = float(totals[0] / totals[1].clamp_min(1))
         return val_loss
 
@@ -177,18 +195,44 @@ class Trainer:
         self.metrics.log(iteration, values, prefix=f" validation at iteration {iteration}")
 
     # Training -------------------------------------------------------------------------------------
-    def train_step(self, batches):
+    def inject_fault(self, loss):
+        if self.state.iteration + 1 in (self.args.inject_nan_loss_at or ()):
+            return loss * float("nan")  # fault injection (tests the skip path)
+        return loss
+
+    def run_pipeline(self, batches, num_microbatches: int, forward_only: bool) -> list:
+        """megatron-core's schedule over this stage (parallel/pipeline.py); per micro-batch
+        {"lm_loss", "tokens"} on the last stage, [] on the others."""
+        args = self.args
+
+        def forward_step(iterator, stage):
+            output, loss_mask = model_output(stage, next(iterator), self.device)
+
+            def loss_func(per_token):
+                loss = self.inject_fault(masked_mean(per_token, loss_mask))
+                # a copy: megatron's schedule divides the returned loss in place
+                return loss, {"lm_loss": loss.detach().clone(),
+                              "tokens": loss_mask.sum().double()}
+            return output, loss_func
+
+        return run_schedule(self.model, forward_step, batches, num_microbatches,
+                            args.seq_length, args.micro_batch_size, forward_only)
+
+    def accumulate_micro_batches(self, batches) -> list:
+        """Forward and backward of one step's micro-batches; their losses (this rank's)."""
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         args = self.args
-        lr = self.schedule.lr  # what this step uses
-        skipped_before = self.engine.skipped_steps
+        if pipeline_size() > 1:
+            stores = self.run_pipeline(batches, args.gradient_accumulation_steps,
+                                       forward_only=False)
+            allreduce_shared_grads(self.model)  # the hypernetwork's replicas, summed
+            reduce_gradients_after_external_backward(self.engine)
+            self.engine.step()
+            return [store["lm_loss"] for store in stores] or [torch.zeros((), device=self.device)]
         losses = []
         for micro in range(args.gradient_accumulation_steps):
-            batch = next(batches)
-            loss = masked_lm_loss(self.engine, batch, self.device)
-            if self.state.iteration + 1 in (args.inject_nan_loss_at or ()):
-                loss = loss * float("nan")  # fault injection (tests the skip path)
+            loss = self.inject_fault(masked_lm_loss(self.engine, next(batches), self.device))
             # DeepSpeed divides the main loss by the accumulation steps (and multiplies by the
             # fp16 loss scale); the aux losses enter backward separately and need the same.
             scale = 1.0 / args.gradient_accumulation_steps
@@ -198,6 +242,13 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
+        return losses
+
+    def train_step(self, batches):
+        args = self.args
+        lr = self.schedule.lr  # what this step uses
+        skipped_before = self.engine.skipped_steps
+        losses = self.accumulate_micro_batches(batches)
         finish_router_step(self.model, self.config)  # expert bias, global aux-loss counts
         skipped = self.engine.skipped_steps > skipped_before
         if not skipped:  # as Megatron: a skipped step does not advance the schedule
@@ -205,7 +256,7 @@ class Trainer:
         mean_loss = torch.stack(losses).mean()
         data_parallel = parallel_state.get_data_parallel_group()
         dist.all_reduce(mean_loss, group=data_parallel)
-        mean_loss = float(mean_loss) / dist.get_world_size(data_parallel)
+        mean_loss = float(from_last_stage(mean_loss)) / dist.get_world_size(data_parallel)
         return mean_loss, lr, skipped
 
     def timing_values(self, elapsed, iterations):
