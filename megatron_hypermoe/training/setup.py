@@ -17,7 +17,7 @@ from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.initialization import initialize_from_global_names
 from megatron_hypermoe.parallel.deepspeed_mpu import MegatronMPU
-from megatron_hypermoe.parallel.distributed import initialize_distributed
+from megatron_hypermoe.parallel.distributed import distributed_timeout, initialize_distributed
 from megatron_hypermoe.parallel.expert_parallel import (deepspeed_recognises_megatron_moe,
                                                         register_expert_parallel,
                                                         split_moe_param_groups)
@@ -38,7 +38,7 @@ def initialize_parallel(args) -> None:
         # variable, which then agrees.
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     initialize_distributed(args.tensor_model_parallel_size, args.expert_model_parallel_size,
-                           args.seed)
+                           args.seed, distributed_timeout(args.distributed_timeout_minutes))
 
 
 def build_model(config, args, initialize: bool = True):

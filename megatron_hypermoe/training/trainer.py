@@ -24,6 +24,8 @@ from megatron_hypermoe.errors import TrainingStopped
 from megatron_hypermoe.model.generation import generate_ids
 from megatron_hypermoe.model.gpt import causal_attention_mask
 from megatron_hypermoe.model.router import finish_router_step
+from megatron_hypermoe.parallel.distributed import distributed_timeout
+from megatron_hypermoe.parallel.peers import PeerWatch
 from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
 from megatron_hypermoe.training.ds_config import engine_summary_lines
 from megatron_hypermoe.training.checkpointing import (TrainState, latest_iteration,
@@ -73,6 +75,7 @@ class Trainer:
         self.last_eval_iteration = None
         self.last_saved_iteration = None
         self.metrics = None
+        self.peers = None  # the heartbeat of a multi-process job (parallel/peers.py)
         self.device = training_device()
 
     # Setup ----------------------------------------------------------------------------------------
@@ -80,6 +83,8 @@ class Trainer:
         args = self.args
         initialize_parallel(args)
         self.rank = dist.get_rank()
+        if dist.get_world_size() > 1:
+            self.peers = PeerWatch(distributed_timeout(args.distributed_timeout_minutes))
         if accelerator_summary() is not None:
             print_rank0(accelerator_summary())
         # Tensor-parallel peers read the same batches; data-parallel ranks read different ones.
