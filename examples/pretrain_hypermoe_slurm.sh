@@ -16,7 +16,9 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 export LAUNCHER=torchrun
 export NNODES=${SLURM_JOB_NUM_NODES:?}
 export GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
-MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+# The first host of the allocation (no "| head": under pipefail its SIGPIPE would end the job).
+HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${MASTER_ADDR:-${HOSTS%%$'\n'*}}
 export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}
 # One task per node; SLURM_NODEID is that node's rank. --kill-on-bad-exit ends the other nodes'
 # launchers when one fails (a lost node: see README, "Several nodes").
