@@ -231,8 +231,9 @@ def test_slurm_script_node_death_and_restart_on_one_node(dataset, one_process, t
 
 def test_silent_node_stops_the_job_at_the_distributed_timeout(dataset, tmp_path):
     """A node that stops answering without closing its connections (SIGSTOP: a hung machine):
-    the survivor's collective waits for the distributed timeout (3 s here, in seconds through
-    the environment), then stops with one line naming the silent rank."""
+    after the distributed timeout (3 s here, in seconds through the environment) without its
+    heartbeat, or a collective timing out, the survivor stops with one line naming it. (The
+    heartbeat's silence is counted from its last beat, up to a second before the stop.)"""
     env = script_environment(dataset, tmp_path / "run", LAUNCHER="torchrun", NNODES="2",
                              GPUS_PER_NODE="1", EP="2", TRAIN_ITERS="100000",
                              **{TIMEOUT_SECONDS_VARIABLE: "3"})
@@ -254,5 +255,5 @@ def test_silent_node_stops_the_job_at_the_distributed_timeout(dataset, tmp_path)
                 os.killpg(node.pid, signal.SIGKILL)
     lines = error_line(output)
     assert lines and all("lost rank 1 (node 1" in line for line in lines), output[-3000:]
-    assert 3 <= survivor_exit < 15, survivor_exit
+    assert 1.5 < survivor_exit < 15, survivor_exit
     print(f"survivor exited {survivor_exit:.1f} s after node 1 went silent")
