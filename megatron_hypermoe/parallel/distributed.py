@@ -29,8 +29,9 @@ TIMEOUT_SECONDS_VARIABLE = "HYPERMOE_DISTRIBUTED_TIMEOUT_SECONDS"
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("distributed")
     g.add_argument("--distributed-timeout-minutes", type=int, default=DEFAULT_TIMEOUT_MINUTES,
-                   help="how long a collective waits for a peer before the job stops (gloo and "
-                        "NCCL, every process group); the environment variable "
+                   help="how long a collective of the world or megatron-core's groups waits "
+                        "(gloo and NCCL), and how long a rank's heartbeat may be silent before "
+                        "it counts as lost; the environment variable "
                         f"{TIMEOUT_SECONDS_VARIABLE}, in seconds, overrides it")
 
 
