@@ -102,9 +102,9 @@ def one_process(dataset, tmp_path_factory):
 def test_deepspeed_launchers_as_two_nodes_train_as_one_process_and_resume(dataset, one_process,
                                                                           tmp_path):
     """deepspeed --hostfile (two lines) --no_ssh --node_rank 0|1: EP=2 across the nodes equals
-    one process. --save is shared; --data-cache-path is node-local (a directory per node): node
-    1 cannot see rank 0's index cache and builds its own. The run stops at iteration 6 and the
-    same command resumes it on both nodes from the checkpoint."""
+    one process. --save is shared. The first launch has a node-local --data-cache-path (a
+    directory per node: node 1 cannot see rank 0's index cache and builds its own) and stops at
+    iteration 6; the second, with the script's shared cache, resumes on both nodes."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     env = script_environment(dataset, tmp_path / "run", LAUNCHER="deepspeed",
@@ -118,8 +118,9 @@ def test_deepspeed_launchers_as_two_nodes_train_as_one_process_and_resume(datase
     assert "building this node's copy" in first[1] and "building" not in first[0]
     caches = [sorted(p.name for p in (tmp_path / f"node{n}-cache").iterdir()) for n in (0, 1)]
     assert caches[0] and caches[0] == caches[1]
-    resumed = two_nodes(env, per_node=node_local_cache)
+    resumed = two_nodes(env)
     assert "resuming with the same layout" in resumed[0] and "at iteration 6" in resumed[0]
+    assert "building" not in resumed[1]  # a shared cache: rank 0 builds it, node 1 reads it
     records, _ = read_metrics(tmp_path / "run" / "metrics.jsonl")
     worst = assert_same_training(records, one_process)
     print(f"two deepspeed nodes vs one process: worst relative difference {worst:.1e}")
@@ -222,7 +223,7 @@ def test_slurm_script_node_death_and_restart_on_one_node(dataset, one_process, t
     env = script_environment(dataset, tmp_path / "run", LAUNCHER="torchrun", NNODES="1",
                              NODE_RANK="0", GPUS_PER_NODE="1", EP="1")
     output = finish(start(MULTINODE, env))
-    assert f"resharding from TP 1 EP 2 DP 2" in output and f"at iteration {last}" in output
+    assert "resharding from TP 1 EP 2 DP 2" in output and f"at iteration {last}" in output
     records, _ = read_metrics(tmp_path / "run" / "metrics.jsonl")
     resumed = [r for r in records if r["iteration"] > last][-(ITERATIONS - last):]
     worst = assert_same_training(resumed, one_process, first=last + 1)

@@ -35,15 +35,20 @@ PROBE_SECONDS = 1.0
 
 
 def ranks_that_cannot_see(directory: str) -> List[int]:
-    """The ranks that do not see a file rank 0 writes into ``directory`` (collective)."""
-    os.makedirs(directory, exist_ok=True)
-    name = [f".hypermoe-shared-probe-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None]
-    path = None
-    if dist.get_rank() == 0:
-        path = os.path.join(directory, name[0])
-        with open(path, "w"):
-            pass
+    """The ranks that do not see a file rank 0 writes into ``directory`` (collective); none
+    when rank 0 cannot write there (a read-only dataset directory: nothing to decide)."""
+    name, path = [None], None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        if dist.get_rank() == 0:
+            path = os.path.join(directory, f".hypermoe-shared-probe-{uuid.uuid4().hex}")
+            with open(path, "w"):
+                name = [os.path.basename(path)]
+    except OSError:
+        pass
     dist.broadcast_object_list(name, src=0)
+    if name[0] is None:
+        return []
     probe = os.path.join(directory, name[0])
     deadline = time.monotonic() + PROBE_SECONDS
     while not os.path.exists(probe) and time.monotonic() < deadline:
