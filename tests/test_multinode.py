@@ -3,6 +3,7 @@ environment variables: one launcher per "node" (the deepspeed launcher with a tw
 and --no_ssh --node_rank, torchrun --nnodes 2 --node_rank, the SLURM script with a fake srun),
 one process each, gloo, EP=2 across the nodes, against the same script run on one process."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -239,6 +240,7 @@ def test_silent_node_stops_the_job_at_the_distributed_timeout(dataset, tmp_path)
                              GPUS_PER_NODE="1", EP="2", TRAIN_ITERS="100000",
                              **{TIMEOUT_SECONDS_VARIABLE: "3"})
     nodes = [start(MULTINODE, {**env, "NODE_RANK": str(n)}) for n in (0, 1)]
+    victim = None
     try:
         survivor, victim = trainer_of(nodes[0], 0), trainer_of(nodes[1], 1)
         deadline = time.time() + 120
@@ -251,6 +253,9 @@ def test_silent_node_stops_the_job_at_the_distributed_timeout(dataset, tmp_path)
         survivor_exit = time.time() - stopped
         output = output_of(nodes[0], timeout=60)
     finally:
+        if victim is not None:
+            with contextlib.suppress(psutil.Error):
+                victim.kill()  # stopped, it outlives its launcher
         for node in nodes:
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGKILL)
