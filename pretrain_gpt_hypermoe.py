@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_hypermoe.errors import exit_on_user_error
+from megatron_hypermoe.errors import UserError, exit_on_user_error
 from megatron_hypermoe.parallel.distributed import destroy_distributed
 from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.trainer import Trainer
@@ -35,11 +35,21 @@ def main(argv=None) -> int:
             trainer.log_evaluation(trainer.evaluate())
         elif trainer.train():
             trainer.finish()
+        if trainer.peers is not None:
+            trainer.peers.stop()
         # Leave together: a rank that exits while its peer is still inside a gloo collective
         # makes the peer abort.
         dist.barrier()
         destroy_distributed()
         return 0
+    except UserError:
+        raise
+    except Exception as error:
+        # A killed or silent peer: one line naming it, not a traceback on every rank.
+        lost = trainer.peers.lost_peer_error(error) if trainer.peers is not None else None
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         trainer.close()
 

@@ -46,6 +46,10 @@ class DeepSpeedConfigError(UserError):
     """A bad or contradictory DeepSpeed config."""
 
 
+class PeerLost(UserError):
+    """Another process of the job is gone (killed, crashed, its node down)."""
+
+
 class TrainingStopped(UserError):
     """The run cannot go on (e.g. too many non-finite steps in a row)."""
 

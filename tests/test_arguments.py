@@ -310,3 +310,24 @@ def test_a_checkpoint_from_before_the_router_flags_loads_with_the_routing_it_tra
     assert (config.moe_router_load_balancing_type, config.moe_aux_loss_coeff,
             config.moe_expert_capacity_factor, config.moe_router_score_function,
             config.moe_router_enable_expert_bias) == ("aux_loss", 1e-2, None, "softmax", False)
+
+
+def test_distributed_timeout_is_megatrons_minutes_or_the_environments_seconds(monkeypatch):
+    from datetime import timedelta
+
+    from megatron_hypermoe.parallel.distributed import (TIMEOUT_SECONDS_VARIABLE,
+                                                        distributed_timeout)
+
+    monkeypatch.delenv(TIMEOUT_SECONDS_VARIABLE, raising=False)
+    base = [*TINY_MODEL, "--mock-data", "--train-iters", "1"]
+    assert parse_args(base).distributed_timeout_minutes == 10  # Megatron-LM's default
+    args = parse_args([*base, "--distributed-timeout-minutes", "3"])
+    assert distributed_timeout(args.distributed_timeout_minutes) == timedelta(minutes=3)
+    with pytest.raises(ArgumentError, match="--distributed-timeout-minutes 0 must be at least 1"):
+        parse_args([*base, "--distributed-timeout-minutes", "0"])
+    monkeypatch.setenv(TIMEOUT_SECONDS_VARIABLE, "2.5")
+    assert distributed_timeout(3) == timedelta(seconds=2.5)
+    monkeypatch.setenv(TIMEOUT_SECONDS_VARIABLE, "soon")
+    with pytest.raises(ArgumentError, match=f"{TIMEOUT_SECONDS_VARIABLE}='soon' must be a "
+                                            "positive number of seconds"):
+        parse_args(base)

@@ -6,8 +6,10 @@ launcher, which all describe the job through RANK / WORLD_SIZE / MASTER_ADDR / M
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,44 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_hypermoe.compat.megatron_core import apply_patches
+from megatron_hypermoe.errors import ArgumentError
+
+# Megatron-LM's default for --distributed-timeout-minutes.
+DEFAULT_TIMEOUT_MINUTES = 10
+# Seconds, overriding --distributed-timeout-minutes: Megatron's flag takes whole minutes, and the
+# tests need a lost node to be noticed within seconds.
+TIMEOUT_SECONDS_VARIABLE = "HYPERMOE_DISTRIBUTED_TIMEOUT_SECONDS"
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=DEFAULT_TIMEOUT_MINUTES,
+                   help="how long a collective of the world or megatron-core's groups waits "
+                        "(gloo and NCCL), and how long a rank's heartbeat may be silent before "
+                        "it counts as lost; the environment variable "
+                        f"{TIMEOUT_SECONDS_VARIABLE}, in seconds, overrides it")
+
+
+def check_distributed_args(args) -> None:
+    if args.distributed_timeout_minutes < 1:
+        raise ArgumentError(f"--distributed-timeout-minutes {args.distributed_timeout_minutes} "
+                            "must be at least 1")
+    distributed_timeout(args.distributed_timeout_minutes)  # a bad override fails here
+
+
+def distributed_timeout(minutes: int = DEFAULT_TIMEOUT_MINUTES) -> timedelta:
+    """The collectives' timeout: the flag's minutes, or the environment's seconds."""
+    override = os.environ.get(TIMEOUT_SECONDS_VARIABLE)
+    if override is None:
+        return timedelta(minutes=minutes)
+    try:
+        seconds = float(override)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ArgumentError(f"{TIMEOUT_SECONDS_VARIABLE}={override!r} must be a positive number "
+                            "of seconds: fix or unset it")
+    return timedelta(seconds=seconds)
 
 
 def free_port() -> int:
@@ -25,8 +65,11 @@ def free_port() -> int:
 
 def initialize_distributed(tensor_model_parallel_size: int = 1,
                            expert_model_parallel_size: int = 1,
-                           seed: int = 1234, pipeline_model_parallel_size: int = 1) -> None:
-    """Initialise the process group (if needed), megatron's parallel groups and RNG streams."""
+                           seed: int = 1234, pipeline_model_parallel_size: int = 1,
+                           timeout: timedelta | None = None) -> None:
+    """Initialise the process group (if needed), megatron's parallel groups and RNG streams;
+    every group's collectives wait at most ``timeout`` (default: Megatron's 10 minutes)."""
+    timeout = timeout or distributed_timeout()
     apply_patches()
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available()
@@ -51,6 +94,7 @@ def initialize_distributed(tensor_model_parallel_size: int = 1,
             init_method=init_method,
             rank=rank,
             world_size=world_size,
+            timeout=timeout,
         )
     world_size = dist.get_world_size()
     model_parallel = (tensor_model_parallel_size * expert_model_parallel_size
@@ -67,6 +111,7 @@ def initialize_distributed(tensor_model_parallel_size: int = 1,
         tensor_model_parallel_size=tensor_model_parallel_size,
         expert_model_parallel_size=expert_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        distributed_timeout_minutes=timeout.total_seconds() / 60,
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

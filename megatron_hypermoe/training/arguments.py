@@ -30,6 +30,7 @@ from megatron_hypermoe.training.router_arguments import (ROUTER_CONFIG_FLAGS, ad
 from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_schedule_args,
                                                     finalize_lr_schedule_args)
 from megatron_hypermoe.training.metrics import add_logging_args, finalize_logging_args
+from megatron_hypermoe.parallel.distributed import add_distributed_args, check_distributed_args
 from megatron_hypermoe.model.recompute import (RECOMPUTE_CONFIG_FLAGS, add_recompute_args,
                                                check_recompute_args, recompute_modules_flag)
 
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher (it also sets LOCAL_RANK, which wins)")
     add_deepspeed_args(parser)
+    add_distributed_args(parser)
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)
@@ -335,6 +337,7 @@ def finalize_args(args, world_size: int) -> None:
         raise ArgumentError("--bf16 and --fp16 are exclusive: pick one")
     check_router_args(args)
     check_deepspeed_args(args)
+    check_distributed_args(args)
     model_parallel = args.tensor_model_parallel_size * args.expert_model_parallel_size * \
         args.pipeline_model_parallel_size
     if world_size % args.tensor_model_parallel_size:

@@ -17,7 +17,7 @@ from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.initialization import initialize_from_global_names
 from megatron_hypermoe.parallel.deepspeed_mpu import MegatronMPU
-from megatron_hypermoe.parallel.distributed import initialize_distributed
+from megatron_hypermoe.parallel.distributed import distributed_timeout, initialize_distributed
 from megatron_hypermoe.parallel.pipeline import (configure_schedule, mark_shared_replicas,
                                                  pipeline_size, stage_kwargs)
 from megatron_hypermoe.parallel.expert_parallel import (deepspeed_recognises_megatron_moe,
@@ -40,7 +40,8 @@ def initialize_parallel(args) -> None:
         # variable, which then agrees.
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     initialize_distributed(args.tensor_model_parallel_size, args.expert_model_parallel_size,
-                           args.seed, args.pipeline_model_parallel_size)
+                           args.seed, args.pipeline_model_parallel_size,
+                           distributed_timeout(args.distributed_timeout_minutes))
 
 
 def build_model(config, args, initialize: bool = True):

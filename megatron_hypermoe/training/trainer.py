@@ -18,14 +18,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_hypermoe.compat.megatron_core import accelerator_summary
-from megatron_hypermoe.data.gpt_data import (build_data_loader, build_gpt_datasets,
-                                             gpt_dataset_config)
+from megatron_hypermoe.data.gpt_data import build_data_loader
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
 from megatron_hypermoe.errors import TrainingStopped
 from megatron_hypermoe.model.generation import generate_ids
 from megatron_hypermoe.model.gpt import causal_attention_mask
 from megatron_hypermoe.model.router import finish_router_step
 from megatron_hypermoe.compat.deepspeed import reduce_gradients_after_external_backward
+from megatron_hypermoe.parallel.distributed import distributed_timeout
+from megatron_hypermoe.parallel.peers import PeerWatch
 from megatron_hypermoe.parallel.pipeline import (allreduce_shared_grads, from_last_stage,
                                                  pipeline_size, run_schedule)
 from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
@@ -34,6 +35,7 @@ from megatron_hypermoe.training.checkpointing import (TrainState, latest_iterati
                                                       load_checkpoint, save_checkpoint)
 from megatron_hypermoe.training.flops import parameter_counts, training_flops_per_iteration
 from megatron_hypermoe.training.lr_schedule import LRSchedule
+from megatron_hypermoe.training.node_storage import build_training_datasets, check_save_is_shared
 from megatron_hypermoe.training.metrics import (AUX_LOSS_KEYS, AuxLossesPaused,
                                                 ExpertLoadCounter, MetricsWriter, ProgressBar,
                                                 expert_load_values, side_path_values,
@@ -85,6 +87,7 @@ class Trainer:
         self.last_eval_iteration = None
         self.last_saved_iteration = None
         self.metrics = None
+        self.peers = None  # the heartbeat of a multi-process job (parallel/peers.py)
         self.device = training_device()
 
     # Setup ----------------------------------------------------------------------------------------
@@ -92,6 +95,9 @@ class Trainer:
         args = self.args
         initialize_parallel(args)
         self.rank = dist.get_rank()
+        if dist.get_world_size() > 1:
+            self.peers = PeerWatch(distributed_timeout(args.distributed_timeout_minutes))
+        check_save_is_shared(args)
         if accelerator_summary() is not None:
             print_rank0(accelerator_summary())
         # Tensor-parallel peers read the same batches; data-parallel ranks read different ones.
@@ -133,22 +139,8 @@ class Trainer:
             print_rank0(line)
 
     def build_data(self):
-        args = self.args
-        fingerprint = None if args.mock_data else tokenizer_fingerprint(args, self.tokenizer)
-        config = gpt_dataset_config(
-            seed=args.seed, seq_length=args.seq_length, tokenizer=self.tokenizer,
-            data_path=args.data_path, split=args.split, data_cache_path=args.data_cache_path,
-            mock=args.mock_data, fingerprint=fingerprint)
-        evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 1
-        sizes = [args.train_iters * args.global_batch_size,
-                 evals * args.eval_iters * args.global_batch_size, 0]
-        # Rank 0 builds megatron's cached sample indices first; the others then read them.
-        if self.rank == 0:
-            datasets = build_gpt_datasets(config, sizes)
-        dist.barrier()
-        if self.rank != 0:
-            datasets = build_gpt_datasets(config, sizes)
-        self.train_dataset, self.valid_dataset, _ = datasets
+        self.train_dataset, self.valid_dataset, _ = build_training_datasets(self.args,
+                                                                            self.tokenizer)
 
     def train_loader(self):
         args = self.args
