@@ -80,7 +80,8 @@ def run_once(layer, x, grad_out, params):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() - base if x.is_cuda else None
-    layer.zero_grad(set_to_none=True)
+    for p in params:  # (the shared hypernetwork is not a submodule of the layer)
+        p.grad = None
     x.grad = None
     return elapsed, counter.total, peak
 
