@@ -26,6 +26,7 @@ from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.hyper_expert import choose_impl
 from megatron_hypermoe.model.memory import SavedActivationBytes
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
+from megatron_hypermoe.training.cpu_allocator import keep_freed_memory
 
 SHAPES = {
     "tiny": dict(hidden_size=64, ffn_hidden_size=128, num_moe_experts=4, tokens=256,
@@ -171,6 +172,8 @@ def main():
 
     initialize_distributed(seed=0)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does on the CPU (training/cpu_allocator.py)
     variants = [v for v in VARIANTS if v in {"moe", "hypermoe", *args.variants.split(",")}]
     rows = []
     for shape_name in args.shapes.split(","):

@@ -18,6 +18,7 @@ from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.initialization import initialize_from_global_names
 from megatron_hypermoe.parallel.deepspeed_mpu import MegatronMPU
 from megatron_hypermoe.parallel.distributed import distributed_timeout, initialize_distributed
+from megatron_hypermoe.training.cpu_allocator import keep_freed_memory
 from megatron_hypermoe.parallel.pipeline import (configure_schedule, mark_shared_replicas,
                                                  pipeline_size, stage_kwargs)
 from megatron_hypermoe.parallel.expert_parallel import (deepspeed_recognises_megatron_moe,
@@ -30,7 +31,10 @@ from megatron_hypermoe.training.ds_config import resolve_config
 
 
 def training_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    keep_freed_memory()  # (training/cpu_allocator.py: glibc's thresholds, once per process)
+    return torch.device("cpu")
 
 
 def initialize_parallel(args) -> None:
