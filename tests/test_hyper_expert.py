@@ -157,6 +157,19 @@ def test_native_grouped_gemm_equals_the_loop(monkeypatch):
     assert results[True][1][2].abs().max() == 0
 
 
+@pytest.mark.parametrize("rows", [1, 8, 17, 28, 40])
+def test_head_weight_gradient_in_row_blocks_equals_one_gemm(rows):
+    """The heads' weight gradient h^T @ grad, taken on the CPU in blocks of 16 output rows for
+    few h rows, equals the one-GEMM product (d_g 37: a last block that is not full)."""
+    from megatron_hypermoe.model.hypernetwork import _few_rows_weight_grad
+
+    generator = torch.Generator().manual_seed(rows)
+    h, grad = torch.randn(rows, 37, generator=generator), torch.randn(rows, 300, generator=generator)
+    result = _few_rows_weight_grad(h, grad)
+    assert result.shape == (37, 300) and result.is_contiguous()
+    torch.testing.assert_close(result, h.t() @ grad)
+
+
 # Invariant 7 --------------------------------------------------------------------------------------
 def test_same_selected_set_in_two_layers_gives_different_hyperexperts():
     config, selection, hypernet = hyper_parts(4, 1, randomize_heads=False)

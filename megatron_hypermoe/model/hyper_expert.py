@@ -259,28 +259,31 @@ class GroupedHyperExpert(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, set_index, w_down, b_down, w_up, b_up):
+        # (index_select, not x[order] or index_copy_: 4-6x faster on the CPU for [T, d] rows)
         order = torch.argsort(set_index, stable=True)
-        sorted_index = set_index[order]
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(
+            order.shape[0], device=order.device))
+        sorted_index = set_index.index_select(0, order)
         ends = _group_ends(sorted_index, w_down.shape[0])
-        a = torch.relu(grouped_mm(x[order], w_down, ends) + b_down[sorted_index])
-        y_sorted = grouped_mm(a, w_up, ends) + b_up[sorted_index]
-        ctx.save_for_backward(x, order, sorted_index, ends, a, w_down, w_up)
-        return torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
+        a = torch.relu(grouped_mm(x.index_select(0, order), w_down, ends)
+                       .add_(b_down.index_select(0, sorted_index)))
+        y_sorted = grouped_mm(a, w_up, ends).add_(b_up.index_select(0, sorted_index))
+        ctx.save_for_backward(x, order, unsort, sorted_index, ends, a, w_down, w_up)
+        return y_sorted.index_select(0, unsort)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, order, sorted_index, ends, a, w_down, w_up = ctx.saved_tensors
+        x, order, unsort, sorted_index, ends, a, w_down, w_up = ctx.saved_tensors
         num_sets = w_down.shape[0]
-        grad_y_sorted = grad_y[order]
+        grad_y_sorted = grad_y.index_select(0, order)
         grad_w_up = grouped_weight_grad(a, grad_y_sorted, ends)
         grad_b_up = grad_y.new_zeros(num_sets, grad_y.shape[1]).index_add_(
             0, sorted_index, grad_y_sorted)
-        grad_pre = grouped_mm(grad_y_sorted, w_up.transpose(1, 2), ends) * (a > 0)
-        grad_w_down = grouped_weight_grad(x[order], grad_pre, ends)
+        grad_pre = grouped_mm(grad_y_sorted, w_up.transpose(1, 2), ends).mul_(a > 0)
+        grad_w_down = grouped_weight_grad(x.index_select(0, order), grad_pre, ends)
         grad_b_down = grad_pre.new_zeros(num_sets, grad_pre.shape[1]).index_add_(
             0, sorted_index, grad_pre)
-        grad_x_sorted = grouped_mm(grad_pre, w_down.transpose(1, 2), ends)
-        grad_x = torch.empty_like(grad_x_sorted).index_copy_(0, order, grad_x_sorted)
+        grad_x = grouped_mm(grad_pre, w_down.transpose(1, 2), ends).index_select(0, unsort)
         return grad_x, None, grad_w_down, grad_b_down, grad_w_up, grad_b_up
 
 
