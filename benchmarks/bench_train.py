@@ -10,7 +10,8 @@ tokens, top-1 and top-2 (moe and hypermoe only).
 The variants of one config are built in ONE process as the trainer builds them (megatron-core
 model, DeepSpeed ZeRO-1 engine, mock data; same shape, batch and seed) and their training
 iterations are interleaved, so machine drift hits every variant alike: separate processes run
-one after another differed by up to 15% between rounds here. Step time is the median iteration
+one after another differed by up to 15% between rounds here. Each run (a config at one top-k)
+gets a fresh process of its own (see :func:`run_in_child`). Step time is the median iteration
 time after 3 warm-up iterations. Achieved training FLOP/s (the trainer's count: top-k experts and the
 HyperExpert included) is compared with this machine's measured matmul FLOP/s (a 2048^3 torch.mm
 in the training dtype on the training device, best of 10), stated in the output. ``--bf16`` on a
@@ -24,6 +25,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -112,14 +114,17 @@ def main():
     parser.add_argument("--configs", default="small,gpt2", help="comma-separated: small, gpt2")
     parser.add_argument("--bf16", action="store_true", help="train (and take the matmul peak) "
                                                             "in bf16, as on GPUs")
+    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # (one run, in a child)
     args = parser.parse_args()
 
+    runs = {label: run for config in args.configs.split(",") for label, *run in RUNS[config]}
+    if args.run is not None:
+        flags, variants, steps = runs[args.run]
+        print(json.dumps(bench_run(flags, variants, args.steps or steps, args.bf16, args.run)))
+        return
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     peak = matmul_flops(dtype)
-    results = {}
-    for config in args.configs.split(","):
-        for label, flags, variants, steps in RUNS[config]:
-            results[label] = bench_run(flags, variants, args.steps or steps, args.bf16, label)
+    results = {label: run_in_child(label, args) for label in runs}
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     print(f"machine: {os.cpu_count()} cores, {device}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}; {str(dtype)[6:]} matmul (2048^3 mm): "
@@ -136,6 +141,19 @@ def main():
     if args.json:
         print(json.dumps(dict(summarize(results, peak), matmul_gflops=peak / 1e9,
                               runs=results)))
+
+
+def run_in_child(label, args) -> dict:
+    """One run in a fresh process: what a run before it leaves in the heap (freed, fragmented,
+    trimmed back to the OS) changed the next run's step times by up to 20%, and not alike for
+    every variant (a GPT-2-width top-2 run gave HyperMoE 1.04x the MoE first, 1.22x second)."""
+    command = [sys.executable, os.path.abspath(__file__), "--run", label, "--configs", args.configs]
+    command += (["--bf16"] if args.bf16 else []) + \
+        (["--steps", str(args.steps)] if args.steps else [])
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        sys.exit(f"bench_train: run {label} failed (exit {result.returncode})")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def summarize(results, peak):
