@@ -10,13 +10,6 @@ whose 25 MB hypernetwork-head gradients had moved the threshold. A GPU's caching
 jemalloc or tcmalloc) keeps such blocks. Fixing glibc's two thresholds (its documented
 ``mallopt`` tunables, the same as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_) does the
 same here: blocks up to 32 MB come from the heap, and up to 512 MB of freed heap stays mapped.
-
-Blocks above 32 MB (glibc's largest threshold) were still mmap-ed fresh every time, and a ZeRO
-step asks for several GB of them at GPT-2 width (DeepSpeed's flattened gradients and copies,
-attention scores): page faults were a third of the step. So mmap is off as well (``M_MMAP_MAX``
-0: every block comes from the heap) and freed heap stays up to 2 GB: a GPT-2-width step went
-from 3.4 to 2.0 s (top-1) and from 4.2 to 2.9 s (top-2), benchmarks/bench_train.py, 2 threads.
-The process keeps what it has used, as a GPU's caching allocator does.
 """
 
 from __future__ import annotations
@@ -26,9 +19,8 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
-M_MMAP_MAX = -4
 MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit)
-TRIM_THRESHOLD_BYTES = 2 * 2**30 - 1  # (an int in mallopt)
+TRIM_THRESHOLD_BYTES = 512 * 2**20
 
 
 def keep_freed_memory() -> bool:
@@ -39,6 +31,5 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(libc_name)
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False
-    return all(libc.mallopt(option, value) for option, value in (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
-        (M_MMAP_MAX, 0)))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
+        bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
