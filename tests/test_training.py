@@ -432,3 +432,33 @@ def test_router_options_train_through_the_entry_point(dataset, tmp_path):
     # three steps of -0.25, 0 or +0.25 per expert (0: the expert got the mean load, as every
     # expert does once capacity caps them all)
     assert torch.equal(bias * 4, (bias * 4).round()) and 0 < bias.abs().max() <= 0.75
+
+
+def test_cpu_optimizer_is_torchs_fused_adamw_with_the_same_update():
+    """On the CPU the trainer's AdamW is torch's fused kernel (no temporaries the size of ZeRO's
+    flat partition) and makes the same update as the one-tensor-at-a-time AdamW."""
+    from types import SimpleNamespace
+
+    from megatron_hypermoe.training.setup import build_optimizer
+
+    args = SimpleNamespace(lr=1e-2, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8,
+                           optimizer_cpu_offload=False)
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(2, 301, generator=generator)
+    fused_params = [torch.nn.Parameter(row.clone()) for row in start]
+    plain_params = [torch.nn.Parameter(row.clone()) for row in start]
+    groups = lambda params: [{"params": params[:1], "weight_decay": 0.1},  # noqa: E731
+                             {"params": params[1:], "weight_decay": 0.0}]
+    fused = build_optimizer(groups(fused_params), args)
+    plain = torch.optim.AdamW(groups(plain_params), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                              foreach=False)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        grads = torch.randn(2, 301, generator=generator)
+        for params, optimizer in ((fused_params, fused), (plain_params, plain)):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for fused_param, plain_param, initial in zip(fused_params, plain_params, start):
+        torch.testing.assert_close(fused_param, plain_param, rtol=1e-6, atol=1e-6)
+        assert (fused_param - initial).abs().max() > 1e-3  # (it did move)
