@@ -9,7 +9,17 @@ allocator's history: at GPT-2 width (benchmarks/bench_train.py) DeepSpeed's copy
 whose 25 MB hypernetwork-head gradients had moved the threshold. A GPU's caching allocator (and
 jemalloc or tcmalloc) keeps such blocks. Fixing glibc's two thresholds (its documented
 ``mallopt`` tunables, the same as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_) does the
-same here: blocks up to 32 MB come from the heap, and up to 512 MB of freed heap stays mapped.
+same here for blocks up to 32 MB.
+
+Blocks above 32 MB (glibc's largest threshold) were still mmap-ed fresh every time, and a ZeRO
+step asks for several GB of them at GPT-2 width (DeepSpeed's flattened gradients and partitions,
+attention scores): 450-620 thousand page faults and 1.5-2.4 s of system time in a 3.3-4.3 s step
+(benchmarks/bench_train.py, 2 threads), more for HyperMoE, and step ratios that swung 1.03-1.27
+from run to run. So mmap is off as well (``M_MMAP_MAX`` 0: every block comes from the heap) and
+the heap is never trimmed (mallopt(3): a trim threshold of -1): after the warm-up steps no page
+faults, the GPT-2-width step 3.3 -> 1.9 s (top-1) and 4.4 -> 2.8 s (top-2). With trimming at
+2 GB the top-2 step still faulted 0.5-1 GB every step. The process keeps its peak, as a GPU's
+caching allocator does.
 """
 
 from __future__ import annotations
@@ -19,8 +29,9 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit)
-TRIM_THRESHOLD_BYTES = 512 * 2**20
+TRIM_THRESHOLD_BYTES = -1  # never trim (mallopt(3): -1 disables trimming)
 
 
 def keep_freed_memory() -> bool:
@@ -31,5 +42,6 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(libc_name)
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
-        bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return all(libc.mallopt(option, value) for option, value in (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
+        (M_MMAP_MAX, 0)))
