@@ -158,16 +158,28 @@ def test_native_grouped_gemm_equals_the_loop(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 8, 17, 28, 40])
-def test_head_weight_gradient_in_row_blocks_equals_one_gemm(rows):
-    """The heads' weight gradient h^T @ grad, taken on the CPU in blocks of 16 output rows for
-    few h rows, equals the one-GEMM product (d_g 37: a last block that is not full)."""
-    from megatron_hypermoe.model.hypernetwork import _few_rows_weight_grad
+def test_head_products_in_blocks_equal_one_gemm(rows):
+    """The heads' three products as taken on the CPU for few code rows (forward and input
+    gradient over column blocks, weight gradient in blocks of 16 output rows) equal one GEMM
+    each: 1,024 outputs take the column blocks below 32 rows, 300 never do (not a multiple of
+    the block), and d_g 37 leaves a last row block that is not full."""
+    from megatron_hypermoe.model import hypernetwork as hn
 
     generator = torch.Generator().manual_seed(rows)
-    h, grad = torch.randn(rows, 37, generator=generator), torch.randn(rows, 300, generator=generator)
-    result = _few_rows_weight_grad(h, grad)
-    assert result.shape == (37, 300) and result.is_contiguous()
-    torch.testing.assert_close(result, h.t() @ grad)
+    for columns in (1024, 300):
+        h = torch.randn(rows, 37, generator=generator)
+        weight, bias = torch.randn(37, columns, generator=generator), torch.randn(columns)
+        grad = torch.randn(columns, rows, generator=generator).t()  # (not contiguous)
+        blocked = rows < hn.FEW_ROWS and columns == 1024
+        assert hn._few_rows(h, columns, hn.FORWARD_BLOCK_COLUMNS) == blocked
+        assert hn._few_rows(h, columns, hn.INPUT_GRAD_BLOCK_COLUMNS) == blocked
+        torch.testing.assert_close(hn._head_product(h, weight, bias), torch.addmm(bias, h, weight))
+        # (a sum of 1,024 products per entry, added in another order when blocked)
+        torch.testing.assert_close(hn._head_input_grad(grad, weight), grad @ weight.t(),
+                                   rtol=1e-5, atol=1e-4)
+        weight_grad = hn._head_weight_grad(h, grad)
+        assert weight_grad.shape == (37, columns) and weight_grad.is_contiguous()
+        torch.testing.assert_close(weight_grad, h.t() @ grad)
 
 
 # Invariant 7 --------------------------------------------------------------------------------------
