@@ -157,12 +157,12 @@ def test_native_grouped_gemm_equals_the_loop(monkeypatch):
     assert results[True][1][2].abs().max() == 0
 
 
-@pytest.mark.parametrize("rows", [1, 8, 17, 28, 40])
+@pytest.mark.parametrize("rows", [1, 8, 17, 28, 40, 130])
 def test_head_products_in_blocks_equal_one_gemm(rows):
     """The heads' three products as taken on the CPU for few code rows (forward and input
     gradient over column blocks, weight gradient in blocks of 16 output rows) equal one GEMM
-    each: 1,024 outputs take the column blocks below 32 rows, 300 never do (not a multiple of
-    the block), and d_g 37 leaves a last row block that is not full."""
+    each: 1,024 outputs take the column blocks, 300 never do (not a multiple of the block), and
+    d_g 37 leaves a last row block that is not full."""
     from megatron_hypermoe.model import hypernetwork as hn
 
     generator = torch.Generator().manual_seed(rows)
@@ -170,9 +170,10 @@ def test_head_products_in_blocks_equal_one_gemm(rows):
         h = torch.randn(rows, 37, generator=generator)
         weight, bias = torch.randn(37, columns, generator=generator), torch.randn(columns)
         grad = torch.randn(columns, rows, generator=generator).t()  # (not contiguous)
-        blocked = rows < hn.FEW_ROWS and columns == 1024
-        assert hn._few_rows(h, columns, hn.FORWARD_BLOCK_COLUMNS) == blocked
-        assert hn._few_rows(h, columns, hn.INPUT_GRAD_BLOCK_COLUMNS) == blocked
+        for product in ("forward", "input_grad"):
+            assert hn._blocked(product, h, columns) == (
+                rows < hn.BLOCKED_BELOW_ROWS[product] and columns == 1024)
+        assert hn._blocked("weight_grad", h) == (rows < hn.BLOCKED_BELOW_ROWS["weight_grad"])
         torch.testing.assert_close(hn._head_product(h, weight, bias), torch.addmm(bias, h, weight))
         # (a sum of 1,024 products per entry, added in another order when blocked)
         torch.testing.assert_close(hn._head_input_grad(grad, weight), grad @ weight.t(),

@@ -55,22 +55,31 @@ def init_head_weight_(weight: torch.Tensor, head: str, config: HyperMoEConfig,
     return weight.uniform_(-bound, bound, generator=generator)
 
 
-# The heads multiply a few codes (one row per generated HyperExpert: 8 at top-1 of 8) with a
-# very wide weight [d_g, d*r]. On the CPU MKL runs these few-row GEMMs at a fraction of its rate
-# (the weight is L3-resident: 25 MB streams in 0.2 ms); the same products split into blocks run
-# up to 2x faster. Measured on 2 cores (AMD EPYC, torch 2.13 + MKL), d_g 128, 49,152 outputs,
-# median ms as one GEMM -> in blocks, 8 / 28 rows: forward 2.77 -> 1.63 / 3.85 -> 3.37, input
-# gradient 1.85 -> 1.28 / 3.07 -> 2.97, weight gradient 3.1 -> 1.4 / 5.9 -> 3.8; at hidden 2048
-# (131,072 outputs) forward 7.83 -> 5.96 / 11.28 -> 9.52. From 32 rows on one GEMM is as fast or
-# faster (56 rows at 131,072 outputs: forward 16.5 -> 29.9), and GPUs need none of this.
-FEW_ROWS = 32
-FORWARD_BLOCK_COLUMNS = 256
-INPUT_GRAD_BLOCK_COLUMNS = 512
+# The heads multiply few codes (one row per generated HyperExpert: 8 at top-1 of 8, times the
+# layers when the model generates them together) with a very wide weight [d_g, d*r]. On the CPU
+# MKL runs such few-row GEMMs at a fraction of its rate; split into blocks they run up to 2x
+# faster. Measured on 2 cores (AMD EPYC, torch 2.13 + MKL, the trainer's allocator settings),
+# d_g 128, median ms as one GEMM -> in blocks, for 8 / 32 / 128 rows:
+#   49,152 outputs (GPT-2 width): forward 2.22 -> 1.40 / 4.30 -> 3.45 / 13.9 -> 10.8,
+#     input gradient 1.71 -> 1.35 / 3.57 -> 3.16 / 10.45 -> 10.04,
+#     weight gradient 2.99 -> 1.52 / 6.05 -> 4.08 / 12.0 -> 25.1;
+#   16,384 outputs: forward 0.48 -> 0.33 / 1.11 -> 0.84, input gradient 0.33 -> 0.26 / 0.83 ->
+#     0.76, weight gradient 0.68 -> 0.32 / 0.75 -> 1.19;
+#   131,072 outputs (hidden 2048): forward 8.84 -> 6.37 / 13.9 -> 11.1, input gradient 4.80 ->
+#     4.06 / 9.29 -> 8.39, weight gradient 6.28 -> 4.04 / 13.8 -> 17.9.
+# Blocks stop paying at 1,024 rows (forward), 128 (input gradient; 336 rows: 23.8 -> 24.0) and
+# 32 (weight gradient), the limits below. GPUs need none of this.
+BLOCKED_BELOW_ROWS = {"forward": 1024, "input_grad": 128, "weight_grad": 32}
+BLOCK_COLUMNS = {"forward": 256, "input_grad": 512}
 
 
-def _few_rows(h: torch.Tensor, columns: int, block: int) -> bool:
-    return h.device.type == "cpu" and h.shape[0] < FEW_ROWS and columns % block == 0 \
-        and columns > block
+def _blocked(product: str, rows: torch.Tensor, columns: int = None) -> bool:
+    """Whether ``product`` of the heads is taken in blocks for ``rows`` (the codes or their
+    gradient) on this device and with this many outputs."""
+    if rows.device.type != "cpu" or rows.shape[0] >= BLOCKED_BELOW_ROWS[product]:
+        return False
+    block = BLOCK_COLUMNS.get(product)
+    return block is None or (columns % block == 0 and columns > block)
 
 
 def _column_blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
@@ -79,31 +88,31 @@ def _column_blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _head_product(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """bias + h @ weight: [K, d_g] x [d_g, N] -> [K, N]; one batched GEMM over column blocks
-    for few rows on the CPU."""
-    if not _few_rows(h, weight.shape[1], FORWARD_BLOCK_COLUMNS):
+    """bias + h @ weight: [K, d_g] x [d_g, N] -> [K, N]; blocked, one batched GEMM over column
+    blocks."""
+    if not _blocked("forward", h, weight.shape[1]):
         return torch.addmm(bias, h, weight)
-    blocks = _column_blocks(weight, FORWARD_BLOCK_COLUMNS)
+    blocks = _column_blocks(weight, BLOCK_COLUMNS["forward"])
     out = torch.baddbmm(bias.view(blocks.shape[0], 1, -1), h.expand(blocks.shape[0], *h.shape),
                         blocks)
     return out.transpose(0, 1).reshape(h.shape[0], weight.shape[1])
 
 
 def _head_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad @ weight^T: [K, N] x [N, d_g] -> [K, d_g]; for few rows on the CPU, the sum over
-    column blocks of one batched GEMM."""
-    if not _few_rows(grad, weight.shape[1], INPUT_GRAD_BLOCK_COLUMNS):
+    """grad @ weight^T: [K, N] x [N, d_g] -> [K, d_g]; blocked, the sum over column blocks of
+    one batched GEMM."""
+    if not _blocked("input_grad", grad, weight.shape[1]):
         return grad @ weight.t()
-    blocks = _column_blocks(weight, INPUT_GRAD_BLOCK_COLUMNS)  # [B, d_g, block]
+    blocks = _column_blocks(weight, BLOCK_COLUMNS["input_grad"])  # [B, d_g, block]
     grad_blocks = grad.reshape(grad.shape[0], blocks.shape[0], -1).transpose(0, 1)
     return torch.bmm(grad_blocks, blocks.transpose(1, 2)).sum(0)
 
 
 def _head_weight_grad(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """h^T @ grad: [d_g, K] x [K, N] -> [d_g, N]; for few rows on the CPU, in blocks of 16
-    output rows (contiguous h^T: autograd's product on the transposed view ran 2-4x slower)."""
+    """h^T @ grad: [d_g, K] x [K, N] -> [d_g, N]; blocked, in blocks of 16 output rows. h^T is
+    made contiguous: autograd's product on the transposed view ran 2-4x slower on the CPU."""
     h_t = h.t().contiguous()
-    if h.device.type != "cpu" or h.shape[0] >= FEW_ROWS:
+    if not _blocked("weight_grad", h):
         return h_t @ grad
     out = grad.new_empty(h_t.shape[0], grad.shape[1])
     for start in range(0, h_t.shape[0], 16):
