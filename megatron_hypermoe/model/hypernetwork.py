@@ -68,7 +68,8 @@ def init_head_weight_(weight: torch.Tensor, head: str, config: HyperMoEConfig,
 #   131,072 outputs (hidden 2048): forward 8.84 -> 6.37 / 13.9 -> 11.1, input gradient 4.80 ->
 #     4.06 / 9.29 -> 8.39, weight gradient 6.28 -> 4.04 / 13.8 -> 17.9.
 # Blocks stop paying at 1,024 rows (forward), 128 (input gradient; 336 rows: 23.8 -> 24.0) and
-# 32 (weight gradient), the limits below. GPUs need none of this.
+# 32 (weight gradient), the limits below. GPUs need none of this, and other dtypes do not take
+# MKL's sgemm (the input gradient's sum over blocks would also round each block in bf16).
 BLOCKED_BELOW_ROWS = {"forward": 1024, "input_grad": 128, "weight_grad": 32}
 BLOCK_COLUMNS = {"forward": 256, "input_grad": 512}
 
@@ -76,7 +77,8 @@ BLOCK_COLUMNS = {"forward": 256, "input_grad": 512}
 def _blocked(product: str, rows: torch.Tensor, columns: int = None) -> bool:
     """Whether ``product`` of the heads is taken in blocks for ``rows`` (the codes or their
     gradient) on this device and with this many outputs."""
-    if rows.device.type != "cpu" or rows.shape[0] >= BLOCKED_BELOW_ROWS[product]:
+    if rows.device.type != "cpu" or rows.dtype != torch.float32 \
+            or rows.shape[0] >= BLOCKED_BELOW_ROWS[product]:
         return False
     block = BLOCK_COLUMNS.get(product)
     return block is None or (columns % block == 0 and columns > block)
