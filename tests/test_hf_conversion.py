@@ -84,6 +84,29 @@ def tokens(batch=2, length=32, seed=0):
     return random_tokens(batch, length, vocab=400, seed=seed)
 
 
+def test_a_loaded_checkpoint_scores_the_same_on_a_gpu_node(checkpoint, monkeypatch):
+    """The --load tools (evaluate, generate, analyze) on a machine with a GPU: megatron-core's
+    layers went to the GPU and torch's modules (the hypernetwork, the selection embeddings, the
+    RMSNorms) stayed on the host. With the GPU emulated (tests/emulated_accelerator.py), the
+    checkpoint loads onto one device and scores every token as on the CPU."""
+    from megatron_hypermoe.inference.evaluation import megatron_token_nll
+    from tests.emulated_accelerator import DEVICE, devices_of, emulated_accelerator
+
+    loaded = read_checkpoint(str(checkpoint("hypermoe")))
+    ids = tokens(batch=1)
+    targets = ids.roll(-1, dims=1)
+    host, _ = build_megatron_model(loaded)
+    with torch.no_grad():
+        expected = megatron_token_nll(host)(ids, targets)
+    with emulated_accelerator(monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
+        model, config = build_megatron_model(loaded)
+        assert not config.use_cpu_initialization and devices_of(model) == {DEVICE}
+        with torch.no_grad():
+            nll = megatron_token_nll(model)(ids, targets).cpu()
+    assert torch.allclose(nll, expected, rtol=1e-6, atol=1e-6)
+
+
 ARCHITECTURES = {"hypermoe": "HyperMoeForCausalLM", "moe": "MixtralForCausalLM",
                  "dense": "LlamaForCausalLM"}
 

@@ -58,8 +58,10 @@ class ExpertAnalyzer:
         from megatron.core.transformer.moe.moe_layer import MoELayer
 
         self.layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+        # (counted on the model's device: the router's map never leaves it)
         self.stats = [LayerStatistics(load=torch.zeros(layer.config.num_moe_experts,
-                                                       dtype=torch.float64))
+                                                       dtype=torch.float64,
+                                                       device=layer.router.weight.device))
                       for layer in self.layers]
         for index, layer in enumerate(self.layers):
             layer.router.register_forward_hook(self._count_load(index))

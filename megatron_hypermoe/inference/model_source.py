@@ -63,7 +63,8 @@ def load_hf_model(directory: str):
                               "config.json)")
     model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True,
                                                  dtype=torch.float32)
-    return model.eval()
+    # on the GPU when there is one, as a --load checkpoint is (build_gpt_model)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
 def load_model(args) -> LoadedModel:

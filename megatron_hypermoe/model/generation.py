@@ -26,7 +26,11 @@ def _tensor_parallel_size() -> int:
 def generate_ids(model, prompt_ids, max_new_tokens: int, max_sequence_length: int,
                  greedy: bool = True, top_p: float = 0.9, temperature: float = 1.0,
                  eod: int = None, generator: torch.Generator = None, vocab_size: int = None):
-    """Continue prompt_ids (a list of ints); returns the new ids."""
+    """Continue prompt_ids (a list of ints); returns the new ids. ``generator``: a CPU
+    generator (sampling runs on the host, whatever device the model is on)."""
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generate_ids samples on the host: pass a CPU torch.Generator, not "
+                         f"one on {generator.device}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -50,7 +54,9 @@ def generate_ids(model, prompt_ids, max_new_tokens: int, max_sequence_length: in
         if logits is not None:
             if tp_size > 1:
                 logits = gather_from_tensor_model_parallel_region(logits)
-            next_logits = logits[0, length - 1].float()
+            # The choice is made on the host: the token is read there anyway, a CPU generator
+            # then serves any device, and one seed gives one sample on CPU and GPU alike.
+            next_logits = logits[0, length - 1].float().cpu()
             if vocab_size is not None:  # padded vocabulary rows are not tokens
                 next_logits = next_logits[:vocab_size]
             next_id = int(next_logits.argmax()) if greedy else \

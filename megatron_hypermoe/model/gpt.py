@@ -109,7 +109,17 @@ def build_gpt_model(config: HyperMoEConfig, vocab_size: int, max_sequence_length
     kwargs.update(gpt_kwargs)
     model_class = HyperMoEGPTModel if config.moe_type == "hypermoe" else GPTModel
     with _quiet_unknown_mlp_warning():
-        return model_class(config=config, **kwargs)
+        model = model_class(config=config, **kwargs)
+    # megatron-core builds its layers on the GPU unless use_cpu_initialization; torch's own
+    # modules (RMSNorm, the hypernetwork, the selection embeddings) on the default device.
+    return model.to(model_device(config))
+
+
+def model_device(config: HyperMoEConfig) -> torch.device:
+    """The one device a built model lives on: where megatron-core puts its parameters."""
+    if config.use_cpu_initialization:
+        return torch.device("cpu")
+    return torch.device(torch.cuda.current_device())
 
 
 def causal_attention_mask(seq_length: int, device=None) -> torch.Tensor:

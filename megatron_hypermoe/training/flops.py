@@ -65,7 +65,10 @@ def parameter_counts(model, args):
             count *= ep
             experts += count
         total += count
-    total, experts = sum_over_stages(torch.tensor([total, experts], dtype=torch.float64)).tolist()
+    # (on the model's device: NCCL reduces only accelerator tensors)
+    device = next(model.parameters()).device
+    total, experts = sum_over_stages(
+        torch.tensor([total, experts], dtype=torch.float64, device=device)).tolist()
     active = total - experts
     if experts:
         active += experts * args.moe_router_topk / args.num_experts
