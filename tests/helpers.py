@@ -295,6 +295,44 @@ def assert_close_relative(actual, expected, rtol=1e-5, what=""):
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol}"
 
 
+def grouped_case(dtype, generator, tokens=64, hidden=32, rank=16, groups=6, device="cpu"):
+    """A grouped HyperExpert's inputs with groups 1 and 4 empty (``allsets`` has many)."""
+    set_index = torch.randint(0, groups, (tokens,), generator=generator)
+    set_index[set_index == 1] = 0
+    set_index[set_index == 4] = 5
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+    # pre-activations near +-1, never near 0: rounding cannot flip the ReLU between dtypes
+    b_down = torch.randn(groups, rank, generator=generator).sign().to(device, dtype)
+    return (rand(tokens, hidden), set_index.to(device), rand(groups, hidden, rank) * 0.1 / hidden ** 0.5,
+            b_down, rand(groups, rank, hidden) / rank ** 0.5, rand(groups, hidden))
+
+
+def check_grouped_hyper_expert_against_fp64(dtype, device, rtol=1e-2):
+    """The grouped form's output and every gradient in ``dtype`` against the per-token form in
+    fp64 on the same values; the empty groups' weight and bias gradients exactly zero."""
+    from megatron_hypermoe.model.hyper_expert import apply_hyper_experts
+
+    inputs = grouped_case(dtype, torch.Generator().manual_seed(4), device=device)
+    x, set_index, *weights = [t.requires_grad_(t.is_floating_point()) for t in inputs]
+    y = apply_hyper_experts(x, set_index, *weights)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(device, dtype)
+    y.backward(grad_y)
+
+    reference = [t.detach().double().requires_grad_(t.is_floating_point()) for t in inputs]
+    x64, _, w_down, b_down, w_up, b_up = reference
+    a = torch.relu(torch.einsum("td,tdr->tr", x64, w_down[set_index]) + b_down[set_index])
+    y64 = torch.einsum("tr,trd->td", a, w_up[set_index]) + b_up[set_index]
+    y64.backward(grad_y.double())
+
+    assert_close_relative(y.double(), y64, rtol=rtol, what="output")
+    for name, ours, exact in zip(("x", "w_down", "b_down", "w_up", "b_up"),
+                                 [x, *weights], [x64, *reference[2:]]):
+        assert_close_relative(ours.grad.double(), exact.grad, rtol=rtol, what=f"grad {name}")
+        if name != "x":
+            assert ours.grad[[1, 4]].abs().max() == 0, f"grad {name}: an empty group moved"
+
+
 # Expert parallelism against one process -----------------------------------------------------------
 EP_CASES = [(moe_type, dispatcher) for moe_type in ("hypermoe", "moe")
             for dispatcher in ("alltoall", "allgather")]

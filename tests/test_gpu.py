@@ -41,9 +41,8 @@ def test_allsets_in_bf16_never_waits_for_the_gpu_and_equals_the_loop(monkeypatch
     x = torch.randn(512, 64, generator=generator).cuda().bfloat16()
     he.hyper_expert_output(x, routing_map, selection, hypernet, 0, impl="allsets", topk=2)
     results = {}
-    weights_like = torch.empty(1, 64, 8, dtype=torch.bfloat16, device="cuda")
-    for native in (True, False) if he._native_grouped_mm(x, weights_like) else (False,):
-        monkeypatch.setattr(he, "_native_grouped_mm", lambda a, b, native=native: native)
+    for native in (True, False) if he._native_grouped_mm(x, 512, 64, 8) else (False,):
+        monkeypatch.setattr(he, "_native_grouped_mm", lambda *args, native=native: native)
         xg = x.clone().requires_grad_(True)
         torch.cuda.synchronize()
         if native:
@@ -58,6 +57,20 @@ def test_allsets_in_bf16_never_waits_for_the_gpu_and_equals_the_loop(monkeypatch
     if len(results) == 2:
         for fast, loop in zip(results[True], results[False]):
             assert_close_relative(fast, loop, rtol=2e-2)
+
+
+@pytest.mark.parametrize("form", ["as the device decides", "loop"])
+def test_grouped_hyper_expert_in_bf16_equals_fp64_on_cuda(form, monkeypatch):
+    """On the GPU: torch._grouped_mm (Hopper) or the per-group loop, in bf16, against the
+    per-token form in fp64: output, input gradient, the weight gradients of the 2-D x 2-D
+    grouped product (zero for empty groups) and the fp32-summed bias gradients."""
+    import megatron_hypermoe.model.hyper_expert as he
+    from tests.helpers import check_grouped_hyper_expert_against_fp64
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    if form == "loop":
+        monkeypatch.setattr(he, "_native_grouped_mm", lambda *args: False)
+    check_grouped_hyper_expert_against_fp64(torch.bfloat16, "cuda")
 
 
 def test_bf16_hypermoe_gpt_forward_backward_on_cuda(megatron_single_process):

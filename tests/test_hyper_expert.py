@@ -10,7 +10,8 @@ import math
 from megatron_hypermoe.model.hyper_expert import (all_selected_sets, choose_impl,
                                                   distinct_selected_sets, hyper_expert_output,
                                                   selected_set_index)
-from tests.helpers import (HYPER_EXPERT_CASES, assert_close_relative, hyper_parts,
+from tests.helpers import (HYPER_EXPERT_CASES, assert_close_relative,
+                           check_grouped_hyper_expert_against_fp64, grouped_case, hyper_parts,
                            output_and_grads, random_routing_map)
 
 
@@ -133,28 +134,81 @@ def test_allsets_reads_nothing_on_the_host(monkeypatch):
     assert x.grad.abs().max() > 0
 
 
-def test_native_grouped_gemm_equals_the_loop(monkeypatch):
-    """torch._grouped_mm (sync-free, used on the CPU and on Hopper GPUs in bf16) and the
-    per-group loop used elsewhere give the same products, empty groups included."""
+@pytest.mark.parametrize("native", [True, False])
+def test_grouped_hyper_expert_in_bf16_equals_fp64_empty_groups_included(native, monkeypatch):
+    """Output and every gradient of the grouped form (torch._grouped_mm, or the per-group loop
+    used elsewhere) in bf16 against the per-token form in fp64 on the same values: the weight
+    gradients of the 2-D x 2-D grouped product included, zero for the empty groups, and the bias
+    gradients accumulated in fp32."""
     import megatron_hypermoe.model.hyper_expert as he
 
-    generator = torch.Generator().manual_seed(4)
-    set_index = torch.randint(0, 5, (37,), generator=generator)
-    set_index[set_index == 2] = 3  # group 2 empty
-    sorted_index = set_index.sort().values
-    ends = he._group_ends(sorted_index, 5)
-    assert ends.tolist() == torch.bincount(set_index, minlength=5).cumsum(0).tolist()
-    a, grad = torch.randn(37, 8, generator=generator), torch.randn(37, 4, generator=generator)
-    b = torch.randn(5, 8, 4, generator=generator)
-    assert he._native_grouped_mm(a, b) == hasattr(torch, "_grouped_mm")
-    assert not he._native_grouped_mm(a[:, :6], b[:, :6])  # rows not 16-byte aligned
-    results = {}
-    for native in (True, False):
-        monkeypatch.setattr(he, "_native_grouped_mm", lambda a, b: native)
-        results[native] = (he.grouped_mm(a, b, ends), he.grouped_weight_grad(a, grad, ends))
-    for fast, loop in zip(results[True], results[False]):
-        torch.testing.assert_close(fast, loop)
-    assert results[True][1][2].abs().max() == 0
+    if native and not he._native_grouped_mm(torch.ones(1, dtype=torch.bfloat16), 16):
+        pytest.skip("this torch has no torch._grouped_mm on the CPU")
+    monkeypatch.setattr(he, "_native_grouped_mm", lambda *args: native)
+    check_grouped_hyper_expert_against_fp64(torch.bfloat16, "cpu")
+
+
+def test_bias_gradients_are_summed_in_fp32(monkeypatch):
+    """A bias gradient sums thousands of tokens. CUDA's index_add_ adds bf16 into bf16 (atomic
+    adds: from 256 on, + 1 rounds back to 256); the CPU's happens to sum in fp32, so what is
+    checked here is what index_add_ is given: fp32 sums, rounded to bf16 once."""
+    import megatron_hypermoe.model.hyper_expert as he
+
+    accumulators = []
+    real_index_add = torch.Tensor.index_add_
+    monkeypatch.setattr(torch.Tensor, "index_add_", lambda self, *args, **kwargs: (
+        accumulators.append(self.dtype) or real_index_add(self, *args, **kwargs)))
+    x, set_index, *weights = [t.requires_grad_(t.is_floating_point()) for t in
+                              grouped_case(torch.bfloat16, torch.Generator().manual_seed(6))]
+    he.apply_hyper_experts(x, set_index, *weights).float().sum().backward()
+    assert accumulators == [torch.float32, torch.float32]  # b_up's, then b_down's
+    assert weights[3].grad.dtype == torch.bfloat16
+    total = he.grouped_row_sum(torch.ones(4096, 8, dtype=torch.bfloat16),
+                               torch.zeros(4096, dtype=torch.long), 2)
+    assert total.dtype == torch.bfloat16 and total[0].tolist() == [4096.0] * 8
+
+
+def test_the_grouped_loop_reads_the_host_once_per_forward(monkeypatch):
+    """Where torch._grouped_mm cannot run (a GPU before Hopper, fp32 on a GPU) the loop reads
+    the group bounds on the host: once in forward, never in backward (six reads per layer
+    before)."""
+    import megatron_hypermoe.model.hyper_expert as he
+
+    monkeypatch.setattr(he, "_native_grouped_mm", lambda *args: False)
+    x, set_index, *weights = [t.requires_grad_(t.is_floating_point()) for t in
+                              grouped_case(torch.float32, torch.Generator().manual_seed(6))]
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+    y = he.apply_hyper_experts(x, set_index, *weights)
+    assert len(reads) == 1
+    y.square().sum().backward()
+    assert len(reads) == 1 and x.grad.abs().max() > 0
+
+
+def test_native_grouped_gemm_only_where_it_was_checked(monkeypatch):
+    """torch._grouped_mm on the CPU (every dtype) and on Hopper (sm90) in bf16, rows 16-byte
+    aligned; not on Blackwell, where empty groups are reported to give non-zero gradients."""
+    import types
+
+    import megatron_hypermoe.model.hyper_expert as he
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no torch._grouped_mm")
+    a = torch.ones(4, 8)
+    assert he._native_grouped_mm(a, 8, 4)
+    assert not he._native_grouped_mm(a, 8, 6)  # 24-byte rows
+    assert not he._native_grouped_mm(a.bfloat16(), 8, 4)  # 8-byte rows
+    for dtype, capability, native in [(torch.bfloat16, (9, 0), True),
+                                      (torch.bfloat16, (10, 0), False),
+                                      (torch.bfloat16, (12, 0), False),
+                                      (torch.bfloat16, (8, 0), False),
+                                      (torch.float32, (9, 0), False)]:
+        gpu_tensor = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype,
+                                           element_size=lambda dtype=dtype: dtype.itemsize)
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device, capability=capability: capability)
+        assert he._native_grouped_mm(gpu_tensor, 64, 16) == native, (dtype, capability)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 17, 28, 40, 130])

@@ -210,18 +210,21 @@ def _allsets_weights(selection, hypernet, layer_index, num_experts, topk, device
 
 
 # Grouped GEMM ------------------------------------------------------------------------------------
-def _native_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """torch._grouped_mm runs on the CPU in every dtype and on NVIDIA GPUs from Hopper (sm90) in
-    bf16, when every row of the operands starts on a 16-byte boundary; otherwise the loop below
-    is used (it reads the group sizes on the host)."""
+def _native_grouped_mm(a: torch.Tensor, *row_lengths: int) -> bool:
+    """Whether torch._grouped_mm takes operands like ``a`` (device, dtype) whose rows have these
+    lengths: on the CPU in every dtype and on Hopper GPUs (sm90) in bf16, when every row starts
+    on a 16-byte boundary; otherwise the loop below is used (it reads the group sizes on the
+    host, once per forward). Not on later GPUs: Blackwell (sm100+) is reported to give non-zero
+    weight gradients for empty groups, which ``allsets`` has many of, and no GPU of ours has
+    checked it."""
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if any(size * a.element_size() % 16 for size in (a.shape[-1], *b.shape[-2:])):
+    if any(length * a.element_size() % 16 for length in row_lengths):
         return False
     if a.device.type == "cpu":
         return True
     return (a.device.type == "cuda" and a.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(a.device) >= (9, 0))
+            and torch.cuda.get_device_capability(a.device)[0] == 9)
 
 
 def _group_ends(sorted_index: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -232,20 +235,41 @@ def _group_ends(sorted_index: torch.Tensor, num_groups: int) -> torch.Tensor:
     return torch.searchsorted(sorted_index, bounds, out_int32=True)
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Rows ends[g-1]:ends[g] of a [T, K] times b[g] [K, N] -> [T, N]."""
-    if _native_grouped_mm(a, b):
-        return torch._grouped_mm(a, b, offs=ends)
-    starts = [0] + ends[:-1].tolist()
-    return torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(zip(starts, ends.tolist()))])
+class GroupBounds:
+    """A grouping of sorted rows: ``ends`` on the device for torch._grouped_mm, and for the
+    loop that replaces it elsewhere the (start, end) pairs on the host, read once (one device
+    synchronisation per forward, none in backward)."""
+
+    def __init__(self, ends: torch.Tensor, native: bool):
+        self.ends = ends
+        self.native = native
+        self.spans = None
+        if not native:
+            stops = ends.tolist()
+            self.spans = list(zip([0] + stops[:-1], stops))
 
 
-def grouped_weight_grad(a: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, groups: GroupBounds) -> torch.Tensor:
+    """Rows of group g of a [T, K] times b[g] [K, N] -> [T, N]."""
+    if groups.native:
+        return torch._grouped_mm(a, b, offs=groups.ends)
+    return torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(groups.spans)])
+
+
+def grouped_weight_grad(a: torch.Tensor, grad: torch.Tensor, groups: GroupBounds) -> torch.Tensor:
     """Per group g: a[rows of g]^T @ grad[rows of g] -> [G, K, N] (zero for an empty group)."""
-    if _native_grouped_mm(a, grad.unsqueeze(0)):
-        return torch._grouped_mm(a.t(), grad, offs=ends)
-    starts = [0] + ends[:-1].tolist()
-    return torch.stack([a[s:e].t() @ grad[s:e] for s, e in zip(starts, ends.tolist())])
+    if groups.native:
+        return torch._grouped_mm(a.t(), grad, offs=groups.ends)
+    return torch.stack([a[s:e].t() @ grad[s:e] for s, e in groups.spans])
+
+
+def grouped_row_sum(values: torch.Tensor, sorted_index: torch.Tensor,
+                    num_groups: int) -> torch.Tensor:
+    """Per group, the sum of its rows of ``values`` [T, N] -> [G, N], accumulated in fp32 (a
+    bias gradient sums thousands of tokens: bf16 accumulation would lose most of them)."""
+    accumulate = torch.promote_types(values.dtype, torch.float32)
+    total = values.new_zeros(num_groups, values.shape[1], dtype=accumulate)
+    return total.index_add_(0, sorted_index, values.to(accumulate)).to(values.dtype)
 
 
 class GroupedHyperExpert(torch.autograd.Function):
@@ -265,25 +289,27 @@ class GroupedHyperExpert(torch.autograd.Function):
             order.shape[0], device=order.device))
         sorted_index = set_index.index_select(0, order)
         ends = _group_ends(sorted_index, w_down.shape[0])
-        a = torch.relu(grouped_mm(x.index_select(0, order), w_down, ends)
+        # rows of length d and r, and (the weight gradients' a^T) T
+        groups = GroupBounds(ends, _native_grouped_mm(x, *x.shape, w_down.shape[2]))
+        a = torch.relu(grouped_mm(x.index_select(0, order), w_down, groups)
                        .add_(b_down.index_select(0, sorted_index)))
-        y_sorted = grouped_mm(a, w_up, ends).add_(b_up.index_select(0, sorted_index))
-        ctx.save_for_backward(x, order, unsort, sorted_index, ends, a, w_down, w_up)
+        y_sorted = grouped_mm(a, w_up, groups).add_(b_up.index_select(0, sorted_index))
+        ctx.save_for_backward(x, order, unsort, sorted_index, a, w_down, w_up)
+        ctx.groups = groups  # (its ends are an intermediate: no reference cycle)
         return y_sorted.index_select(0, unsort)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, order, unsort, sorted_index, ends, a, w_down, w_up = ctx.saved_tensors
+        x, order, unsort, sorted_index, a, w_down, w_up = ctx.saved_tensors
+        groups = ctx.groups
         num_sets = w_down.shape[0]
         grad_y_sorted = grad_y.index_select(0, order)
-        grad_w_up = grouped_weight_grad(a, grad_y_sorted, ends)
-        grad_b_up = grad_y.new_zeros(num_sets, grad_y.shape[1]).index_add_(
-            0, sorted_index, grad_y_sorted)
-        grad_pre = grouped_mm(grad_y_sorted, w_up.transpose(1, 2), ends).mul_(a > 0)
-        grad_w_down = grouped_weight_grad(x.index_select(0, order), grad_pre, ends)
-        grad_b_down = grad_pre.new_zeros(num_sets, grad_pre.shape[1]).index_add_(
-            0, sorted_index, grad_pre)
-        grad_x = grouped_mm(grad_pre, w_down.transpose(1, 2), ends).index_select(0, unsort)
+        grad_w_up = grouped_weight_grad(a, grad_y_sorted, groups)
+        grad_b_up = grouped_row_sum(grad_y_sorted, sorted_index, num_sets)
+        grad_pre = grouped_mm(grad_y_sorted, w_up.transpose(1, 2), groups).mul_(a > 0)
+        grad_w_down = grouped_weight_grad(x.index_select(0, order), grad_pre, groups)
+        grad_b_down = grouped_row_sum(grad_pre, sorted_index, num_sets)
+        grad_x = grouped_mm(grad_pre, w_down.transpose(1, 2), groups).index_select(0, unsort)
         return grad_x, None, grad_w_down, grad_b_down, grad_w_up, grad_b_up
 
 
