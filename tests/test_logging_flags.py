@@ -18,11 +18,14 @@ def args_for(*flags):
 
 
 def exit_reason(monkeypatch, minutes_since_start, *flags):
+    """The reason after two iterations: the ranks' vote is read one iteration after it is cast
+    (StopVote: the host does not wait for the device)."""
     from megatron_hypermoe.training import trainer
 
     monkeypatch.setattr(trainer, "START_TIME", time.time() - 60 * minutes_since_start)
-    fake = SimpleNamespace(args=args_for(*flags), stop_requested=False, device="cpu",
-                           state=SimpleNamespace(iteration=3))
+    fake = SimpleNamespace(args=args_for(*flags), stop_requested=False,
+                           stop_vote=trainer.StopVote("cpu"), state=SimpleNamespace(iteration=3))
+    assert trainer.Trainer._exit_reason(fake) is None  # cast, nothing agreed yet
     return trainer.Trainer._exit_reason(fake)
 
 

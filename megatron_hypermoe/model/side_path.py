@@ -32,7 +32,10 @@ class SidePathMoELayer(MoELayer):
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
         super().__init__(config, submodules, layer_number, pg_collection)
         self._routed = None
-        # For logging: RMS of the side path's last output, and relative to the experts' output.
+        # For logging: RMS of the side path's last output, and relative to the experts' output,
+        # taken while ``record_statistics`` (the trainer turns it on for the steps it logs:
+        # two fp32 passes over [tokens, hidden] per layer).
+        self.record_statistics = True
         self.last_side_output_rms = None
         self.last_side_over_experts_rms = None
         # Analysis hook: called (layer, input, routing_map, experts_output, side_output).
@@ -55,9 +58,18 @@ class SidePathMoELayer(MoELayer):
         hidden_states, routing_map = self._routed
         self._routed = None
         side = self.side_output(hidden_states, routing_map).view_as(output)
-        self.last_side_output_rms = _rms(side)
-        experts_rms = _rms(output)
-        self.last_side_over_experts_rms = self.last_side_output_rms / experts_rms.clamp_min(1e-30)
+        if self.record_statistics:
+            self.last_side_output_rms = _rms(side)
+            self.last_side_over_experts_rms = \
+                self.last_side_output_rms / _rms(output).clamp_min(1e-30)
         if self.output_recorder is not None and not in_recompute_replay():
             self.output_recorder(self, hidden_states, routing_map, output, side)
         return output + side
+
+
+def record_side_path_statistics(model, enabled: bool) -> None:
+    """Whether the model's side-path layers take their output statistics in the coming
+    forwards."""
+    for module in model.modules():
+        if isinstance(module, SidePathMoELayer):
+            module.record_statistics = enabled

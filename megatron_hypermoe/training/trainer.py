@@ -24,6 +24,7 @@ from megatron_hypermoe.errors import TrainingStopped
 from megatron_hypermoe.model.generation import generate_ids
 from megatron_hypermoe.model.gpt import causal_attention_mask
 from megatron_hypermoe.model.router import finish_router_step
+from megatron_hypermoe.model.side_path import record_side_path_statistics
 from megatron_hypermoe.compat.deepspeed import reduce_gradients_after_external_backward
 from megatron_hypermoe.parallel.distributed import distributed_timeout
 from megatron_hypermoe.parallel.peers import PeerWatch
@@ -65,11 +66,13 @@ def print_rank0(*values, **kwargs):
 def model_output(model, batch, device):
     """The per-token loss (on a pipeline stage before the last: its hidden states) and the
     loss mask."""
-    tokens = batch["tokens"].to(device)
-    labels = batch["labels"].to(device)
-    position_ids = batch["position_ids"].to(device)
+    # non_blocking: the loader's batches are pinned on a GPU machine, and a blocking copy would
+    # wait for every kernel queued before it
+    tokens, labels, position_ids, loss_mask = (
+        batch[key].to(device, non_blocking=True)
+        for key in ("tokens", "labels", "position_ids", "loss_mask"))
     mask = causal_attention_mask(tokens.shape[1], device)
-    return model(tokens, position_ids, mask, labels=labels), batch["loss_mask"].to(device).float()
+    return model(tokens, position_ids, mask, labels=labels), loss_mask.float()
 
 
 def masked_mean(per_token, loss_mask):
@@ -78,6 +81,42 @@ def masked_mean(per_token, loss_mask):
 
 def masked_lm_loss(model, batch, device):
     return masked_mean(*model_output(model, batch, device))
+
+
+class StopVote:
+    """Every rank's reasons to stop (SIGTERM, --exit-duration-in-mins), agreed by all ranks
+    without the host waiting for the device: the vote cast after iteration N is all-reduced
+    behind that iteration's work and read after iteration N + 1, by when the device has long
+    finished it. Every rank reads the same vote at the same iteration, so all stop together,
+    one iteration after the reason arose."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.pending = None  # (host copy of the agreed flags, CUDA event or None)
+
+    def cast(self, *reasons: bool):
+        """Cast this rank's flags; returns the previous vote's agreed flags (None at first)."""
+        agreed = self.read()
+        on_cuda = self.device.type == "cuda"
+        flags = torch.tensor([1.0 if reason else 0.0 for reason in reasons]).to(
+            self.device, non_blocking=True)
+        dist.all_reduce(flags)  # (NCCL: the host does not wait for it)
+        host = torch.empty(flags.shape, pin_memory=on_cuda)
+        host.copy_(flags, non_blocking=True)
+        event = None
+        if on_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (host, event)
+        return agreed
+
+    def read(self):
+        if self.pending is None:
+            return None
+        host, event = self.pending
+        if event is not None:
+            event.synchronize()  # the previous iteration's work: done by now
+        return [value > 0 for value in host.tolist()]
 
 
 class Trainer:
@@ -89,6 +128,8 @@ class Trainer:
         self.metrics = None
         self.peers = None  # the heartbeat of a multi-process job (parallel/peers.py)
         self.device = training_device()
+        self.stop_vote = StopVote(self.device)
+        self.aux_loss_scale = None  # megatron's aux-loss gradient scale, on the device
 
     # Setup ----------------------------------------------------------------------------------------
     def setup(self):
@@ -230,11 +271,21 @@ class Trainer:
             scale = 1.0 / args.gradient_accumulation_steps
             if args.fp16:
                 scale *= float(self.optimizer.cur_scale)
-            MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=self.device))
+            self.set_aux_loss_scale(MoEAuxLossAutoScaler, scale)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach())
         return losses
+
+    def set_aux_loss_scale(self, scaler, scale: float):
+        """megatron keeps the scale in a tensor: one on the device, filled when the scale
+        changes (a new CUDA tensor from a Python float per micro-batch waited for the GPU)."""
+        if self.aux_loss_scale is None:
+            self.aux_loss_scale = (torch.full((), scale, device=self.device), scale)
+            scaler.set_loss_scale(self.aux_loss_scale[0])
+        elif self.aux_loss_scale[1] != scale:
+            self.aux_loss_scale[0].fill_(scale)
+            self.aux_loss_scale = (self.aux_loss_scale[0], scale)
 
     def train_step(self, batches):
         args = self.args
@@ -245,11 +296,17 @@ class Trainer:
         skipped = self.engine.skipped_steps > skipped_before
         if not skipped:  # as Megatron: a skipped step does not advance the schedule
             self.schedule.step(args.global_batch_size)
-        mean_loss = torch.stack(losses).mean()
+        # this rank's mean loss, on the device: averaged over ranks and read when logged
+        return torch.stack(losses).mean(), lr, skipped
+
+    @staticmethod
+    def reduce_loss(local_loss) -> float:
+        """The step's loss averaged over data-parallel ranks, from the last pipeline stage, on
+        the host. Collective."""
         data_parallel = parallel_state.get_data_parallel_group()
+        mean_loss = local_loss.detach().clone()
         dist.all_reduce(mean_loss, group=data_parallel)
-        mean_loss = float(from_last_stage(mean_loss)) / dist.get_world_size(data_parallel)
-        return mean_loss, lr, skipped
+        return float(from_last_stage(mean_loss)) / dist.get_world_size(data_parallel)
 
     def timing_values(self, elapsed, iterations):
         args = self.args
@@ -266,7 +323,7 @@ class Trainer:
         args = self.args
         grad_norm = self.engine.get_global_grad_norm()
         values = {
-            "lm_loss": loss, "lr": lr,
+            "lm_loss": self.reduce_loss(loss), "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             **self.timing_values(elapsed, iterations),
             "batch_size": args.global_batch_size,
@@ -331,6 +388,10 @@ class Trainer:
             # for it at the next collective; collect at the same iteration everywhere instead.
             gc.disable()
         while self.state.iteration < args.train_iters:
+            upcoming = self.state.iteration + 1
+            logged = upcoming % args.log_interval == 0 or \
+                (scalar_writers and upcoming % args.tensorboard_log_interval == 0)
+            record_side_path_statistics(self.model, logged)
             loss, lr, skipped = self.train_step(batches)
             self.state.iteration += 1
             if args.manual_gc and args.manual_gc_interval and \
@@ -386,16 +447,14 @@ class Trainer:
         args = self.args
         minutes = (time.time() - START_TIME) / 60.0
         over_time = bool(args.exit_duration_in_mins) and minutes > args.exit_duration_in_mins
-        flags = torch.tensor([1.0 if self.stop_requested else 0.0, 1.0 if over_time else 0.0],
-                             device=self.device)
-        dist.all_reduce(flags)  # any rank's signal or clock stops all at the same iteration
-        # "or": a SIGTERM that lands during the all-reduce must not be overwritten by the
-        # value read before it (it would then be lost, and the run would go on).
-        self.stop_requested = self.stop_requested or bool(flags[0].item())
-        if self.stop_requested:
-            return "SIGTERM"
-        if flags[1].item():
-            return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+        # any rank's signal or clock stops all at the same iteration (StopVote: one later)
+        agreed = self.stop_vote.cast(self.stop_requested, over_time)
+        if agreed is not None:
+            signalled, over_time = agreed
+            if signalled:
+                return "SIGTERM"
+            if over_time:
+                return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
         interval = args.exit_interval
         if interval and self.state.iteration % interval == 0:
             return "--exit-interval"
