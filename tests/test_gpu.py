@@ -129,3 +129,104 @@ def test_fp16_run_accumulates_and_reduces_gradients_in_fp32_on_cuda(zero_stage, 
             "reduction (DeepSpeedZeroOptimizer)") in result.stdout
     losses = [json.loads(line)["lm_loss"] for line in open(metrics) if "lm_loss" in line]
     assert len(losses) == 5 and all(loss == loss for loss in losses)
+
+
+# The trainer on CUDA ------------------------------------------------------------------------------
+def gpu_pretrain(*flags, nproc=1, timeout=300):
+    """The trainer on this machine's GPU(s) (NCCL, DeepSpeed's CUDA accelerator); its output."""
+    import subprocess
+
+    from tests.helpers import child_environment, pretrain_command
+
+    result = subprocess.run(pretrain_command(nproc) + list(flags), env=child_environment(),
+                            capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    return output
+
+
+def bf16_run(dataset, *flags):
+    from tests.helpers import TINY_MODEL
+
+    return [*TINY_MODEL, *dataset, "--bf16", "--global-batch-size", "4", *flags]
+
+
+def test_save_same_layout_and_layout_free_resume_on_cuda(dataset, tmp_path):
+    """ZeRO-2 bf16 on the GPU: an interrupted run resumes in its own layout (DeepSpeed's files)
+    and in another (ZeRO-1, from the layout-free files) where the uninterrupted one went."""
+    from tests.helpers import read_metrics
+
+    run = bf16_run(dataset, "--train-iters", "4", "--lr-warmup-iters", "1")
+    gpu_pretrain(*run, "--zero-stage", "2", "--metrics-file", str(tmp_path / "full.jsonl"))
+    gpu_pretrain(*run, "--zero-stage", "2", "--save", str(tmp_path / "ckpt"),
+                 "--exit-interval", "2")
+    full, _ = read_metrics(tmp_path / "full.jsonl")
+    for stage, layout in (("2", "resuming with the same layout"), ("1", "resharding from")):
+        metrics = tmp_path / f"zero{stage}.jsonl"
+        output = gpu_pretrain(*run, "--zero-stage", stage, "--load", str(tmp_path / "ckpt"),
+                              "--metrics-file", str(metrics))
+        assert layout in output
+        resumed, _ = read_metrics(metrics)
+        assert [r["iteration"] for r in resumed] == [3, 4]
+        for a, b in zip(full[2:], resumed):
+            assert abs(a["lm_loss"] - b["lm_loss"]) <= 1e-2 * abs(a["lm_loss"]), (stage, a, b)
+            assert a["lr"] == b["lr"]
+
+
+@pytest.mark.parametrize("recompute", [["--recompute-granularity", "full",
+                                        "--recompute-method", "uniform",
+                                        "--recompute-num-layers", "1"],
+                                       ["--recompute-granularity", "selective",
+                                        "--recompute-modules", "moe"]])
+def test_recompute_trains_as_without_on_cuda(recompute, dataset, tmp_path):
+    from tests.helpers import read_metrics
+
+    # (ZeRO-1: ZeRO-2 refuses recomputed HyperMoE layers, see model/recompute.py)
+    run = bf16_run(dataset, "--train-iters", "3", "--zero-stage", "1")
+    gpu_pretrain(*run, "--metrics-file", str(tmp_path / "plain.jsonl"))
+    gpu_pretrain(*run, *recompute, "--metrics-file", str(tmp_path / "recomputed.jsonl"))
+    plain, _ = read_metrics(tmp_path / "plain.jsonl")
+    recomputed, _ = read_metrics(tmp_path / "recomputed.jsonl")
+    for a, b in zip(plain, recomputed):
+        assert abs(a["lm_loss"] - b["lm_loss"]) <= 1e-2 * abs(a["lm_loss"]), (a, b)
+
+
+def test_sampling_after_training_on_cuda(dataset, tmp_path):
+    """--generate-tokens after the last save: CUDA logits, a sample printed."""
+    output = gpu_pretrain(*bf16_run(dataset, "--train-iters", "2", "--generate-tokens", "8",
+                                    "--save", str(tmp_path / "ckpt")))
+    assert "---- generated sample ----" in output
+
+
+def test_bf16_run_at_sequence_4096_on_cuda(tmp_path):
+    """The sequence length of Megatron-LM's Mixtral recipe, one micro-batch per step."""
+    from tests.helpers import read_metrics, tiny_flags
+
+    metrics = tmp_path / "metrics.jsonl"
+    gpu_pretrain(*tiny_flags(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8),
+                 "--mock-data", "--seq-length", "4096", "--max-position-embeddings", "4096",
+                 "--micro-batch-size", "1", "--train-iters", "3", "--bf16", "--zero-stage", "2",
+                 "--log-interval", "1", "--metrics-file", str(metrics))
+    train, _ = read_metrics(metrics)
+    assert len(train) == 3 and all(r["lm_loss"] == r["lm_loss"] for r in train)
+
+
+# Two GPUs (skipped on one): the layouts a node runs ---------------------------------------------
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2", "--zero-stage", "1"],
+                                    ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                    ["--expert-model-parallel-size", "2"]],
+                         ids=["PP2", "TP2_SP", "EP2"])
+def test_two_gpus_train_like_one(layout, dataset, tmp_path):
+    """torchrun on 2 GPUs (NCCL): PP=2, TP=2 with sequence parallelism, EP=2 give the losses of
+    one GPU (bf16 tolerance)."""
+    from tests.helpers import read_metrics
+
+    run = bf16_run(dataset, "--train-iters", "3", "--global-batch-size", "4")
+    gpu_pretrain(*run, "--zero-stage", "1", "--metrics-file", str(tmp_path / "one.jsonl"))
+    gpu_pretrain(*run, *layout, "--metrics-file", str(tmp_path / "two.jsonl"), nproc=2)
+    one, _ = read_metrics(tmp_path / "one.jsonl")
+    two, _ = read_metrics(tmp_path / "two.jsonl")
+    for a, b in zip(one, two):
+        assert abs(a["lm_loss"] - b["lm_loss"]) <= 2e-2 * abs(a["lm_loss"]), (a, b)
+

@@ -161,6 +161,15 @@ def check_recompute_args(args) -> None:
                 raise ArgumentError(f"--recompute-modules {module}: {reason}")
     else:
         args.recompute_modules = []  # as a config field: nothing recomputed selectively
+    if args.moe_type == "hypermoe" and getattr(args, "zero_stage", 1) >= 2 and \
+            recomputes_moe_layers(args):
+        # Each recomputed layer runs a backward of its own, and each adds to the shared
+        # hypernetwork's gradient; ZeRO-2 reduces a gradient once per backward and stops at the
+        # second ("has already been reduced"), which the GPU check found.
+        raise ArgumentError("--zero-stage 2 with recomputed HyperMoE layers: every recomputed "
+                            "layer adds to the shared hypernetwork's gradient and ZeRO-2 "
+                            "reduces a gradient only once per backward: use --zero-stage 1, or "
+                            "recompute only core_attn")
 
 
 def recompute_modules_flag(config):
