@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from megatron_hypermoe.model.config import make_config
+from megatron_hypermoe.model.config import MAX_ALLSETS, make_config
 from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.hyper_expert import choose_impl
 from megatron_hypermoe.model.memory import SavedActivationBytes
@@ -87,6 +88,13 @@ def run_once(layer, x, grad_out, params):
     return elapsed, counter.total, peak
 
 
+def runnable_variants(shape_name: str, topk: int, variants=VARIANTS) -> list:
+    """The variants that can run at a shape: ``allsets`` generates C(E, k) HyperExperts and is
+    refused past MAX_ALLSETS (top-8 of 64 experts: 4.4e9 sets, hundreds of GB)."""
+    sets = math.comb(SHAPES[shape_name]["num_moe_experts"], topk)
+    return [v for v in variants if not (v == "hypermoe-allsets" and sets > MAX_ALLSETS)]
+
+
 def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=None,
                variants=VARIANTS):
     shape = SHAPES[shape_name]
@@ -105,6 +113,7 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
         hyper_layer.config.hyper_expert_impl = impl_of[variant]
         return run_once(hyper_layer, x, grad_out, hyper_params)
 
+    variants = runnable_variants(shape_name, topk, variants)
     times = {v: [] for v in variants}
     memory = {}
     for group in INTERLEAVED:

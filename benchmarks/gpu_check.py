@@ -3,11 +3,13 @@
     python benchmarks/gpu_check.py [--output docs/RESULTS_gpu_<device>.md]
 
 Runs, each in its own process with its own time limit (under 8 minutes in all on one H100/H200):
-the CUDA tests (`pytest -m gpu tests/test_gpu.py`), the layer benchmark in bf16 at GPT-2 width
-and at hidden 2048, and the training-step benchmark in bf16; then writes a results page with the
-machine, every step's outcome and the numbers against the targets (HyperMoE <= 1.15x the MoE,
-the paper's figure). A step that fails or runs out of time is reported as such and the page is
-still written, so the device time is never lost.
+the CUDA tests (`pytest -m gpu tests/test_gpu.py`: kernels and model; bf16 and fp16 training
+runs; save, same-layout and layout-free resume; recompute, sampling, sequence 4096), the layer
+benchmark in bf16 at GPT-2 width and at hidden 2048, and the training-step benchmark in bf16
+(HyperMoE over MoE ratios); then writes a results page with the machine, every step's outcome
+and the numbers against the targets (HyperMoE <= 1.15x the MoE, the paper's figure). A step
+that fails or runs out of time is reported as such and the page is still written, so the device
+time is never lost. On an offline GPU node: `bash benchmarks/gpu_run.sh` (README).
 """
 
 from __future__ import annotations
@@ -27,19 +29,26 @@ TARGET = 1.15  # HyperMoE's cost over the MoE the paper reports (layer and step)
 
 
 def steps(python: str):
-    """(name, command, time limit in seconds): 7.5 minutes in all."""
-    layer = [python, "benchmarks/bench_layer.py", "--json", "--bf16", "--repeats", "5"]
+    """(name, command, time limit in seconds): under 8 minutes in all on one H100."""
+    layer = [python, "benchmarks/bench_layer.py", "--json", "--bf16", "--repeats", "3"]
+    pytest = [python, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-x",
+              "-p", "no:cacheprovider", "-k"]
+    trainer_tests = "resume or recompute or sampling or 4096 or training_run or fp16"
     return [
-        ("GPU tests", [python, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q",
-                       "-p", "no:cacheprovider"], 150),
+        ("GPU tests: kernels and model", pytest + [f"not ({trainer_tests})"], 45),
+        ("GPU tests: bf16 and fp16 training runs", pytest + ["training_run or fp16"], 60),
+        ("GPU tests: save, same-layout and layout-free resume (ZeRO-2 -> ZeRO-1)",
+         pytest + ["resume"], 70),
+        ("GPU tests: recompute, sampling, sequence 4096",
+         pytest + ["recompute or sampling or 4096"], 90),
         ("layer, GPT-2 width", layer + ["--shapes", "gpt2", "--topk", "1,2",
-                                        "--tokens", "16384"], 80),
+                                        "--tokens", "16384"], 55),
         ("layer, hidden 2048", layer + ["--shapes", "wide", "--topk", "2",
-                                        "--tokens", "4096"], 50),
+                                        "--tokens", "4096"], 35),
         ("layer, hidden 2048, 64 experts", layer + ["--shapes", "wide64", "--topk", "2,8",
-                                                    "--tokens", "4096"], 80),
+                                                    "--tokens", "4096"], 55),
         ("training step", [python, "benchmarks/bench_train.py", "--json", "--bf16",
-                           "--steps", "20"], 90),
+                           "--steps", "15"], 65),
     ]
 
 

@@ -115,6 +115,14 @@ def test_gpu_check_page_reports_every_step_and_the_targets():
     assert sum(limit for _, _, limit in check.steps("python")) <= 8 * 60
 
 
+def test_layer_benchmark_leaves_out_forms_that_cannot_run():
+    """The GPU check's 64-expert case at top-8 ran ``allsets``: C(64, 8) HyperExperts."""
+    bench = load_script("bench_layer")
+    assert "hypermoe-allsets" not in bench.runnable_variants("wide64", 8)
+    assert "hypermoe-allsets" in bench.runnable_variants("wide64", 2)
+    assert bench.runnable_variants("gpt2", 1) == list(bench.VARIANTS)
+
+
 def test_gpu_check_without_a_gpu_says_so_in_one_line():
     import subprocess
     import sys
