@@ -5,6 +5,8 @@
 #   make test-gpu the CUDA tests (on a machine with a GPU)
 #   make gpu-check  the prepared GPU check: CUDA tests + bf16 layer/step benchmarks, < 8 min,
 #                 writes docs/RESULTS_gpu_<device>.md (run it first when a GPU is lent)
+#   make gpu-bundle the wheels an offline GPU node with its own Python 3.12 and torch lacks, into
+#                 .gpu-bundle/; there: bash benchmarks/gpu_run.sh (installs them, runs gpu-check)
 #   make bench   run the layer benchmark
 #   make hf-compat  check that HF exports load and agree under transformers 4.57.1 and the pin
 # Variables: PYTEST_ARGS (extra pytest arguments, e.g. -m "not multiprocess"),
@@ -16,7 +18,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: setup demo test test-fast test-gpu gpu-check bench hf-compat clean
+.PHONY: setup demo test test-fast test-gpu gpu-check gpu-bundle bench hf-compat clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +53,34 @@ test-gpu: setup
 
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py
+
+# The offline GPU node's bundle: every wheel a CPython 3.12 manylinux x86_64 node with its own
+# torch lacks, pinned by hash in benchmarks/gpu-bundle.txt, into .gpu-bundle/ (under 64 MiB);
+# benchmarks/gpu_run.sh installs it there without network. Needs the registry, no GPU, no torch.
+# DeepSpeed is built here from its sdist (DS_BUILD_OPS=0, isolated build on the pinned setuptools).
+GPU_BUNDLE := .gpu-bundle
+GPU_BUNDLE_SRC := .cache/gpu-bundle
+GPU_BUNDLE_TAGS := --python-version 3.12 --implementation cp --abi cp312 \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	--platform manylinux2014_x86_64
+gpu-bundle:
+	rm -rf $(GPU_BUNDLE).tmp $(GPU_BUNDLE_SRC)
+	mkdir -p $(GPU_BUNDLE).tmp $(GPU_BUNDLE_SRC)
+	$(PYTHON) -m pip download --quiet --no-deps --require-hashes $(GPU_BUNDLE_TAGS) \
+		--only-binary=:all: --no-binary=deepspeed -d $(GPU_BUNDLE_SRC) -r benchmarks/gpu-bundle.txt
+	grep -E '^setuptools==' requirements.txt > $(GPU_BUNDLE_SRC)/build-constraints.txt
+	DS_BUILD_OPS=0 PIP_CONSTRAINT=$(CURDIR)/$(GPU_BUNDLE_SRC)/build-constraints.txt \
+		$(PYTHON) -m pip wheel --quiet --no-cache-dir --no-deps -w $(GPU_BUNDLE).tmp \
+		$(GPU_BUNDLE_SRC)/deepspeed-*.tar.gz
+	@ls $(GPU_BUNDLE).tmp/deepspeed-*-py3-none-any.whl >/dev/null 2>&1 || \
+		{ echo "error: the DeepSpeed build gave no py3-none-any wheel:" $$(ls $(GPU_BUNDLE).tmp); exit 1; }
+	mv $(GPU_BUNDLE_SRC)/*.whl $(GPU_BUNDLE).tmp/
+	cd $(GPU_BUNDLE).tmp && sha256sum *.whl > SHA256SUMS
+	@size=$$(du -sb $(GPU_BUNDLE).tmp | cut -f1); \
+	if [ $$size -ge 67108864 ]; then echo "error: $(GPU_BUNDLE) is $$size bytes (limit 64 MiB)"; exit 1; fi
+	rm -rf $(GPU_BUNDLE) && mv $(GPU_BUNDLE).tmp $(GPU_BUNDLE)
+	@ls -l $(GPU_BUNDLE) && echo "$(GPU_BUNDLE): $$(du -sb $(GPU_BUNDLE) | cut -f1) bytes;" \
+		"on the GPU node: bash benchmarks/gpu_run.sh"
 
 bench: setup
 	$(PY) benchmarks/bench_layer.py
