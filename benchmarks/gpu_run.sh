@@ -6,8 +6,9 @@
 # (from the repository root, with .gpu-bundle/ from `make gpu-bundle` beside it). Installs the
 # bundle without network into .gpu-venv/, a venv that sees the node's own packages after its own
 # and holds only what the node lacks (or has too old for the bundle: typing-extensions,
-# packaging): torch and every package of the node stay as they are, untouched on disk. The
-# repository is importable there through a .pth file. Prints the versions, then runs
+# packaging): torch and every package of the node stay as they are, untouched on disk. datasets
+# only where the node's packages meet its requirements (else a warning). The repository is
+# importable there through a .pth file. Prints the versions, then runs
 # benchmarks/gpu_check.py with that interpreter and exits with its status (--install-only: stops
 # after the versions).
 #

@@ -194,6 +194,10 @@ def emulated_accelerator(monkeypatch):
     from megatron.core.utils import GlobalMemoryBuffer
 
     monkeypatch.setattr(parallel_state, "_GLOBAL_MEMORY_BUFFER", GlobalMemoryBuffer())
+    # and so is its aux-loss tracker, whose host tensors earlier tests left behind
+    from megatron.core.transformer.moe import moe_utils
+
+    monkeypatch.setattr(moe_utils, "_MOE_LAYER_WISE_LOGGING_TRACKER", {})
     for name in ("tensor", "as_tensor"):
         monkeypatch.setattr(torch, name, _from_data(getattr(torch, name)))
     # backward on this thread: autograd runs another device's backward on a thread of its own,

@@ -104,3 +104,15 @@ def test_expert_analysis_of_a_model_on_the_device(accelerator):
     summary = analyzer.summary()
     assert len(summary) == 2 and abs(sum(summary[0]["load_fraction"]) - 1.0) < 1e-9
     assert 0.0 < summary[0]["side_over_experts_rms"]
+
+
+def test_stop_vote_is_agreed_on_the_device_and_read_one_iteration_later(accelerator):
+    """The trainer's stop flags (SIGTERM, --exit-duration-in-mins): all-reduced as device
+    tensors, read on the host one iteration after they were cast."""
+    from megatron_hypermoe.training.trainer import StopVote
+
+    vote = StopVote(accelerator)
+    assert vote.cast(False, False) is None
+    assert vote.cast(True, False) == [False, False]
+    assert vote.cast(False, True) == [True, False]
+    assert vote.read() == [False, True]

@@ -289,10 +289,14 @@ def test_help_prints_no_warnings():
     output = result.stdout + result.stderr
     assert "--overlap-grad-reduce" in output
     # (flag help may name Transformer Engine: what megatron-core prints on import may not)
-    noisy = [line for line in output.splitlines()
+    # A CUDA build of torch on a machine whose GPU is hidden (the CPU suite on a GPU node) logs
+    # this when DeepSpeed imports torch.utils.cpp_extension: torch's line, not ours.
+    stderr = [line for line in result.stderr.splitlines()
+              if "No CUDA runtime is found, using CUDA_HOME=" not in line]
+    noisy = [line for line in result.stdout.splitlines() + stderr
              if re.search(r"warn|not installed|Falling back", line, re.IGNORECASE)]
     assert noisy == []
-    assert result.stderr == ""
+    assert stderr == []
 
 
 def test_import_warnings_are_silenced_only_for_the_pinned_megatron_core(monkeypatch):

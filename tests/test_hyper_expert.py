@@ -117,6 +117,8 @@ def test_allsets_reads_nothing_on_the_host(monkeypatch):
     """The GPU form may not wait for the device: no .item(), .tolist(), bool(), unique or
     bincount anywhere in its forward or backward (on a GPU, tests/test_gpu.py checks the same
     with CUDA's sync debug mode)."""
+    if not hasattr(torch, "_grouped_mm"):  # (before torch 2.8: the loop, one read per forward)
+        pytest.skip("this torch has no torch._grouped_mm")
     _, selection, hypernet = hyper_parts(8, 2, hidden=32)
     routing_map = random_routing_map(64, 8, 2, torch.Generator().manual_seed(1))
     x = torch.randn(64, 32, requires_grad=True)

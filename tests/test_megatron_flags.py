@@ -113,6 +113,10 @@ def tokenizer_model_of(dataset):
 @pytest.mark.parametrize("moe_type", [None, "moe"], ids=["as_is_hypermoe", "moe"])
 def test_megatron_mixtral_example_runs_on_two_processes_with_ep2(moe_type, dataset, tmp_path,
                                                                  monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:  # (a container without it: the pins have it)
+        pytest.skip("Megatron-LM's example passes --wandb-project, which needs wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
     flags = mixtral_example(tokenizer_model_of(dataset), str(tmp_path / "ck"))

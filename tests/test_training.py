@@ -462,3 +462,20 @@ def test_cpu_optimizer_is_torchs_fused_adamw_with_the_same_update():
     for fused_param, plain_param, initial in zip(fused_params, plain_params, start):
         torch.testing.assert_close(fused_param, plain_param, rtol=1e-6, atol=1e-6)
         assert (fused_param - initial).abs().max() > 1e-3  # (it did move)
+
+
+def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path):
+    """On a GPU a host read of a device tensor waits for every kernel queued before it: between
+    two logging steps our code reads none (the loss was read every step, and the stop flags
+    twice). tests/workers/host_reads.py records the reads made from megatron_hypermoe/."""
+    out = tmp_path / "reads.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tests" / "workers" / "host_reads.py"), str(out),
+         *TINY_MODEL, "--mock-data", "--train-iters", "6", "--log-interval", "3",
+         "--global-batch-size", "4"],
+        env=environment(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reads = json.loads(out.read_text())
+    assert set(reads) <= {"0", "3", "6"}, {k: v for k, v in reads.items()
+                                           if k not in ("0", "3", "6")}
+    assert reads["3"], "the logging step reads its values (the recorder works)"

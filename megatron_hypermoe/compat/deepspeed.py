@@ -251,8 +251,10 @@ def create_optimizer_state(zero_optimizer, step: int) -> None:
         if state:
             raise CheckpointError("the optimizer has stepped already; set its state before "
                                   "the first step")
-        state["step"] = torch.tensor(float(step)) if isinstance(base, torch.optim.Adam) \
-            else int(step)
+        # torch's Adam and AdamW keep the step as a tensor (AdamW is no Adam subclass in older
+        # torch: 2.6 for one); DeepSpeed's CPUAdam as an int
+        torch_adam = isinstance(base, (torch.optim.Adam, torch.optim.AdamW))
+        state["step"] = torch.tensor(float(step)) if torch_adam else int(step)
         state["exp_avg"] = torch.zeros_like(flat)
         state["exp_avg_sq"] = torch.zeros_like(flat)
     link_optimizer_state(zero_optimizer)
