@@ -71,3 +71,20 @@ def test_logging_flags_that_cannot_act_are_refused_in_one_line(flags, message):
     with pytest.raises(ArgumentError, match=re.escape(message)) as error:
         args_for(*flags)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["first", "megatron_holds_one"])
+def test_aux_loss_scale_reaches_megatron_whenever_it_changes(held, monkeypatch):
+    """The trainer's aux-loss scale is one device tensor, filled when the scale changes (fp16's
+    loss scale moves); megatron adopts it, or copies it into the tensor it already holds."""
+    import torch
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_hypermoe.training.trainer import Trainer
+
+    monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale",
+                        torch.tensor(1.0) if held else None)
+    fake = SimpleNamespace(aux_loss_scale=None, device=torch.device("cpu"))
+    for scale in (0.5, 0.5, 0.25, 2.0):
+        Trainer.set_aux_loss_scale(fake, MoEAuxLossAutoScaler, scale)
+        assert MoEAuxLossAutoScaler.main_loss_backward_scale.item() == scale

@@ -278,14 +278,15 @@ class Trainer:
         return losses
 
     def set_aux_loss_scale(self, scaler, scale: float):
-        """megatron keeps the scale in a tensor: one on the device, filled when the scale
-        changes (a new CUDA tensor from a Python float per micro-batch waited for the GPU)."""
+        """megatron keeps the scale in a tensor: ours is one on the device, filled when the
+        scale changes (a new CUDA tensor from a Python float per micro-batch waited for the
+        GPU). megatron adopts it, or copies it into the one it holds (device to device)."""
         if self.aux_loss_scale is None:
             self.aux_loss_scale = (torch.full((), scale, device=self.device), scale)
-            scaler.set_loss_scale(self.aux_loss_scale[0])
         elif self.aux_loss_scale[1] != scale:
             self.aux_loss_scale[0].fill_(scale)
             self.aux_loss_scale = (self.aux_loss_scale[0], scale)
+        scaler.set_loss_scale(self.aux_loss_scale[0])
 
     def train_step(self, batches):
         args = self.args
