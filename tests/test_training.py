@@ -468,6 +468,9 @@ def test_steps_that_do_not_log_read_nothing_on_the_host(tmp_path):
     """On a GPU a host read of a device tensor waits for every kernel queued before it: between
     two logging steps our code reads none (the loss was read every step, and the stop flags
     twice). tests/workers/host_reads.py records the reads made from megatron_hypermoe/."""
+    if not hasattr(torch, "_grouped_mm"):  # the HyperExpert's loop then reads once per forward
+        pytest.skip("this torch has no torch._grouped_mm (tests/test_hyper_expert.py counts "
+                    "the loop's reads)")
     out = tmp_path / "reads.json"
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "tests" / "workers" / "host_reads.py"), str(out),
