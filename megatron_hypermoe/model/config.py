@@ -69,6 +69,9 @@ HyperSizes = dataclasses.make_dataclass(
 @dataclass
 class HyperMoEConfig(TransformerConfig, HyperSizes):
     moe_type: str = "hypermoe"
+    # --attention-backend (model/attention.py). Not megatron's attention_backend field, which
+    # steers Transformer Engine (unused here) through process-wide environment variables.
+    core_attention_backend: str = "auto"
 
     # How the HyperExpert is computed (model/hyper_expert.py): "auto" picks "allsets" (every
     # possible selected set generated, no host sync) when C(E, k) <= tokens, else "grouped" on
@@ -93,6 +96,9 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
 
     def __post_init__(self):
         self._validate_hypermoe_fields()
+        from megatron_hypermoe.model.attention import attention_backend
+
+        attention_backend(self.core_attention_backend)  # a bad name fails here
         super().__post_init__()
 
     def _validate_hypermoe_fields(self):

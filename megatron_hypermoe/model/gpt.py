@@ -1,7 +1,8 @@
 """GPT models with HyperMoE, MoE or dense MLPs, built from megatron-core's layer specs.
 
 ``get_layer_spec(config)`` returns megatron-core's local (torch-only) GPT layer spec with the MLP
-chosen by ``config.moe_type``; for ``hypermoe`` (``moe_adapter``) it swaps megatron's MoELayer
+chosen by ``config.moe_type`` and the core attention by ``config.core_attention_backend`` (torch's
+SDPA, model/attention.py, or megatron's DotProductAttention); for ``hypermoe`` (``moe_adapter``) it swaps megatron's MoELayer
 for HyperMoELayer (AdapterMoELayer) and leaves every other submodule alone. ``build_gpt_model``
 builds the GPTModel (RoPE positions) and, for ``hypermoe``, the one shared hypernetwork.
 """
@@ -19,6 +20,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_hypermoe.model.adapter_layer import AdapterMoELayer
+from megatron_hypermoe.model.attention import core_attention_class
 from megatron_hypermoe.model.config import HyperMoEConfig
 from megatron_hypermoe.model.hyper_expert import shared_generation
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
@@ -42,6 +44,7 @@ def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
         qk_layernorm=config.qk_layernorm,
         normalization=config.normalization,
     )
+    spec = _with_core_attention(spec, core_attention_class(config))
     if config.moe_type == "dense":
         return spec
     mlp = spec.submodules.mlp
@@ -51,6 +54,14 @@ def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
     if side_path_layer is not None:
         mlp = dataclasses.replace(mlp, module=side_path_layer)
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
+
+
+def _with_core_attention(spec: ModuleSpec, core_attention) -> ModuleSpec:
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(
+        attention.submodules, core_attention=core_attention))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules,
+                                                                    self_attention=attention))
 
 
 class HyperMoEGPTModel(GPTModel):

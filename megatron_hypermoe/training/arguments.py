@@ -31,6 +31,7 @@ from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_sche
                                                     finalize_lr_schedule_args)
 from megatron_hypermoe.training.metrics import add_logging_args, finalize_logging_args
 from megatron_hypermoe.parallel.distributed import add_distributed_args, check_distributed_args
+from megatron_hypermoe.model.attention import ATTENTION_CONFIG_FLAGS, add_attention_args
 from megatron_hypermoe.model.recompute import (RECOMPUTE_CONFIG_FLAGS, add_recompute_args,
                                                check_recompute_args, recompute_modules_flag)
 
@@ -46,6 +47,7 @@ MODEL_CONFIG_FLAGS = {
     "pipeline_model_parallel_size": "pipeline_model_parallel_size",
     "sequence_parallel": "sequence_parallel",
     **RECOMPUTE_CONFIG_FLAGS,
+    **ATTENTION_CONFIG_FLAGS,
 }
 # ... and those that only MoE variants have (a dense config has no experts).
 MOE_CONFIG_FLAGS = {
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_megatron_flags(parser)
     show_every_default(parser)
     add_recompute_args(parser)
+    add_attention_args(parser)
 
     g = parser.add_argument_group("DeepSpeed")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
