@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_hypermoe.errors import ConfigError
+from megatron_hypermoe.model.attention import attention_backend
 
 MOE_TYPES = ("hypermoe", "moe", "moe_adapter", "dense")
 HYPER_EXPERT_IMPLS = ("auto", "allsets", "grouped", "factored", "naive")
@@ -96,8 +97,6 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
 
     def __post_init__(self):
         self._validate_hypermoe_fields()
-        from megatron_hypermoe.model.attention import attention_backend
-
         attention_backend(self.core_attention_backend)  # a bad name fails here
         super().__post_init__()
 
