@@ -32,6 +32,7 @@ def test_fast_forms_equal_naive_on_cuda(case, monkeypatch):
 def test_allsets_in_bf16_never_waits_for_the_gpu_and_equals_the_loop(monkeypatch):
     """The GPU form: torch._grouped_mm in bf16 (Hopper) or the loop elsewhere, no host
     synchronisation in forward or backward, and the same result as the per-set loop."""
+    import megatron_hypermoe.model.grouped_gemm as gg
     import megatron_hypermoe.model.hyper_expert as he
 
     _, selection, hypernet = hyper_parts(8, 2, hidden=64)
@@ -41,8 +42,8 @@ def test_allsets_in_bf16_never_waits_for_the_gpu_and_equals_the_loop(monkeypatch
     x = torch.randn(512, 64, generator=generator).cuda().bfloat16()
     he.hyper_expert_output(x, routing_map, selection, hypernet, 0, impl="allsets", topk=2)
     results = {}
-    for native in (True, False) if he._native_grouped_mm(x, 512, 64, 8) else (False,):
-        monkeypatch.setattr(he, "_native_grouped_mm", lambda *args, native=native: native)
+    for native in (True, False) if gg.native_grouped_mm(x, 512, 64, 8) else (False,):
+        monkeypatch.setattr(gg, "native_grouped_mm", lambda *args, native=native: native)
         xg = x.clone().requires_grad_(True)
         torch.cuda.synchronize()
         if native:
@@ -64,12 +65,13 @@ def test_grouped_hyper_expert_in_bf16_equals_fp64_on_cuda(form, monkeypatch):
     """On the GPU: torch._grouped_mm (Hopper) or the per-group loop, in bf16, against the
     per-token form in fp64: output, input gradient, the weight gradients of the 2-D x 2-D
     grouped product (zero for empty groups) and the fp32-summed bias gradients."""
+    import megatron_hypermoe.model.grouped_gemm as gg
     import megatron_hypermoe.model.hyper_expert as he
     from tests.helpers import check_grouped_hyper_expert_against_fp64
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     if form == "loop":
-        monkeypatch.setattr(he, "_native_grouped_mm", lambda *args: False)
+        monkeypatch.setattr(gg, "native_grouped_mm", lambda *args: False)
     check_grouped_hyper_expert_against_fp64(torch.bfloat16, "cuda")
 
 

@@ -97,6 +97,7 @@ def test_auto_rule_from_shapes():
 
 
 def test_auto_on_cpu_turns_factored_when_distinct_sets_are_many(monkeypatch):
+    import megatron_hypermoe.model.grouped_gemm as gg
     import megatron_hypermoe.model.hyper_expert as he
 
     _, selection, hypernet = hyper_parts(16, 4)  # C(16, 4) = 1820 > 40 tokens: not allsets
@@ -142,11 +143,12 @@ def test_grouped_hyper_expert_in_bf16_equals_fp64_empty_groups_included(native, 
     used elsewhere) in bf16 against the per-token form in fp64 on the same values: the weight
     gradients of the 2-D x 2-D grouped product included, zero for the empty groups, and the bias
     gradients accumulated in fp32."""
+    import megatron_hypermoe.model.grouped_gemm as gg
     import megatron_hypermoe.model.hyper_expert as he
 
-    if native and not he._native_grouped_mm(torch.ones(1, dtype=torch.bfloat16), 16):
+    if native and not gg.native_grouped_mm(torch.ones(1, dtype=torch.bfloat16), 16):
         pytest.skip("this torch has no torch._grouped_mm on the CPU")
-    monkeypatch.setattr(he, "_native_grouped_mm", lambda *args: native)
+    monkeypatch.setattr(gg, "native_grouped_mm", lambda *args: native)
     check_grouped_hyper_expert_against_fp64(torch.bfloat16, "cpu")
 
 
@@ -154,6 +156,7 @@ def test_bias_gradients_are_summed_in_fp32(monkeypatch):
     """A bias gradient sums thousands of tokens. CUDA's index_add_ adds bf16 into bf16 (atomic
     adds: from 256 on, + 1 rounds back to 256); the CPU's happens to sum in fp32, so what is
     checked here is what index_add_ is given: fp32 sums, rounded to bf16 once."""
+    import megatron_hypermoe.model.grouped_gemm as gg
     import megatron_hypermoe.model.hyper_expert as he
 
     accumulators = []
@@ -165,7 +168,7 @@ def test_bias_gradients_are_summed_in_fp32(monkeypatch):
     he.apply_hyper_experts(x, set_index, *weights).float().sum().backward()
     assert accumulators == [torch.float32, torch.float32]  # b_up's, then b_down's
     assert weights[3].grad.dtype == torch.bfloat16
-    total = he.grouped_row_sum(torch.ones(4096, 8, dtype=torch.bfloat16),
+    total = gg.grouped_row_sum(torch.ones(4096, 8, dtype=torch.bfloat16),
                                torch.zeros(4096, dtype=torch.long), 2)
     assert total.dtype == torch.bfloat16 and total[0].tolist() == [4096.0] * 8
 
@@ -174,9 +177,10 @@ def test_the_grouped_loop_reads_the_host_once_per_forward(monkeypatch):
     """Where torch._grouped_mm cannot run (a GPU before Hopper, fp32 on a GPU) the loop reads
     the group bounds on the host: once in forward, never in backward (six reads per layer
     before)."""
+    import megatron_hypermoe.model.grouped_gemm as gg
     import megatron_hypermoe.model.hyper_expert as he
 
-    monkeypatch.setattr(he, "_native_grouped_mm", lambda *args: False)
+    monkeypatch.setattr(gg, "native_grouped_mm", lambda *args: False)
     x, set_index, *weights = [t.requires_grad_(t.is_floating_point()) for t in
                               grouped_case(torch.float32, torch.Generator().manual_seed(6))]
     reads = []
@@ -193,14 +197,15 @@ def test_native_grouped_gemm_only_where_it_was_checked(monkeypatch):
     aligned; not on Blackwell, where empty groups are reported to give non-zero gradients."""
     import types
 
+    import megatron_hypermoe.model.grouped_gemm as gg
     import megatron_hypermoe.model.hyper_expert as he
 
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no torch._grouped_mm")
     a = torch.ones(4, 8)
-    assert he._native_grouped_mm(a, 8, 4)
-    assert not he._native_grouped_mm(a, 8, 6)  # 24-byte rows
-    assert not he._native_grouped_mm(a.bfloat16(), 8, 4)  # 8-byte rows
+    assert gg.native_grouped_mm(a, 8, 4)
+    assert not gg.native_grouped_mm(a, 8, 6)  # 24-byte rows
+    assert not gg.native_grouped_mm(a.bfloat16(), 8, 4)  # 8-byte rows
     for dtype, capability, native in [(torch.bfloat16, (9, 0), True),
                                       (torch.bfloat16, (10, 0), False),
                                       (torch.bfloat16, (12, 0), False),
@@ -210,7 +215,7 @@ def test_native_grouped_gemm_only_where_it_was_checked(monkeypatch):
                                            element_size=lambda dtype=dtype: dtype.itemsize)
         monkeypatch.setattr(torch.cuda, "get_device_capability",
                             lambda device, capability=capability: capability)
-        assert he._native_grouped_mm(gpu_tensor, 64, 16) == native, (dtype, capability)
+        assert gg.native_grouped_mm(gpu_tensor, 64, 16) == native, (dtype, capability)
 
 
 @pytest.mark.parametrize("rows", [1, 8, 17, 28, 40, 130])

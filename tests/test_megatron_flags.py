@@ -31,7 +31,6 @@ def test_readme_holds_the_generated_flag_table():
     (["--transformer-impl", "transformer_engine"], "--transformer-impl transformer_engine"),
     (["--context-parallel-size", "2"], "--context-parallel-size 2 is not supported"),
     (["--position-embedding-type", "learned_absolute"], "--position-embedding-type"),
-    (["--moe-grouped-gemm"], "--moe-grouped-gemm is not supported: megatron-core's GroupedMLP"),
     (["--fp8", "hybrid"], "--fp8 is not supported: FP8 needs Transformer Engine"),
     (["--num-experts", "64", "64", "128"], "pyramid MoE"),
     (["--moe-ffn-hidden-size", "96", "--ffn-hidden-size", "128"], "give one of them"),
@@ -68,9 +67,7 @@ def mixtral_example(tokenizer_model, checkpoint_dir):
     """Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh flags, in its order,
     shrunk in sizes only, on mock data. Two changes: --pipeline-model-parallel-size 4 -> 1 (the
     2-layer model on 2 processes with EP=2; pipeline parallelism, which also refuses the
-    script's --overlap-grad-reduce, is tested in test_pipeline_parallel.py) and no
-    --moe-grouped-gemm (it needs the grouped_gemm CUDA package; refused with that reason,
-    tested above)."""
+    script's --overlap-grad-reduce, is tested in test_pipeline_parallel.py)."""
     return [
         "--use-mcore-models", "--disable-bias-linear", "--seq-length", "32",
         "--max-position-embeddings", "128", "--num-layers", "2", "--hidden-size", "64",
@@ -82,7 +79,7 @@ def mixtral_example(tokenizer_model, checkpoint_dir):
         # MOE_ARGS
         "--num-experts", "4", "--moe-router-topk", "2",
         "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2",
-        "--moe-token-dispatcher-type", "alltoall", "--overlap-param-gather",
+        "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall", "--overlap-param-gather",
         "--overlap-grad-reduce",
         # DATA_ARGS (mock data instead of --data-path)
         "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", tokenizer_model,
@@ -126,6 +123,7 @@ def test_megatron_mixtral_example_runs_on_two_processes_with_ep2(moe_type, datas
     output = pretrain(*flags, nproc=2, timeout=300)
     assert f"model: {moe_type or 'hypermoe'}," in output
     assert "EP 2" in output and "iteration        3/       3" in output
+    assert "experts: GroupedGemmExperts (grouped GEMM)" in output
     train, valid = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["iteration"] for r in train] == [1, 2, 3] and valid
     assert (tmp_path / "ck" / "iter_0000002").is_dir()

@@ -217,7 +217,7 @@ def test_flags_set_megatron_core_config(flags, expected):
     (["--recompute-activations", "--recompute-modules", "moe"], "dense",
      "--recompute-modules moe: --moe-type dense has no MoE layer"),
     (["--recompute-activations", "--recompute-modules", "moe_act"], "moe",
-     "--recompute-modules moe_act: it recomputes the activation of megatron-core's grouped"),
+     "--recompute-modules moe_act: megatron-core recomputes the activation only in Transformer"),
     (["--recompute-activations", "--recompute-modules", "shared_experts"], "moe",
      "--recompute-modules shared_experts: this model has no shared experts"),
     (["--recompute-activations", "--recompute-modules", "mla_up_proj"], "moe",

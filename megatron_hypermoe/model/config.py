@@ -197,7 +197,7 @@ def default_architecture() -> dict:
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=1e-2,
         moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=True,  # model/grouped_experts.py (torch only), not megatron's GroupedMLP
         use_cpu_initialization=not torch.cuda.is_available(),
     )
 

@@ -17,11 +17,13 @@ import torch
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_hypermoe.model.adapter_layer import AdapterMoELayer
 from megatron_hypermoe.model.attention import core_attention_class
 from megatron_hypermoe.model.config import HyperMoEConfig
+from megatron_hypermoe.model.grouped_experts import experts_class
 from megatron_hypermoe.model.hyper_expert import shared_generation
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
 from megatron_hypermoe.model.hypernetwork import HyperNetwork
@@ -34,9 +36,10 @@ SIDE_PATH_LAYERS = {"hypermoe": HyperMoELayer, "moe_adapter": AdapterMoELayer}
 
 def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
     """megatron-core's local GPT layer spec; for the MoE variants, its MLP swapped for the
-    variant's layer class and its router for megatron's TopKRouter that applies capacity
-    after recording the top-k selection (and renormalises with ``moe_router_renormalize``).
-    Every other submodule stays megatron's."""
+    variant's layer class, its router for megatron's TopKRouter that applies capacity
+    after recording the top-k selection (and renormalises with ``moe_router_renormalize``), and
+    its experts for the grouped-GEMM ones with ``moe_grouped_gemm``. Every other submodule stays
+    megatron's."""
     num_experts = None if config.moe_type == "dense" else config.num_moe_experts
     spec = get_gpt_layer_local_spec(
         num_experts=num_experts,
@@ -48,12 +51,25 @@ def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
     if config.moe_type == "dense":
         return spec
     mlp = spec.submodules.mlp
+    experts = dataclasses.replace(mlp.submodules.experts, module=experts_class(config))
     mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(
-        mlp.submodules, router=TopKRouterBeforeCapacity))
+        mlp.submodules, router=TopKRouterBeforeCapacity, experts=experts))
     side_path_layer = SIDE_PATH_LAYERS.get(config.moe_type)
     if side_path_layer is not None:
         mlp = dataclasses.replace(mlp, module=side_path_layer)
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
+
+
+def kernels_line(config: HyperMoEConfig) -> str:
+    """One line naming the attention and experts modules :func:`get_layer_spec` picked."""
+    attention = core_attention_class(config)
+    line = f"core attention: {attention.__name__} (--attention-backend " \
+           f"{config.core_attention_backend})"
+    if config.moe_type != "dense":
+        experts = experts_class(config)
+        line += f"; experts: {experts.__name__} (" + (
+            "grouped GEMM)" if experts is not SequentialMLP else "a loop over local experts)")
+    return line
 
 
 def _with_core_attention(spec: ModuleSpec, core_attention) -> ModuleSpec:

@@ -40,6 +40,9 @@ import math
 
 import torch
 
+from megatron_hypermoe.model import grouped_gemm
+from megatron_hypermoe.model.grouped_gemm import (GroupBounds, group_ends, grouped_mm,
+                                                 grouped_row_sum, grouped_weight_grad)
 from megatron_hypermoe.model.hypernetwork import ExpertSelectionEmbedding, HyperNetwork
 from megatron_hypermoe.model.recompute import in_recompute_replay
 
@@ -209,69 +212,7 @@ def _allsets_weights(selection, hypernet, layer_index, num_experts, topk, device
     return shared.weights[layer_index]
 
 
-# Grouped GEMM ------------------------------------------------------------------------------------
-def _native_grouped_mm(a: torch.Tensor, *row_lengths: int) -> bool:
-    """Whether torch._grouped_mm takes operands like ``a`` (device, dtype) whose rows have these
-    lengths: on the CPU in every dtype and on Hopper GPUs (sm90) in bf16, when every row starts
-    on a 16-byte boundary; otherwise the loop below is used (it reads the group sizes on the
-    host, once per forward). Not on later GPUs: Blackwell (sm100+) is reported to give non-zero
-    weight gradients for empty groups, which ``allsets`` has many of, and no GPU of ours has
-    checked it."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if any(length * a.element_size() % 16 for length in row_lengths):
-        return False
-    if a.device.type == "cpu":
-        return True
-    return (a.device.type == "cuda" and a.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(a.device)[0] == 9)
-
-
-def _group_ends(sorted_index: torch.Tensor, num_groups: int) -> torch.Tensor:
-    """Cumulative group sizes (int32, as torch._grouped_mm's offs) of a sorted index, without
-    reading anything on the host."""
-    bounds = torch.arange(1, num_groups + 1, device=sorted_index.device,
-                          dtype=sorted_index.dtype)
-    return torch.searchsorted(sorted_index, bounds, out_int32=True)
-
-
-class GroupBounds:
-    """A grouping of sorted rows: ``ends`` on the device for torch._grouped_mm, and for the
-    loop that replaces it elsewhere the (start, end) pairs on the host, read once (one device
-    synchronisation per forward, none in backward)."""
-
-    def __init__(self, ends: torch.Tensor, native: bool):
-        self.ends = ends
-        self.native = native
-        self.spans = None
-        if not native:
-            stops = ends.tolist()
-            self.spans = list(zip([0] + stops[:-1], stops))
-
-
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, groups: GroupBounds) -> torch.Tensor:
-    """Rows of group g of a [T, K] times b[g] [K, N] -> [T, N]."""
-    if groups.native:
-        return torch._grouped_mm(a, b, offs=groups.ends)
-    return torch.cat([a[s:e] @ b[g] for g, (s, e) in enumerate(groups.spans)])
-
-
-def grouped_weight_grad(a: torch.Tensor, grad: torch.Tensor, groups: GroupBounds) -> torch.Tensor:
-    """Per group g: a[rows of g]^T @ grad[rows of g] -> [G, K, N] (zero for an empty group)."""
-    if groups.native:
-        return torch._grouped_mm(a.t(), grad, offs=groups.ends)
-    return torch.stack([a[s:e].t() @ grad[s:e] for s, e in groups.spans])
-
-
-def grouped_row_sum(values: torch.Tensor, sorted_index: torch.Tensor,
-                    num_groups: int) -> torch.Tensor:
-    """Per group, the sum of its rows of ``values`` [T, N] -> [G, N], accumulated in fp32 (a
-    bias gradient sums thousands of tokens: bf16 accumulation would lose most of them)."""
-    accumulate = torch.promote_types(values.dtype, torch.float32)
-    total = values.new_zeros(num_groups, values.shape[1], dtype=accumulate)
-    return total.index_add_(0, sorted_index, values.to(accumulate)).to(values.dtype)
-
-
+# Grouped HyperExperts -----------------------------------------------------------------------------
 class GroupedHyperExpert(torch.autograd.Function):
     """y[t] = relu(x[t] W_down[g] + b_down[g]) W_up[g] + b_up[g] with g = set_index[t].
 
@@ -288,9 +229,9 @@ class GroupedHyperExpert(torch.autograd.Function):
         unsort = torch.empty_like(order).scatter_(0, order, torch.arange(
             order.shape[0], device=order.device))
         sorted_index = set_index.index_select(0, order)
-        ends = _group_ends(sorted_index, w_down.shape[0])
+        ends = group_ends(sorted_index, w_down.shape[0])
         # rows of length d and r, and (the weight gradients' a^T) T
-        groups = GroupBounds(ends, _native_grouped_mm(x, *x.shape, w_down.shape[2]))
+        groups = GroupBounds(ends, grouped_gemm.native_grouped_mm(x, *x.shape, w_down.shape[2]))
         a = torch.relu(grouped_mm(x.index_select(0, order), w_down, groups)
                        .add_(b_down.index_select(0, sorted_index)))
         y_sorted = grouped_mm(a, w_up, groups).add_(b_up.index_select(0, sorted_index))

@@ -80,8 +80,8 @@ def _module_refusal(module: str, args) -> Optional[str]:
         if not HAVE_TE:  # megatron's CheckpointWithoutOutput always takes its TE FP8 path
             return "megatron-core recomputes norms through Transformer Engine, not installed"
     if module == "moe_act":
-        return ("it recomputes the activation of megatron-core's grouped-GEMM experts; this "
-                "model's experts are SequentialMLP: use moe")
+        return ("megatron-core recomputes the activation only in Transformer Engine's grouped "
+                "experts (TEGroupedMLP), not used here: use moe")
     if module == "mla_up_proj":
         return "this model has no multi-latent attention"
     if module == "shared_experts":

@@ -32,6 +32,7 @@ from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_sche
 from megatron_hypermoe.training.metrics import add_logging_args, finalize_logging_args
 from megatron_hypermoe.parallel.distributed import add_distributed_args, check_distributed_args
 from megatron_hypermoe.model.attention import ATTENTION_CONFIG_FLAGS, add_attention_args
+from megatron_hypermoe.model.grouped_experts import EXPERTS_CONFIG_FLAGS, add_experts_args
 from megatron_hypermoe.model.recompute import (RECOMPUTE_CONFIG_FLAGS, add_recompute_args,
                                                check_recompute_args, recompute_modules_flag)
 
@@ -60,6 +61,7 @@ MOE_CONFIG_FLAGS = {
     "moe_router_renormalize": "moe_router_renormalize",
     **{name: name for name in HYPER_SIZE_NAMES},
     **ROUTER_CONFIG_FLAGS,
+    **EXPERTS_CONFIG_FLAGS,
 }
 
 
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the authors' GPT-2 runs")
     g.add_argument("--moe-token-dispatcher-type", choices=("alltoall", "allgather"),
                    default="alltoall")
+    add_experts_args(g)
     g.add_argument("--expert-model-parallel-size", "--moe-expert-parallel-size", type=int,
                    default=1)
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

@@ -137,10 +137,6 @@ FIXED: Tuple[FixedFlag, ...] = (
 )
 
 REFUSED: Tuple[RefusedFlag, ...] = (
-    RefusedFlag("--moe-grouped-gemm", "megatron-core's GroupedMLP needs the grouped_gemm CUDA "
-                "package and stores experts as two stacked weights, which this project's "
-                "checkpoints and HF conversion do not map yet: drop it (experts run as "
-                "SequentialMLP)", SWITCH),
     RefusedFlag("--moe-shared-expert-intermediate-size", "shared experts are not supported"),
     RefusedFlag("--moe-shared-expert-overlap", "shared experts are not supported", SWITCH),
     RefusedFlag("--moe-use-upcycling", "upcycle a dense Hugging Face model with "
@@ -264,6 +260,9 @@ SAME_FLAG_REMARKS = {
     "--overlap-param-gather": "accepted and logged: ZeRO 1/2 all-gathers right after the step",
     "--optimizer-cpu-offload": "ZeRO-Offload with DeepSpeed's CPUAdam",
     "--recompute-modules": "core_attn, moe (HyperMoE's side path included), mlp (dense)",
+    "--moe-grouped-gemm": "default on (--no-moe-grouped-gemm: SequentialMLP); torch._grouped_mm, "
+                          "no grouped_gemm package or Transformer Engine; checkpoints keep one "
+                          "weight pair per expert",
     "--moe-layer-recompute": "= --recompute-granularity selective, modules + moe",
     "--checkpoint-activations": "= --recompute-granularity full --recompute-method uniform",
     "--deepspeed-activation-checkpointing": "megatron-core's layer checkpointing; needs a "

@@ -22,7 +22,7 @@ from megatron_hypermoe.data.gpt_data import build_data_loader
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
 from megatron_hypermoe.errors import TrainingStopped
 from megatron_hypermoe.model.generation import generate_ids
-from megatron_hypermoe.model.gpt import causal_attention_mask
+from megatron_hypermoe.model.gpt import causal_attention_mask, kernels_line
 from megatron_hypermoe.model.router import finish_router_step
 from megatron_hypermoe.model.side_path import record_side_path_statistics
 from megatron_hypermoe.compat.deepspeed import reduce_gradients_after_external_backward
@@ -176,6 +176,7 @@ class Trainer:
                     f"global batch {args.global_batch_size} "
                     f"({args.gradient_accumulation_steps} micro-batch(es) of "
                     f"{args.micro_batch_size} per rank), ZeRO stage {args.zero_stage}")
+        print_rank0(kernels_line(self.config))
         for line in engine_summary_lines(args, self.engine):
             print_rank0(line)
 

@@ -1,0 +1,185 @@
+"""Long sequences without Transformer Engine: core attention on torch's SDPA against megatron's
+local DotProductAttention, and grouped-GEMM experts against megatron's SequentialMLP, each as
+one training micro-batch (forward + backward of the whole model) at sequence 4096 and 8192.
+
+    python benchmarks/bench_fast_path.py            # table
+    python benchmarks/bench_fast_path.py --json     # table, then one JSON line (last line)
+
+Reported per case: the bytes autograd saves for backward (parameters excluded: exact, the same
+on CPU and GPU) and the median step time over interleaved repetitions (the two sides of a
+comparison alternate, so machine noise hits both alike). The optimizer step is the same for
+both sides of every comparison and is left out. Ratios from one run are what to compare.
+
+Attention is compared in a dense model (the MLP is the same on both sides). Experts are
+compared in a ``moe`` model with SDPA attention, at 8 experts (top-2) and 64 fine-grained
+experts (top-2, a quarter of the FFN each, as in bench_layer's ``wide64``), two ways: the MoE
+layer alone (router, dispatch, experts, combine: forward + backward on the sequence's tokens;
+the ``..._moe_step_time_e*`` keys) and the whole model's micro-batch (``..._model_step_time``:
+the attention at these lengths costs the same on both sides and dilutes the difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from megatron_hypermoe.model.config import make_config
+from megatron_hypermoe.model.gpt import build_gpt_model, causal_attention_mask
+from megatron_hypermoe.model.memory import SavedActivationBytes
+from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
+from megatron_hypermoe.training.cpu_allocator import keep_freed_memory
+
+VOCAB = 256
+# Small enough for 2 CPU cores at 8192 tokens; head size 32 as in small GPTs.
+MODEL = dict(num_layers=2, hidden_size=128, num_attention_heads=4, init_method_std=0.02)
+ATTENTION = {"local": dict(core_attention_backend="local"),
+             "sdpa": dict(core_attention_backend="auto")}
+EXPERTS = {"sequential": dict(moe_grouped_gemm=False), "grouped": dict(moe_grouped_gemm=True)}
+EXPERT_SHAPES = {8: dict(num_moe_experts=8, ffn_hidden_size=512, moe_router_topk=2),
+                 64: dict(num_moe_experts=64, ffn_hidden_size=128, moe_router_topk=2)}
+
+
+def build(moe_type, seq, device, dtype, **fields):
+    torch.manual_seed(0)
+    config = make_config(moe_type, **{**MODEL, "ffn_hidden_size": 512, **fields})
+    model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=seq)
+    return model.to(device, dtype)
+
+
+def step(model, batch):
+    """One micro-batch: forward and backward; returns (seconds, saved bytes)."""
+    tokens, positions, mask, labels = batch
+    counter = SavedActivationBytes(model.parameters())
+    synchronize(tokens.device)
+    start = time.perf_counter()
+    with counter.counting():
+        loss = model(tokens, positions, mask, labels=labels).float().mean()
+    loss.backward()
+    synchronize(tokens.device)
+    elapsed = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return elapsed, counter.total
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def moe_layer_step(layer, inputs):
+    """Forward and backward of one MoE layer on [s, 1, h] hidden states."""
+    x, grad = inputs
+    synchronize(x.device)
+    start = time.perf_counter()
+    out, _ = layer(x)
+    out.backward(grad)
+    synchronize(x.device)
+    elapsed = time.perf_counter() - start
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    return elapsed, 0
+
+
+def make_batch(seq, device):
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (1, seq + 1), generator=generator).to(device)
+    positions = torch.arange(seq, device=device).unsqueeze(0)
+    return tokens[:, :-1], positions, causal_attention_mask(seq, device), tokens[:, 1:]
+
+
+def compare(models: dict, batch, repeats: int, run=step) -> dict:
+    """{name: (median seconds, saved bytes)} for models run alternately on one batch."""
+    times = {name: [] for name in models}
+    saved = {}
+    for model in models.values():
+        run(model, batch)  # warm-up
+    for _ in range(repeats):
+        for name, model in models.items():
+            elapsed, saved[name] = run(model, batch)
+            times[name].append(elapsed)
+    return {name: (statistics.median(times[name]), saved[name]) for name in models}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as last line")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seqs", default="4096,8192")
+    parser.add_argument("--experts", default="8,64")
+    parser.add_argument("--bf16", action="store_true", help="weights and activations in bf16")
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+
+    initialize_distributed(seed=0)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does on the CPU (training/cpu_allocator.py)
+    rows = []
+    for seq in (int(s) for s in args.seqs.split(",")):
+        batch = make_batch(seq, device)
+        print(f"# attention at sequence {seq} ...", file=sys.stderr, flush=True)
+        models = {name: build("dense", seq, device, dtype, **fields)
+                  for name, fields in ATTENTION.items()}
+        for name, (seconds, saved) in compare(models, batch, args.repeats).items():
+            rows.append(dict(what="attention", seq=seq, experts=None, variant=name,
+                             ms=1000 * seconds, saved_mb=saved / 2**20))
+        del models
+        for num_experts in (int(e) for e in args.experts.split(",")):
+            print(f"# {num_experts} experts at sequence {seq} ...", file=sys.stderr, flush=True)
+            models = {name: build("moe", seq, device, dtype, **EXPERT_SHAPES[num_experts],
+                                  **fields) for name, fields in EXPERTS.items()}
+            for name, (seconds, saved) in compare(models, batch, args.repeats).items():
+                rows.append(dict(what="model", seq=seq, experts=num_experts, variant=name,
+                                 ms=1000 * seconds, saved_mb=saved / 2**20))
+            generator = torch.Generator().manual_seed(2)
+            hidden = [torch.randn(seq, 1, MODEL["hidden_size"], generator=generator)
+                      .to(device, dtype) for _ in range(2)]
+            hidden[0].requires_grad_(True)
+            layers = {name: model.decoder.layers[0].mlp for name, model in models.items()}
+            for name, (seconds, _) in compare(layers, hidden, args.repeats,
+                                              moe_layer_step).items():
+                rows.append(dict(what="moe layer", seq=seq, experts=num_experts, variant=name,
+                                 ms=1000 * seconds, saved_mb=None))
+            del models, layers
+
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else \
+        platform.processor() or platform.machine()
+    print(f"device: {device} ({name}, {torch.get_num_threads()} threads), {str(dtype)[6:]}, "
+          f"torch {torch.__version__}")
+    print(f"{'what':9} {'seq':>5} {'experts':>7} {'variant':10} {'step ms':>9} {'ratio':>6} "
+          f"{'saved MB':>9} {'ratio':>6}")
+    baseline = {"attention": "local", "model": "sequential", "moe layer": "sequential"}
+    summary = {}
+    for r in rows:
+        base = next(b for b in rows if (b["what"], b["seq"], b["experts"], b["variant"]) ==
+                    (r["what"], r["seq"], r["experts"], baseline[r["what"]]))
+        r["time_ratio"] = r["ms"] / base["ms"]
+        line = (f"{r['what']:9} {r['seq']:5d} {r['experts'] or '':>7} {r['variant']:10} "
+                f"{r['ms']:9.1f} {r['time_ratio']:6.2f}")
+        if r["saved_mb"] is not None:
+            r["saved_ratio"] = r["saved_mb"] / base["saved_mb"]
+            line += f" {r['saved_mb']:9.1f} {r['saved_ratio']:6.2f}"
+        print(line)
+        if r["variant"] == "sdpa":
+            summary[f"sdpa_over_local_activation_bytes_seq{r['seq']}"] = r["saved_ratio"]
+            summary[f"sdpa_over_local_step_time_seq{r['seq']}"] = r["time_ratio"]
+        elif r["variant"] == "grouped":
+            key = "grouped_over_sequential_{}_step_time_e{}".format(
+                "moe" if r["what"] == "moe layer" else "model", r["experts"])
+            if r["seq"] != 4096:
+                key += f"_seq{r['seq']}"
+            summary[key] = r["time_ratio"]
+    destroy_distributed()
+    if args.json:
+        summary.update(device=str(device), dtype=str(dtype)[6:], rows=rows)
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
