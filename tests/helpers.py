@@ -356,9 +356,19 @@ EP_RECOMPUTE_CASES = {
         recompute_granularity="selective", recompute_modules=["moe"])),
 }
 
-# Each HyperExpert form under EP (the cases above take auto: allsets at these token counts).
-EP_IMPL_CASES = {f"hypermoe_alltoall_{impl}": ("hypermoe", "alltoall", dict(hyper_expert_impl=impl))
-                 for impl in ("grouped", "factored")}
+# Each HyperExpert form under EP (the cases above take auto: allsets at these token counts),
+# and megatron's SequentialMLP experts (the cases above take the grouped-GEMM ones).
+EP_IMPL_CASES = {
+    **{f"hypermoe_alltoall_{impl}": ("hypermoe", "alltoall", dict(hyper_expert_impl=impl))
+       for impl in ("grouped", "factored")},
+    "moe_alltoall_sequential_mlp": ("moe", "alltoall", dict(moe_grouped_gemm=False)),
+}
+# The flags of megatron-core's own attention and experts, which one-process reference runs take
+# (parallel runs take the defaults: SDPA and grouped-GEMM experts).
+MEGATRON_KERNELS = ["--attention-backend", "local", "--no-moe-grouped-gemm"]
+# What every EP=2 case is compared with in one process: megatron's own attention and experts
+# (SequentialMLP), so EP=2 with SDPA and grouped-GEMM experts is checked against them too.
+EP_REFERENCE_OVERRIDES = dict(core_attention_backend="local", moe_grouped_gemm=False)
 
 
 def ep_case_model(moe_type, dispatcher, **overrides):

@@ -102,14 +102,42 @@ def test_grouped_experts_use_torch_grouped_mm_on_the_cpu(monkeypatch):
 
 
 def test_a_checkpoint_moves_between_grouped_and_sequential_experts_bit_exact():
-    """The state dict of one loads into the other (strict) and both compute the same output
-    bit for bit on the loop path, so checkpoints, HF export and the layout-free format see
-    no difference."""
+    """The state dict of either loads into the other (strict) and gives the same parameters
+    bit for bit, so checkpoints, HF export and the layout-free format see no difference; the
+    loaded grouped experts are still viewed as one [experts, ...] tensor without a copy."""
     sequential, grouped = pair("hypermoe", num_moe_experts=8)
     torch.manual_seed(5)
-    with torch.no_grad():
-        for p in grouped.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    sequential.load_state_dict(grouped.state_dict(), strict=True)
-    for (name, a), (_, b) in zip(grouped.named_parameters(), sequential.named_parameters()):
-        assert torch.equal(a, b), name
+    for source, target in ((grouped, sequential), (sequential, grouped)):
+        with torch.no_grad():
+            for p in source.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        target.load_state_dict(source.state_dict(), strict=True)
+        for (name, a), (_, b) in zip(source.named_parameters(), target.named_parameters()):
+            assert torch.equal(a, b), name
+    for expert_linear in ("linear_fc1", "linear_fc2"):
+        weights = [getattr(e, expert_linear).weight for e in experts_of(grouped).local_experts]
+        view = gg.stacked(weights)
+        assert view.data_ptr() == weights[0].data_ptr()  # no copy
+        assert all(torch.equal(view[i], w) for i, w in enumerate(weights))
+
+
+def test_stacked_copies_weights_that_are_not_laid_out_at_equal_distances():
+    base = torch.arange(40.0)
+    even = [base[0:8].view(2, 4), base[12:20].view(2, 4), base[24:32].view(2, 4)]
+    view = gg.stacked(even)
+    assert view.data_ptr() == base.data_ptr() and view.stride() == (12, 4, 1)
+    uneven = [base[0:8].view(2, 4), base[12:20].view(2, 4), base[28:36].view(2, 4)]
+    overlapping = [base[0:8].view(2, 4), base[4:12].view(2, 4)]
+    separate = [torch.ones(2, 4), torch.zeros(2, 4)]
+    misaligned = [base[1:9].view(2, 4), base[13:21].view(2, 4)]  # starts 4 bytes in
+    for weights in (uneven, overlapping, separate, misaligned):
+        copy = gg.stacked(weights)
+        assert copy.data_ptr() != weights[0].data_ptr()
+        assert all(torch.equal(copy[i], w) for i, w in enumerate(weights))
+
+
+def test_grouped_experts_refuse_linear_biases():
+    from megatron_hypermoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no linear biases"):
+        tiny_model("moe", moe_grouped_gemm=True, add_bias_linear=True)

@@ -1,10 +1,13 @@
-"""Invariant 9: an expert-parallel run computes what a single-rank run computes."""
+"""Invariant 9: an expert-parallel run computes what a single-rank run computes. The EP=2 runs
+take the default SDPA attention and grouped-GEMM experts, the one-process reference megatron's
+DotProductAttention and SequentialMLP (tests/helpers.py: EP_REFERENCE_OVERRIDES)."""
 
 import pytest
 import torch
 
 from tests.helpers import (EP_CAPACITY_CASES, EP_CASES, EP_IMPL_CASES, EP_RECOMPUTE_CASES,
-                           ep_case_model, loss_and_global_grads, run_torchrun)
+                           EP_REFERENCE_OVERRIDES, ep_case_model, loss_and_global_grads,
+                           run_torchrun)
 
 
 def assert_relative(actual, expected, tol, what):
@@ -29,7 +32,7 @@ CASES = {**{f"{moe_type}_{dispatcher}": (moe_type, dispatcher, {})
 @pytest.mark.parametrize("case", CASES)
 def test_ep2_equals_ep1_loss_and_gradients(case, ep2_results, megatron_single_process):
     moe_type, dispatcher, overrides = CASES[case]
-    model, config = ep_case_model(moe_type, dispatcher, **overrides)
+    model, config = ep_case_model(moe_type, dispatcher, **{**overrides, **EP_REFERENCE_OVERRIDES})
     reference = [loss_and_global_grads(model, config, data_seed=100 + r) for r in range(2)]
     for rank in range(2):
         got = torch.load(ep2_results / f"{case}_rank{rank}.pt", weights_only=True)

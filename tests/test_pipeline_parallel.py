@@ -5,7 +5,7 @@ in one process. (The Hugging Face export of a PP=2 checkpoint: tests/test_hf_con
 import pytest
 from safetensors import safe_open
 
-from tests.helpers import TINY_MODEL, pretrain, read_metrics, relative, run_torchrun
+from tests.helpers import MEGATRON_KERNELS, TINY_MODEL, pretrain, read_metrics, relative, run_torchrun
 from tests.test_training import generated_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -20,14 +20,16 @@ PP2 = ["--pipeline-model-parallel-size", "2"]
 
 @pytest.fixture(scope="module")
 def reference(dataset, tmp_path_factory):
-    """reference(moe_type) -> (training records, validation records, sample) of one process."""
+    """reference(moe_type) -> (training records, validation records, sample) of one process,
+    with megatron-core's DotProductAttention and SequentialMLP (the pipeline runs take SDPA and
+    the grouped-GEMM experts)."""
     made = {}
 
     def make(moe_type):
         if moe_type not in made:
             metrics = tmp_path_factory.mktemp(f"pp_reference_{moe_type}") / "one.jsonl"
             output = pretrain(*TINY_MODEL, *dataset, *PP_COMMON, "--moe-type", moe_type,
-                              "--metrics-file", str(metrics))
+                              *MEGATRON_KERNELS, "--metrics-file", str(metrics))
             made[moe_type] = (*read_metrics(metrics), generated_sample(output))
         return made[moe_type]
     return make

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_hypermoe.parallel.distributed import free_port
-from tests.helpers import (REPO_ROOT, TINY_MODEL, environment, error_line, pretrain,
+from tests.helpers import (MEGATRON_KERNELS, REPO_ROOT, TINY_MODEL, environment, error_line, pretrain,
                            pretrain_command, read_metrics, relative, tensorboard_tags,
                            tiny_flags)
 
@@ -246,9 +246,12 @@ def generated_sample(output):
 
 @pytest.fixture(scope="module")
 def single_process_reference(dataset, tmp_path_factory):
-    """The layout every tensor-parallel run must reproduce: one process, global batch 4."""
+    """The layout every tensor-parallel run must reproduce: one process, global batch 4, with
+    megatron-core's DotProductAttention and SequentialMLP (the parallel runs take SDPA and the
+    grouped-GEMM experts)."""
     metrics = tmp_path_factory.mktemp("tp_reference") / "one.jsonl"
-    output = pretrain(*TINY_MODEL, *dataset, *TP_COMMON, "--metrics-file", str(metrics))
+    output = pretrain(*TINY_MODEL, *dataset, *TP_COMMON, *MEGATRON_KERNELS,
+                      "--metrics-file", str(metrics))
     return read_metrics(metrics)[0], generated_sample(output)
 
 
@@ -380,6 +383,26 @@ def test_tensor_and_expert_parallel_checkpoint_resumes(dataset, single_process_r
     assert [r["iteration"] for r in resumed] == [1, 2, 3]
     assert relative(resumed[2]["lm_loss"], reference[2]["lm_loss"]) < 1e-5
     assert relative(resumed[2]["grad_norm"], reference[2]["grad_norm"]) < 1e-5
+
+
+def test_a_checkpoint_of_grouped_experts_resumes_with_sequential_mlp(dataset,
+                                                                    single_process_reference,
+                                                                    tmp_path):
+    """Saved at step 2 with the grouped-GEMM experts (the default), resumed with
+    --no-moe-grouped-gemm and megatron's attention: step 3 equals the uninterrupted run of
+    megatron's SequentialMLP and DotProductAttention. (Both directions, bit for bit, on the
+    state dict: tests/test_grouped_experts.py.)"""
+    reference, _ = single_process_reference
+    common = [*TINY_MODEL, *dataset, *TP_COMMON, "--save", str(tmp_path / "ckpt"),
+              "--metrics-file", str(tmp_path / "m.jsonl")]
+    output = pretrain(*common, "--exit-interval", "2")
+    assert "experts: GroupedGemmExperts" in output
+    output = pretrain(*common, *MEGATRON_KERNELS, "--load", str(tmp_path / "ckpt"))
+    assert "experts: SequentialMLP" in output
+    resumed, _ = read_metrics(tmp_path / "m.jsonl")
+    assert [r["iteration"] for r in resumed] == [1, 2, 3]
+    for key in ("lm_loss", "grad_norm"):
+        assert relative(resumed[2][key], reference[2][key]) < 1e-5, key
 
 
 # Options to reproduce the authors' runs ---------------------------------------------------------

@@ -62,21 +62,23 @@ class GroupedGemmExperts(SequentialMLP):
             x = (probs.unsqueeze(-1) * x).to(x.dtype)
             probs = torch.ones_like(probs)
         num_tokens = x.shape[0]
-        sizes = [int(n) for n in tokens_per_expert.tolist()]  # on the host in megatron's dispatchers
         fc1 = [expert.linear_fc1 for expert in self.local_experts]
         fc2 = [expert.linear_fc2 for expert in self.local_experts]
-        native = grouped_gemm.native_grouped_mm(
-            x, x.shape[1], fc1[0].weight.shape[0], fc2[0].weight.shape[1])
-        if native:
+        if grouped_gemm.native_grouped_mm(x, x.shape[1], fc1[0].weight.shape[0],
+                                          fc2[0].weight.shape[1]):
             # torch._grouped_mm wants 16-byte row strides of the tokens too (the weight
             # gradients' x^T): zero rows join the last expert and are cut off again.
-            multiple = 16 // x.element_size()
-            padding = -num_tokens % multiple
+            padding = -num_tokens % (16 // x.element_size())
             if padding:
                 x = torch.cat([x, x.new_zeros(padding, x.shape[1])])
                 probs = torch.cat([probs, probs.new_zeros(padding)])
-                sizes[-1] += padding
-        groups = GroupBounds.from_sizes(sizes, x.device, native)
+            # (no value read on the host: the counts may be on the device)
+            ends = torch.cumsum(tokens_per_expert, 0).to(x.device, torch.int32,
+                                                         non_blocking=True)
+            ends[-1] = x.shape[0]
+            groups = GroupBounds(ends, native=True)
+        else:  # the counts on the host: megatron's dropless dispatchers keep them there
+            groups = GroupBounds.from_sizes(tokens_per_expert.tolist(), x.device, native=False)
         hidden = GroupedLinear.apply(x, groups, *(linear.weight for linear in fc1))
         hidden = self._activation(hidden)
         hidden = (hidden * probs.unsqueeze(-1)).to(hidden.dtype)

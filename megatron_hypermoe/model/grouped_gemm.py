@@ -94,8 +94,9 @@ def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if len(tensors) > 1 and all(t.is_contiguous() for t in tensors):
         step = tensors[1].data_ptr() - first.data_ptr()
         storage = first.untyped_storage().data_ptr()
-        if (step >= first.numel() * first.element_size() and step % first.element_size() == 0
-                and step % 16 == 0
+        # (16-byte aligned, as torch._grouped_mm requires on GPUs: a copy is)
+        if (step >= first.numel() * first.element_size() and step % 16 == 0
+                and first.data_ptr() % 16 == 0
                 and all(t.shape == first.shape and t.dtype == first.dtype
                         and t.untyped_storage().data_ptr() == storage
                         and t.data_ptr() == first.data_ptr() + i * step
