@@ -1,18 +1,28 @@
-"""Forward+backward time and activation memory of one MoE layer: HyperMoE (auto and each form)
+"""Forward+backward time and activation memory of an MoE layer: HyperMoE (auto and each form)
 against megatron-core's own MoE layer, measured in one run with the same router and experts.
 
     python benchmarks/bench_layer.py            # table
     python benchmarks/bench_layer.py --json     # table, then one JSON line (last line)
 
+Each step runs ``--layers`` layers on the same tokens (by default 4 at GPT-2 width, 1 at hidden
+2048, where four would hold 2-18 GB of expert weights), as one model step runs its layers:
+HyperMoE layers share one hypernetwork, whose heads a model reads once per forward and whose
+gradient it writes once per backward for all its layers (``allsets`` generates all layers'
+HyperExperts together); times and memory are per layer. ``--layers 1`` measures a lone layer,
+which pays the whole hypernetwork itself.
+
 Activation memory is the bytes autograd saves for backward (parameters excluded), measured with
 saved-tensor hooks, so it is exact and the same on CPU and GPU; on CUDA the peak allocated memory
-is reported as well. Timings are medians over interleaved repetitions: ratios from one run are what
-to compare, these machines are noisy.
+is reported as well. Variants run interleaved, in an order rotated every repetition; a variant's
+"x moe" is the median over repetitions of its time over the MoE's in the same repetition (both
+share the machine's state), its "ms" the median time. Ratios from one run are what to compare:
+these machines are noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -24,25 +34,26 @@ import torch
 
 from megatron_hypermoe.model.config import MAX_ALLSETS, make_config
 from megatron_hypermoe.model.gpt import build_gpt_model
-from megatron_hypermoe.model.hyper_expert import choose_impl
+from megatron_hypermoe.model.hyper_expert import choose_impl, shared_generation
 from megatron_hypermoe.model.memory import SavedActivationBytes
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
 from megatron_hypermoe.training.cpu_allocator import keep_freed_memory
 
 SHAPES = {
-    "tiny": dict(hidden_size=64, ffn_hidden_size=128, num_moe_experts=4, tokens=256,
+    "tiny": dict(hidden_size=64, ffn_hidden_size=128, num_moe_experts=4, tokens=256, layers=4,
                  hyper=dict(hyper_adapter_dim=8, hyper_hidden_size=16,
                             hyper_expert_embedding_dim=16, hyper_selection_hidden_size=16,
                             hyper_selection_output_size=16, hyper_layer_embedding_dim=4)),
     # GPT-2 small's MLP as 8 experts, paper-default hyper sizes (64/128/128/128,128/10).
     "gpt2": dict(hidden_size=768, ffn_hidden_size=3072, num_moe_experts=8, tokens=2048,
-                 hyper=dict()),
+                 layers=4, hyper=dict()),
     # The widths users train at: a Llama-like MLP (hidden 2048, FFN 5632) as 8 experts, and 64
     # fine-grained experts of a quarter of that FFN (top-2 and top-8: C(64, 8) sets is 4.4e9).
+    # (one layer per step by default: four of them would hold 2-18 GB of expert weights)
     "wide": dict(hidden_size=2048, ffn_hidden_size=5632, num_moe_experts=8, tokens=2048,
-                 hyper=dict()),
+                 layers=1, hyper=dict()),
     "wide64": dict(hidden_size=2048, ffn_hidden_size=1408, num_moe_experts=64, tokens=2048,
-                   hyper=dict()),
+                   layers=1, hyper=dict()),
 }
 VARIANTS = ("moe", "hypermoe", "hypermoe-allsets", "hypermoe-grouped", "hypermoe-factored",
             "hypermoe-naive")
@@ -51,9 +62,11 @@ VARIANTS = ("moe", "hypermoe", "hypermoe-allsets", "hypermoe-grouped", "hypermoe
 INTERLEAVED = (VARIANTS[:4], VARIANTS[4:])
 
 
-def build_layers(shape: dict, topk: int, device: torch.device, dtype: torch.dtype):
-    """The MoE layer and a HyperMoE layer with the same router and expert weights."""
-    common = dict(num_layers=1, hidden_size=shape["hidden_size"],
+def build_layers(shape: dict, topk: int, device: torch.device, dtype: torch.dtype,
+                 num_layers: int = 1):
+    """``num_layers`` MoE layers and as many HyperMoE layers with the same router and expert
+    weights, and the HyperMoE model (its shared hypernetwork)."""
+    common = dict(num_layers=num_layers, hidden_size=shape["hidden_size"],
                   ffn_hidden_size=shape["ffn_hidden_size"], num_attention_heads=4,
                   num_moe_experts=shape["num_moe_experts"], moe_router_topk=topk,
                   moe_aux_loss_coeff=1e-2)
@@ -62,21 +75,27 @@ def build_layers(shape: dict, topk: int, device: torch.device, dtype: torch.dtyp
     hyper_model = build_gpt_model(make_config("hypermoe", **common, **shape["hyper"]),
                                   vocab_size=128, max_sequence_length=16)
     hyper_model.load_state_dict(moe_model.state_dict(), strict=False)
-    moe_layer = moe_model.decoder.layers[0].mlp.to(device, dtype)
+    moe_layers = [layer.mlp.to(device, dtype) for layer in moe_model.decoder.layers]
     hyper_model.hypernetwork.to(device, dtype)
-    hyper_layer = hyper_model.decoder.layers[0].mlp.to(device, dtype)
-    return moe_layer, hyper_layer, hyper_model
+    hyper_layers = [layer.mlp.to(device, dtype) for layer in hyper_model.decoder.layers]
+    return moe_layers, hyper_layers, hyper_model
 
 
-def run_once(layer, x, grad_out, params):
+def run_once(layers, x, grad_out, params, hypernetwork=None):
+    """Forward and backward of the layers, each on x, as one model step runs them: HyperMoE
+    layers generate their HyperExperts together (``shared_generation``, as HyperMoEGPTModel
+    does), so the hypernetwork's heads are read once per forward and their gradient written
+    once per backward for all layers. Returns (seconds, saved bytes, peak bytes) per layer."""
     counter = SavedActivationBytes(params)
     if x.is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    shared = contextlib.nullcontext() if hypernetwork is None else shared_generation(
+        hypernetwork, [(layer.selection, layer.layer_index) for layer in layers])
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-        out, _ = layer(x)
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t), shared:
+        out = sum(layer(x)[0] for layer in layers)
     out.backward(grad_out)
     if x.is_cuda:
         torch.cuda.synchronize()
@@ -85,7 +104,9 @@ def run_once(layer, x, grad_out, params):
     for p in params:  # (the shared hypernetwork is not a submodule of the layer)
         p.grad = None
     x.grad = None
-    return elapsed, counter.total, peak
+    per_layer = len(layers)
+    return elapsed / per_layer, counter.total / per_layer, \
+        None if peak is None else peak / per_layer
 
 
 def runnable_variants(shape_name: str, topk: int, variants=VARIANTS) -> list:
@@ -96,46 +117,60 @@ def runnable_variants(shape_name: str, topk: int, variants=VARIANTS) -> list:
 
 
 def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=None,
-               variants=VARIANTS):
+               variants=VARIANTS, num_layers=None):
     shape = SHAPES[shape_name]
-    moe_layer, hyper_layer, hyper_model = build_layers(shape, topk, device, dtype)
+    num_layers = num_layers or shape["layers"]
+    moe_layers, hyper_layers, hyper_model = build_layers(shape, topk, device, dtype, num_layers)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(tokens or shape["tokens"], 1, shape["hidden_size"],
                     generator=generator).to(device, dtype)
     x.requires_grad_(True)
     grad_out = torch.randn(x.shape, generator=generator).to(device, dtype)
     impl_of = {"hypermoe": "auto", **{v: v.split("-")[1] for v in VARIANTS[2:]}}
-    hyper_params = list(hyper_layer.parameters()) + list(hyper_model.hypernetwork.parameters())
+    hyper_params = [p for layer in hyper_layers for p in layer.parameters()] + \
+        list(hyper_model.hypernetwork.parameters())
+    moe_params = [p for layer in moe_layers for p in layer.parameters()]
 
     def run(variant):
         if variant == "moe":
-            return run_once(moe_layer, x, grad_out, list(moe_layer.parameters()))
-        hyper_layer.config.hyper_expert_impl = impl_of[variant]
-        return run_once(hyper_layer, x, grad_out, hyper_params)
+            return run_once(moe_layers, x, grad_out, moe_params)
+        hyper_layers[0].config.hyper_expert_impl = impl_of[variant]  # (one config object)
+        return run_once(hyper_layers, x, grad_out, hyper_params, hyper_model.hypernetwork)
 
     variants = runnable_variants(shape_name, topk, variants)
     times = {v: [] for v in variants}
     memory = {}
     for group in INTERLEAVED:
         group = [v for v in group if v in variants]
+        if not group:
+            continue
         for variant in group:
             run(variant)  # warm-up
-        for _ in range(repeats):
-            for variant in group:
+        for repeat in range(repeats):
+            # rotated each repetition: no variant always runs right after the same other one
+            for variant in group[repeat % len(group):] + group[:repeat % len(group)]:
                 elapsed, saved, peak = run(variant)
                 times[variant].append(elapsed)
                 memory[variant] = (saved, peak)
     rows = []
     for variant in variants:
-        rows.append(dict(shape=shape_name, topk=topk, variant=variant,
+        # the median of per-repetition ratios: both runs of a pair share the machine's state
+        paired = [t / m for t, m in zip(times[variant], times["moe"])]
+        rows.append(dict(shape=shape_name, topk=topk, variant=variant, layers=num_layers,
+                         x_moe=statistics.median(paired),
                          impl=None if variant == "moe" else choose_impl(
                              impl_of[variant], x.shape[0], shape["num_moe_experts"], topk,
                              device, shape["hidden_size"], hyper_model.hypernetwork.fc.out_features),
-                         ms=1000 * statistics.median(times[variant]),
+                         ms=1000 * statistics.median(times[variant]), min_ms=1000 * min(times[variant]),
                          saved_mb=memory[variant][0] / 2**20,
                          peak_mb=None if memory[variant][1] is None
                          else memory[variant][1] / 2**20))
     return rows
+
+
+def x_moe(row, moe_row) -> float:
+    """A variant's time over the MoE's: the median of per-repetition ratios where measured."""
+    return row.get("x_moe", row["ms"] / moe_row["ms"])
 
 
 def summarize(rows):
@@ -153,10 +188,10 @@ def summarize(rows):
         over_moe, naive_over_fast, extra_mem = [], [], []
         for case in cases:
             moe, fast, naive = row(case, "moe"), row(case, "hypermoe"), row(case, "hypermoe-naive")
-            over_moe.append(fast["ms"] / moe["ms"])
+            over_moe.append(x_moe(fast, moe))
             extra_mem.append(fast["saved_mb"] / moe["saved_mb"] - 1.0)
             if naive is not None:
-                naive_over_fast.append(naive["ms"] / fast["ms"])
+                naive_over_fast.append(x_moe(naive, moe) / x_moe(fast, moe))
         summary[f"hypermoe_over_moe_time{suffix}"] = max(over_moe)
         summary[f"hypermoe_extra_memory_fraction{suffix}"] = max(extra_mem)
         if naive_over_fast:
@@ -173,6 +208,9 @@ def main():
     parser.add_argument("--topk", default="1,2")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="subset of " + ",".join(VARIANTS) + " (moe and hypermoe always run)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="layers per step, sharing the hypernetwork as in a model "
+                             "(default: the shape's, 4 at GPT-2 width, 1 at hidden 2048)")
     parser.add_argument("--bf16", action="store_true", help="weights and activations in bf16")
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per batch (default: the shape's; GPUs want more)")
@@ -189,20 +227,20 @@ def main():
         for topk in (int(k) for k in args.topk.split(",")):
             print(f"# {shape_name} top-{topk} ...", file=sys.stderr, flush=True)
             rows.extend(bench_case(shape_name, topk, args.repeats, device, dtype, args.tokens,
-                                   variants))
+                                   variants, args.layers))
 
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else \
         platform.processor() or platform.machine()
     print(f"device: {device} ({name}, {torch.get_num_threads()} threads), {str(dtype)[6:]}, "
-          f"torch {torch.__version__}")
-    print(f"{'shape':6} {'top':>3} {'variant':18} {'form':8} {'fwd+bwd ms':>11} {'x moe':>6} "
+          f"torch {torch.__version__}; per-layer figures")
+    print(f"{'shape':6} {'L':>2} {'top':>3} {'variant':18} {'form':8} {'fwd+bwd ms':>11} {'x moe':>6} "
           f"{'saved MB':>9} {'x moe':>6}" + (" peak MB" if device.type == "cuda" else ""))
     for r in rows:
         moe = next(m for m in rows if (m["shape"], m["topk"], m["variant"])
                    == (r["shape"], r["topk"], "moe"))
-        line = (f"{r['shape']:6} {r['topk']:>3} {r['variant']:18} {r['impl'] or '':8} "
+        line = (f"{r['shape']:6} {r['layers']:>2} {r['topk']:>3} {r['variant']:18} {r['impl'] or '':8} "
                 f"{r['ms']:11.1f} "
-                f"{r['ms'] / moe['ms']:6.2f} {r['saved_mb']:9.1f} "
+                f"{x_moe(r, moe):6.2f} {r['saved_mb']:9.1f} "
                 f"{r['saved_mb'] / moe['saved_mb']:6.2f}")
         if r["peak_mb"] is not None:
             line += f" {r['peak_mb']:8.1f}"

@@ -5,8 +5,9 @@
 Runs, each in its own process with its own time limit (under 8 minutes in all on one H100/H200):
 the CUDA tests (`pytest -m gpu tests/test_gpu.py`: kernels and model; bf16 and fp16 training
 runs; save, same-layout and layout-free resume; recompute, sampling, sequence 4096), the layer
-benchmark in bf16 at GPT-2 width and at hidden 2048, and the training-step benchmark in bf16
-(HyperMoE over MoE ratios); then writes a results page with the machine, every step's outcome
+benchmark in bf16 at GPT-2 width and at hidden 2048, the fast-path benchmark in bf16 (SDPA
+against megatron's attention, grouped-GEMM experts against SequentialMLP at 8 and 64 experts,
+sequence 4096 and 8192) and the training-step benchmark in bf16 (HyperMoE over MoE ratios); then writes a results page with the machine, every step's outcome
 and the numbers against the targets (HyperMoE <= 1.15x the MoE, the paper's figure). A step
 that fails or runs out of time is reported as such and the page is still written, so the device
 time is never lost. On an offline GPU node: `bash benchmarks/gpu_run.sh` (README).
@@ -42,13 +43,15 @@ def steps(python: str):
         ("GPU tests: recompute, sampling, sequence 4096",
          pytest + ["recompute or sampling or 4096"], 95),
         ("layer, GPT-2 width", layer + ["--shapes", "gpt2", "--topk", "1,2",
-                                        "--tokens", "16384"], 50),
+                                        "--tokens", "16384"], 45),
         ("layer, hidden 2048", layer + ["--shapes", "wide", "--topk", "2",
-                                        "--tokens", "4096"], 30),
+                                        "--tokens", "4096"], 25),
         ("layer, hidden 2048, 64 experts", layer + ["--shapes", "wide64", "--topk", "2,8",
-                                                    "--tokens", "4096"], 50),
+                                                    "--tokens", "4096"], 45),
+        ("fast path: SDPA and grouped experts, sequence 4096 and 8192",
+         [python, "benchmarks/bench_fast_path.py", "--json", "--bf16", "--repeats", "5"], 25),
         ("training step", [python, "benchmarks/bench_train.py", "--json", "--bf16",
-                           "--steps", "15"], 65),
+                           "--steps", "15"], 60),
     ]
 
 
@@ -116,6 +119,12 @@ def report(machine: dict, results: list) -> str:
               f"{_verdict(step.get('hypermoe_over_moe_step_time'))} |",
               f"| training step, GPT-2 width, worst of top-1/2 | "
               f"{_verdict(step.get('hypermoe_over_moe_step_time_gpt2'))} |"]
+    fast = summary("fast path: SDPA and grouped experts, sequence 4096 and 8192")
+    if fast:
+        lines += ["", "## Fast path (bench_fast_path.py; targets from the CPU: <= 0.25 bytes, "
+                  "<= 0.8 time)", "", "| measure | value |", "|---|---|"]
+        lines += [f"| {key} | {value:.3f} |" for key, value in fast.items()
+                  if key.endswith(tuple("0123456789")) and isinstance(value, float)]
     rows = layer_gpt2.get("rows", []) + [r for run in wide_runs for r in run.get("rows", [])]
     if rows:
         lines += ["", "## Layer benchmark rows", "",

@@ -98,6 +98,10 @@ def test_gpu_check_page_reports_every_step_and_the_targets():
              json=dict(hypermoe_over_moe_time_wide=1.03, rows=[]), tail=""),
         dict(name="layer, hidden 2048, 64 experts", command="bench_layer.py",
              status="timed out after 100 s", seconds=100, json=None, tail="# wide64 top-2 ..."),
+        dict(name="fast path: SDPA and grouped experts, sequence 4096 and 8192",
+             command="bench_fast_path.py", status="passed", seconds=20,
+             json=dict(sdpa_over_local_step_time_seq4096=0.37, device="cuda", rows=[]),
+             tail=""),
         dict(name="training step", command="bench_train.py", status="passed", seconds=40,
              json=dict(hypermoe_over_moe_step_time=1.40, hypermoe_over_moe_step_time_gpt2=1.07),
              tail=""),
@@ -110,6 +114,7 @@ def test_gpu_check_page_reports_every_step_and_the_targets():
     assert "| training step, small config | 1.40x (misses <= 1.15) |" in page
     assert "| training step, GPT-2 width, worst of top-1/2 | 1.07x (meets <= 1.15) |" in page
     assert "| gpt2 | 1 | hypermoe | allsets | 1.50 | 10.0 | 20.0 |" in page
+    assert "| sdpa_over_local_step_time_seq4096 | 0.370 |" in page
     assert "### layer, hidden 2048, 64 experts: timed out after 100 s" in page
     assert "# wide64 top-2" in page
     assert sum(limit for _, _, limit in check.steps("python")) <= 8 * 60
@@ -135,3 +140,25 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line():
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: make gpu-check needs a CUDA GPU")
+
+
+def test_fast_path_benchmark_reports_its_keys(tmp_path):
+    """benchmarks/bench_fast_path.py at a short sequence: its last line is the JSON summary with
+    the attention and experts ratios (the numbers themselves are measured, not tested)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT, environment
+
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_fast_path.py"), "--json",
+         "--seqs", "256", "--experts", "8", "--repeats", "1"],
+        env=environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("sdpa_over_local_activation_bytes_seq256", "sdpa_over_local_step_time_seq256",
+                "grouped_over_sequential_moe_step_time_e8_seq256",
+                "grouped_over_sequential_model_step_time_e8_seq256"):
+        assert summary[key] > 0, key
+    assert summary["sdpa_over_local_activation_bytes_seq256"] < 1  # no s x s scores kept
