@@ -78,6 +78,8 @@ def build_layers(shape: dict, topk: int, device: torch.device, dtype: torch.dtyp
     moe_layers = [layer.mlp.to(device, dtype) for layer in moe_model.decoder.layers]
     hyper_model.hypernetwork.to(device, dtype)
     hyper_layers = [layer.mlp.to(device, dtype) for layer in hyper_model.decoder.layers]
+    for layer in hyper_layers:  # as the trainer runs steps it does not log
+        layer.record_statistics = False
     return moe_layers, hyper_layers, hyper_model
 
 

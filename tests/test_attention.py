@@ -40,6 +40,25 @@ def test_sdpa_equals_local_attention_loss_and_every_gradient(backend, groups):
     assert generate_ids(sdpa, prompt, 6, 16) == generate_ids(local, prompt, 6, 16)
 
 
+def test_sdpa_recomputed_core_attention_equals_local_attention():
+    """Selective recomputation of core_attn (megatron re-runs the SDPA submodule in backward):
+    the same loss and every gradient as megatron's attention kept for backward. (TP=2 with
+    sequence parallelism, EP=2 and PP=2 with SDPA against one process with megatron's
+    attention: tests/test_training.py, test_parallel_equivalence.py,
+    test_pipeline_parallel.py.)"""
+    local, _ = tiny_model("hypermoe", core_attention_backend="local")
+    sdpa, _ = tiny_model("hypermoe", core_attention_backend="auto",
+                         recompute_granularity="selective", recompute_modules=["core_attn"])
+    sdpa.load_state_dict(local.state_dict())
+    assert sdpa.decoder.layers[0].self_attention.checkpoint_core_attention
+    loss_local, grads_local = loss_and_grads(local)
+    loss_sdpa, grads_sdpa = loss_and_grads(sdpa)
+    torch.testing.assert_close(loss_sdpa, loss_local, rtol=1e-6, atol=0)
+    assert grads_sdpa.keys() == grads_local.keys()
+    for name, grad in grads_local.items():
+        assert_close_relative(grads_sdpa[name], grad, rtol=1e-5, what=name)
+
+
 def test_sdpa_dropout_keeps_the_expectation():
     """Dropout draws other masks than megatron's (its own kernel's RNG use), so outputs differ
     draw by draw; what must agree is the expectation: the mean over many draws of either equals
