@@ -21,6 +21,15 @@ def loss_and_grads(model):
                            if p.grad is not None}
 
 
+def assert_same_loss_and_gradients(model, reference):
+    loss_reference, grads_reference = loss_and_grads(reference)
+    loss, grads = loss_and_grads(model)
+    torch.testing.assert_close(loss, loss_reference, rtol=1e-6, atol=0)
+    assert grads.keys() == grads_reference.keys()
+    for name, grad in grads_reference.items():
+        assert_close_relative(grads[name], grad, rtol=1e-5, what=name)
+
+
 @pytest.mark.parametrize("backend", ["auto", "flash"])
 @pytest.mark.parametrize("groups", [None, 2], ids=["mha", "gqa"])
 def test_sdpa_equals_local_attention_loss_and_every_gradient(backend, groups):
@@ -30,12 +39,7 @@ def test_sdpa_equals_local_attention_loss_and_every_gradient(backend, groups):
     attention = sdpa.decoder.layers[0].self_attention.core_attention
     assert isinstance(attention, SDPAttention)
     assert not isinstance(local.decoder.layers[0].self_attention.core_attention, SDPAttention)
-    loss_local, grads_local = loss_and_grads(local)
-    loss_sdpa, grads_sdpa = loss_and_grads(sdpa)
-    torch.testing.assert_close(loss_sdpa, loss_local, rtol=1e-6, atol=0)
-    assert grads_sdpa.keys() == grads_local.keys()
-    for name, grad in grads_local.items():
-        assert_close_relative(grads_sdpa[name], grad, rtol=1e-5, what=name)
+    assert_same_loss_and_gradients(sdpa, local)
     prompt = [3, 1, 4]
     assert generate_ids(sdpa, prompt, 6, 16) == generate_ids(local, prompt, 6, 16)
 
@@ -51,12 +55,7 @@ def test_sdpa_recomputed_core_attention_equals_local_attention():
                          recompute_granularity="selective", recompute_modules=["core_attn"])
     sdpa.load_state_dict(local.state_dict())
     assert sdpa.decoder.layers[0].self_attention.checkpoint_core_attention
-    loss_local, grads_local = loss_and_grads(local)
-    loss_sdpa, grads_sdpa = loss_and_grads(sdpa)
-    torch.testing.assert_close(loss_sdpa, loss_local, rtol=1e-6, atol=0)
-    assert grads_sdpa.keys() == grads_local.keys()
-    for name, grad in grads_local.items():
-        assert_close_relative(grads_sdpa[name], grad, rtol=1e-5, what=name)
+    assert_same_loss_and_gradients(sdpa, local)
 
 
 def test_sdpa_dropout_keeps_the_expectation():

@@ -35,8 +35,12 @@ def flags_args(*flags, moe_type="hypermoe"):
 
 
 def build(moe_type, flags=()):
-    """The tiny model as the flags configure it, same weights whatever the recompute flags."""
-    config = model_config(flags_args(*flags, moe_type=moe_type))
+    """The tiny model as the flags configure it, same weights whatever the recompute flags.
+    Megatron's own attention: ``core_attn`` recomputation drops its [b, heads, s, s] scores;
+    SDPA keeps no scores, so recomputing it saves next to nothing (its softmax statistics, while
+    the checkpoint keeps the mask: tests/test_attention.py checks SDPA recomputed gives the same
+    gradients)."""
+    config = model_config(flags_args(*flags, "--attention-backend", "local", moe_type=moe_type))
     torch.manual_seed(0)
     model = build_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
     if moe_type == "hypermoe":

@@ -367,7 +367,9 @@ def test_tensor_and_expert_parallel_checkpoint_resumes(dataset, single_process_r
                                                        tmp_path):
     """TP=2 x EP=2: save at step 2 (every rank's shard: DeepSpeed's mp_rank files, our expert
     files per EP x TP rank), load into a fresh 4-rank run; step 3 equals the uninterrupted
-    single-process run's. A wrong shard or expert file put back would change the loss."""
+    single-process run's. A wrong shard or expert file put back would change the loss. The run
+    saves with the grouped-GEMM experts and SDPA (the defaults) and resumes with megatron's
+    SequentialMLP and attention: the checkpoint is the same for both."""
     reference, _ = single_process_reference
     layout = [*TINY_MODEL, *dataset, *TP_COMMON, "--tensor-model-parallel-size", "2",
               "--expert-model-parallel-size", "2", "--sequence-parallel",
@@ -378,31 +380,12 @@ def test_tensor_and_expert_parallel_checkpoint_resumes(dataset, single_process_r
         f"experts_ep_rank_{ep:05d}_tp_rank_{tp:02d}.safetensors" for ep in (0, 1) for tp in (0, 1)]
     assert sorted(p.name for p in saved.glob("mp_rank_*_model_states.pt")) == [
         "mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
-    pretrain(*layout, "--load", str(tmp_path / "ckpt"), nproc=4)
+    output = pretrain(*layout, *MEGATRON_KERNELS, "--load", str(tmp_path / "ckpt"), nproc=4)
+    assert "experts: SequentialMLP" in output
     resumed, _ = read_metrics(tmp_path / "m.jsonl")
     assert [r["iteration"] for r in resumed] == [1, 2, 3]
     assert relative(resumed[2]["lm_loss"], reference[2]["lm_loss"]) < 1e-5
     assert relative(resumed[2]["grad_norm"], reference[2]["grad_norm"]) < 1e-5
-
-
-def test_a_checkpoint_of_grouped_experts_resumes_with_sequential_mlp(dataset,
-                                                                    single_process_reference,
-                                                                    tmp_path):
-    """Saved at step 2 with the grouped-GEMM experts (the default), resumed with
-    --no-moe-grouped-gemm and megatron's attention: step 3 equals the uninterrupted run of
-    megatron's SequentialMLP and DotProductAttention. (Both directions, bit for bit, on the
-    state dict: tests/test_grouped_experts.py.)"""
-    reference, _ = single_process_reference
-    common = [*TINY_MODEL, *dataset, *TP_COMMON, "--save", str(tmp_path / "ckpt"),
-              "--metrics-file", str(tmp_path / "m.jsonl")]
-    output = pretrain(*common, "--exit-interval", "2")
-    assert "experts: GroupedGemmExperts" in output
-    output = pretrain(*common, *MEGATRON_KERNELS, "--load", str(tmp_path / "ckpt"))
-    assert "experts: SequentialMLP" in output
-    resumed, _ = read_metrics(tmp_path / "m.jsonl")
-    assert [r["iteration"] for r in resumed] == [1, 2, 3]
-    for key in ("lm_loss", "grad_norm"):
-        assert relative(resumed[2][key], reference[2][key]) < 1e-5, key
 
 
 # Options to reproduce the authors' runs ---------------------------------------------------------
