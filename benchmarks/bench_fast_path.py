@@ -15,7 +15,10 @@ compared in a ``moe`` model with SDPA attention, at 8 experts (top-2) and 64 fin
 experts (top-2, a quarter of the FFN each, as in bench_layer's ``wide64``), two ways: the MoE
 layer alone (router, dispatch, experts, combine: forward + backward on the sequence's tokens;
 the ``..._moe_step_time_e*`` keys) and the whole model's micro-batch (``..._model_step_time``:
-the attention at these lengths costs the same on both sides and dilutes the difference).
+the attention at these lengths costs the same on both sides and dilutes the difference). The MoE
+layer also runs as ``grouped-loop``: the grouped experts with the per-expert loop that replaces
+``torch._grouped_mm`` where torch cannot run it (``grouped_loop_over_sequential_moe_...``), so
+each device measures what its fallback costs.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import platform
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
+from megatron_hypermoe.model import grouped_gemm
 from megatron_hypermoe.model.config import make_config
 from megatron_hypermoe.model.gpt import build_gpt_model, causal_attention_mask
 from megatron_hypermoe.model.memory import SavedActivationBytes
@@ -86,6 +91,21 @@ def moe_layer_step(layer, inputs):
     return elapsed, 0
 
 
+class LoopInsteadOfGroupedMM:
+    """A grouped-experts layer run with the per-expert loop that replaces torch._grouped_mm
+    where torch cannot run it: what that fallback costs here, measured."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x):
+        with mock.patch.object(grouped_gemm, "native_grouped_mm", lambda *args: False):
+            return self.layer(x)
+
+    def zero_grad(self, set_to_none=True):
+        self.layer.zero_grad(set_to_none=set_to_none)
+
+
 def make_batch(seq, device):
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, VOCAB, (1, seq + 1), generator=generator).to(device)
@@ -106,6 +126,34 @@ def compare(models: dict, batch, repeats: int, run=step) -> dict:
     return {name: (statistics.median(times[name]), saved[name]) for name in models}
 
 
+def plot(rows, path, machine):
+    """Each comparison's time and saved-bytes ratio (new over megatron's), one bar per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"attention": "SDPA / local attention", "moe layer": "/ sequential, MoE layer",
+             "model": "/ sequential, micro-batch"}
+    cases = [r for r in rows if r["variant"] in ("sdpa", "grouped", "grouped-loop")]
+    labels = [("" if r["what"] == "attention" else r["variant"] + " ") + names[r["what"]] +
+              f"\nseq {r['seq']}" + (f", {r['experts']} experts" if r["experts"] else "")
+              for r in cases]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(cases) + 1.5), sharey=True)
+    for axis, key, title in ((axes[0], "time_ratio", "step time ratio"),
+                             (axes[1], "saved_ratio", "saved-for-backward bytes ratio")):
+        values = [r.get(key) or 0.0 for r in cases]  # (no bytes for the MoE layer alone)
+        axis.barh(range(len(cases)), values, color=[
+            "tab:green" if v < 0.99 else "tab:red" if v > 1.01 else "tab:gray" for v in values])
+        axis.axvline(1.0, color="black", linewidth=0.8)
+        axis.set_title(title)
+        axis.set_yticks(range(len(cases)), labels, fontsize=8)
+    axes[0].invert_yaxis()  # (shared by both panels)
+    fig.suptitle(f"bench_fast_path.py: new over megatron's (< 1 is better), {machine}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print a JSON summary as last line")
@@ -113,6 +161,7 @@ def main():
     parser.add_argument("--seqs", default="4096,8192")
     parser.add_argument("--experts", default="8,64")
     parser.add_argument("--bf16", action="store_true", help="weights and activations in bf16")
+    parser.add_argument("--plot", default=None, help="also draw the ratios into this PNG")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
@@ -142,6 +191,7 @@ def main():
                       .to(device, dtype) for _ in range(2)]
             hidden[0].requires_grad_(True)
             layers = {name: model.decoder.layers[0].mlp for name, model in models.items()}
+            layers["grouped-loop"] = LoopInsteadOfGroupedMM(layers["grouped"])
             for name, (seconds, _) in compare(layers, hidden, args.repeats,
                                               moe_layer_step).items():
                 rows.append(dict(what="moe layer", seq=seq, experts=num_experts, variant=name,
@@ -169,13 +219,16 @@ def main():
         if r["variant"] == "sdpa":
             summary[f"sdpa_over_local_activation_bytes_seq{r['seq']}"] = r["saved_ratio"]
             summary[f"sdpa_over_local_step_time_seq{r['seq']}"] = r["time_ratio"]
-        elif r["variant"] == "grouped":
-            key = "grouped_over_sequential_{}_step_time_e{}".format(
-                "moe" if r["what"] == "moe layer" else "model", r["experts"])
+        elif r["variant"] in ("grouped", "grouped-loop"):
+            key = "{}_over_sequential_{}_step_time_e{}".format(
+                r["variant"].replace("-", "_"), "moe" if r["what"] == "moe layer" else "model",
+                r["experts"])
             if r["seq"] != 4096:
                 key += f"_seq{r['seq']}"
             summary[key] = r["time_ratio"]
     destroy_distributed()
+    if args.plot:
+        plot(rows, args.plot, f"{name}, {str(dtype)[6:]}")
     if args.json:
         summary.update(device=str(device), dtype=str(dtype)[6:], rows=rows)
         print(json.dumps(summary))
