@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -37,8 +36,8 @@ from megatron_hypermoe.model import grouped_gemm
 from megatron_hypermoe.model.config import make_config
 from megatron_hypermoe.model.gpt import build_gpt_model, causal_attention_mask
 from megatron_hypermoe.model.memory import SavedActivationBytes
-from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
-from megatron_hypermoe.training.cpu_allocator import keep_freed_memory
+from megatron_hypermoe.parallel.distributed import destroy_distributed
+from megatron_hypermoe.training.cpu_allocator import benchmark_device
 
 VOCAB = 256
 # Small enough for 2 CPU cores at 8192 tokens; head size 32 as in small GPTs.
@@ -165,10 +164,7 @@ def main():
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
-    initialize_distributed(seed=0)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu":
-        keep_freed_memory()  # as the trainer does on the CPU (training/cpu_allocator.py)
+    device, device_name = benchmark_device()
     rows = []
     for seq in (int(s) for s in args.seqs.split(",")):
         batch = make_batch(seq, device)
@@ -198,9 +194,7 @@ def main():
                                  ms=1000 * seconds, saved_mb=None))
             del models, layers
 
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else \
-        platform.processor() or platform.machine()
-    print(f"device: {device} ({name}, {torch.get_num_threads()} threads), {str(dtype)[6:]}, "
+    print(f"device: {device} ({device_name}, {torch.get_num_threads()} threads), {str(dtype)[6:]}, "
           f"torch {torch.__version__}")
     print(f"{'what':9} {'seq':>5} {'experts':>7} {'variant':10} {'step ms':>9} {'ratio':>6} "
           f"{'saved MB':>9} {'ratio':>6}")
@@ -228,7 +222,7 @@ def main():
             summary[key] = r["time_ratio"]
     destroy_distributed()
     if args.plot:
-        plot(rows, args.plot, f"{name}, {str(dtype)[6:]}")
+        plot(rows, args.plot, f"{device_name}, {str(dtype)[6:]}")
     if args.json:
         summary.update(device=str(device), dtype=str(dtype)[6:], rows=rows)
         print(json.dumps(summary))

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import math
-import platform
 import statistics
 import sys
 import time
@@ -36,8 +35,8 @@ from megatron_hypermoe.model.config import MAX_ALLSETS, make_config
 from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.hyper_expert import choose_impl, shared_generation
 from megatron_hypermoe.model.memory import SavedActivationBytes
-from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
-from megatron_hypermoe.training.cpu_allocator import keep_freed_memory
+from megatron_hypermoe.parallel.distributed import destroy_distributed
+from megatron_hypermoe.training.cpu_allocator import benchmark_device
 
 SHAPES = {
     "tiny": dict(hidden_size=64, ffn_hidden_size=128, num_moe_experts=4, tokens=256, layers=4,
@@ -163,7 +162,7 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
                          impl=None if variant == "moe" else choose_impl(
                              impl_of[variant], x.shape[0], shape["num_moe_experts"], topk,
                              device, shape["hidden_size"], hyper_model.hypernetwork.fc.out_features),
-                         ms=1000 * statistics.median(times[variant]), min_ms=1000 * min(times[variant]),
+                         ms=1000 * statistics.median(times[variant]),
                          saved_mb=memory[variant][0] / 2**20,
                          peak_mb=None if memory[variant][1] is None
                          else memory[variant][1] / 2**20))
@@ -219,10 +218,7 @@ def main():
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
-    initialize_distributed(seed=0)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu":
-        keep_freed_memory()  # as the trainer does on the CPU (training/cpu_allocator.py)
+    device, device_name = benchmark_device()
     variants = [v for v in VARIANTS if v in {"moe", "hypermoe", *args.variants.split(",")}]
     rows = []
     for shape_name in args.shapes.split(","):
@@ -231,16 +227,16 @@ def main():
             rows.extend(bench_case(shape_name, topk, args.repeats, device, dtype, args.tokens,
                                    variants, args.layers))
 
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else \
-        platform.processor() or platform.machine()
-    print(f"device: {device} ({name}, {torch.get_num_threads()} threads), {str(dtype)[6:]}, "
+    print(f"device: {device} ({device_name}, {torch.get_num_threads()} threads), {str(dtype)[6:]}, "
           f"torch {torch.__version__}; per-layer figures")
-    print(f"{'shape':6} {'L':>2} {'top':>3} {'variant':18} {'form':8} {'fwd+bwd ms':>11} {'x moe':>6} "
+    print(f"{'shape':6} {'L':>2} {'top':>3} {'variant':18} {'form':8} {'fwd+bwd ms':>11} "
+          f"{'x moe':>6} "
           f"{'saved MB':>9} {'x moe':>6}" + (" peak MB" if device.type == "cuda" else ""))
     for r in rows:
         moe = next(m for m in rows if (m["shape"], m["topk"], m["variant"])
                    == (r["shape"], r["topk"], "moe"))
-        line = (f"{r['shape']:6} {r['layers']:>2} {r['topk']:>3} {r['variant']:18} {r['impl'] or '':8} "
+        line = (f"{r['shape']:6} {r['layers']:>2} {r['topk']:>3} {r['variant']:18} "
+                f"{r['impl'] or '':8} "
                 f"{r['ms']:11.1f} "
                 f"{x_moe(r, moe):6.2f} {r['saved_mb']:9.1f} "
                 f"{r['saved_mb'] / moe['saved_mb']:6.2f}")

@@ -7,7 +7,8 @@ the CUDA tests (`pytest -m gpu tests/test_gpu.py`: kernels and model; bf16 and f
 runs; save, same-layout and layout-free resume; recompute, sampling, sequence 4096), the layer
 benchmark in bf16 at GPT-2 width and at hidden 2048, the fast-path benchmark in bf16 (SDPA
 against megatron's attention, grouped-GEMM experts against SequentialMLP at 8 and 64 experts,
-sequence 4096 and 8192) and the training-step benchmark in bf16 (HyperMoE over MoE ratios); then writes a results page with the machine, every step's outcome
+sequence 4096 and 8192) and the training-step benchmark in bf16 (HyperMoE over MoE ratios);
+then writes a results page with the machine, every step's outcome
 and the numbers against the targets (HyperMoE <= 1.15x the MoE, the paper's figure). A step
 that fails or runs out of time is reported as such and the page is still written, so the device
 time is never lost. On an offline GPU node: `bash benchmarks/gpu_run.sh` (README).

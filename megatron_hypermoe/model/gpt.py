@@ -1,9 +1,11 @@
 """GPT models with HyperMoE, MoE or dense MLPs, built from megatron-core's layer specs.
 
 ``get_layer_spec(config)`` returns megatron-core's local (torch-only) GPT layer spec with the MLP
-chosen by ``config.moe_type`` and the core attention by ``config.core_attention_backend`` (torch's
-SDPA, model/attention.py, or megatron's DotProductAttention); for ``hypermoe`` (``moe_adapter``) it swaps megatron's MoELayer
-for HyperMoELayer (AdapterMoELayer) and leaves every other submodule alone. ``build_gpt_model``
+chosen by ``config.moe_type``, the core attention by ``config.core_attention_backend`` (torch's
+SDPA, model/attention.py, or megatron's DotProductAttention) and the experts by
+``config.moe_grouped_gemm`` (model/grouped_experts.py, or megatron's SequentialMLP); for
+``hypermoe`` (``moe_adapter``) it swaps megatron's MoELayer for HyperMoELayer (AdapterMoELayer)
+and leaves every other submodule alone. ``build_gpt_model``
 builds the GPTModel (RoPE positions) and, for ``hypermoe``, the one shared hypernetwork.
 """
 

@@ -45,3 +45,19 @@ def keep_freed_memory() -> bool:
     return all(libc.mallopt(option, value) for option, value in (
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES), (M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES),
         (M_MMAP_MAX, 0)))
+
+
+def benchmark_device():
+    """(device, its name) for a one-process benchmark: megatron's parallel state set up, the GPU
+    when there is one, else the CPU with the trainer's allocator settings (above)."""
+    import platform
+
+    import torch
+
+    from megatron_hypermoe.parallel.distributed import initialize_distributed
+
+    initialize_distributed(seed=0)
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.cuda.get_device_name(0)
+    keep_freed_memory()
+    return torch.device("cpu"), platform.processor() or platform.machine()
