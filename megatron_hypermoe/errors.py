@@ -41,6 +41,11 @@ class CheckpointError(UserError):
         return cls(f"checkpoint file {path} cannot be read, it is truncated or damaged "
                    f"({type(error).__name__}: {detail[:160]})")
 
+    @classmethod
+    def missing_file(cls, path: str) -> "CheckpointError":
+        """A file the checkpoint should hold and does not (not copied, or deleted)."""
+        return cls(f"checkpoint file {path} is missing; the checkpoint is incomplete")
+
 
 class DeepSpeedConfigError(UserError):
     """A bad or contradictory DeepSpeed config."""

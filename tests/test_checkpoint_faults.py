@@ -3,7 +3,9 @@ checkpoint loadable, a damaged or missing newest checkpoint is named in one line
 iteration to load instead (--ckpt-step), re-saving an iteration never leaves 'latest' on a
 missing directory, --save-retain keeps the newest N."""
 
+import copy
 import hashlib
+import json
 import os
 import re
 import resource
@@ -338,3 +340,137 @@ def test_a_damaged_file_in_the_newest_checkpoint_is_named_with_the_step_to_load(
     assert "\n" not in message
     args.ckpt_step = 2
     assert load_checkpoint(engine, args).iteration == 2
+
+
+# A damaged file of the reshard path (layout_free/), resumed in another layout ---------------------
+# A one-process ZeRO-1 checkpoint resumed under ZeRO-2 takes the reshard path: the cheapest layout
+# change. Saved once per module (iterations 2 and 4, in process); each test damages a copy of 4.
+RESHARD_TO = ["--zero-stage", "2"]
+
+
+def _tiny_engine_as_the_trainer_builds_it(save, *flags):
+    """The engine and args of ``pretrain_gpt_hypermoe.py RUN --save/--load save *flags`` (same
+    padded vocabulary), so that the trainer's command line loads what it saves."""
+    from megatron_hypermoe.data.tokenizer import build_tokenizer
+    from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
+    from megatron_hypermoe.training.setup import build_engine, build_model
+
+    args = parse_args([*RUN, "--train-iters", "4", "--save", str(save), "--load", str(save),
+                       *flags])
+    args.padded_vocab_size = padded_vocab_size(build_tokenizer(args).vocab_size, args)
+    engine, _ = build_engine(build_model(model_config(args), args), args)
+    return engine, args
+
+
+@pytest.fixture(scope="module")
+def layout_free_saved(megatron_single_process, tmp_path_factory):
+    from megatron_hypermoe.training.checkpointing import TrainState, save_checkpoint
+
+    save = tmp_path_factory.mktemp("layout_free") / "ckpt"
+    engine, args = _tiny_engine_as_the_trainer_builds_it(save)
+    for iteration in (2, 4):
+        save_checkpoint(engine, args, TrainState(iteration=iteration))
+    assert (save / tag_for(4) / "layout_free" / "index.json").is_file()
+    return save
+
+
+@pytest.fixture(scope="module")
+def resharding_engine(megatron_single_process, layout_free_saved):
+    """An engine of the other layout (loads only set its weights: the checkpoint has no Adam
+    state, so one engine serves every test)."""
+    return _tiny_engine_as_the_trainer_builds_it(layout_free_saved, *RESHARD_TO)
+
+
+def _truncate(path):
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+
+
+def _undecodable_dtype(path):
+    """One fp32 tensor's dtype in the header made one torch has not: safe_open takes the file,
+    only reading that tensor fails."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    key, entry = next((k, v) for k, v in sorted(header.items()) if k.startswith("fp32/") and
+                      (v["data_offsets"][1] - v["data_offsets"][0]) % 3 == 0)
+    start, end = entry["data_offsets"]
+    entry.update(dtype="F6_E2M3", shape=[(end - start) * 8 // 6])  # 6 bits an element
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+
+
+def _without_layout(path):
+    index = json.loads(path.read_text())
+    del index["layout"]
+    path.write_text(json.dumps(index))
+
+
+LAYOUT_FREE_DAMAGE = {
+    "dense_tp_rank_00.safetensors": _truncate,
+    "experts_ep_rank_00000_tp_rank_00.safetensors": lambda p: p.write_bytes(
+        bytes(os.path.getsize(p))),
+    "index.json": _truncate,
+    "index.json-zeros": lambda p: p.write_bytes(bytes(os.path.getsize(p))),
+    "index.json-without-layout": _without_layout,
+    "dense_tp_rank_00.safetensors-read-lazily": _undecodable_dtype,
+    "experts_ep_rank_00000_tp_rank_00.safetensors-missing": os.remove,
+    "index.json-missing": os.remove,
+}
+
+
+def _damage_a_copy(saved, tmp_path, case):
+    """A copy of the saved checkpoints with ``layout_free/<file>`` of iteration 4 damaged as
+    LAYOUT_FREE_DAMAGE[case] says; (load directory, damaged file, what the error says)."""
+    load = tmp_path / "ckpt"
+    shutil.copytree(saved, load)
+    path = load / tag_for(4) / "layout_free" / case.split("-", 1)[0]
+    LAYOUT_FREE_DAMAGE[case](path)
+    said = str(CheckpointError.missing_file(str(path))) if case.endswith("-missing") else \
+        f"checkpoint file {path} cannot be read, it is truncated or damaged"
+    return load, path, said
+
+
+@pytest.mark.parametrize("case", list(LAYOUT_FREE_DAMAGE))
+def test_a_damaged_layout_free_file_is_named_with_the_step_to_load(case, layout_free_saved,
+                                                                   resharding_engine, tmp_path,
+                                                                   capsys):
+    """The reshard path's files as the same-layout ones: a truncated, damaged (also where
+    safetensors finds it only when the tensor is read) or missing file is one line naming it
+    and the iteration to load instead, and that one loads."""
+    from megatron_hypermoe.training.checkpointing import load_checkpoint
+
+    engine, args = resharding_engine
+    load, path, said = _damage_a_copy(layout_free_saved, tmp_path, case)
+    args = copy.copy(args)
+    args.load = str(load)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(engine, args)
+    if case != "index.json-missing":  # (without its index, the path is not taken)
+        assert "resharding from TP 1 EP 1 DP 1 ZeRO 1 to TP 1 EP 1 DP 1 ZeRO 2" in \
+            capsys.readouterr().out
+    message = str(caught.value)
+    assert message.startswith(said), message
+    assert message.endswith("pass --ckpt-step 2 to load the checkpoint of iteration 2 instead")
+    assert "\n" not in message
+    args.ckpt_step = 2
+    assert load_checkpoint(engine, args).iteration == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["dense_tp_rank_00.safetensors", "index.json"])
+def test_the_trainer_resuming_in_another_layout_names_a_damaged_layout_free_file(
+        case, layout_free_saved, tmp_path):
+    """The same through the command line: exit 1, one error line, no traceback."""
+    load, path, said = _damage_a_copy(layout_free_saved, tmp_path, case)
+    result = subprocess.run(pretrain_command(1) + [*RUN, "--train-iters", "4", "--load",
+                                                   str(load), *RESHARD_TO],
+                            env=environment(), capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "resharding from TP 1 EP 1 DP 1 ZeRO 1 to TP 1 EP 1 DP 1 ZeRO 2" in output
+    assert "Traceback" not in output
+    (line,) = error_line(output)
+    assert line.startswith(f"error: {said} (")
+    assert line.endswith("pass --ckpt-step 2 to load the checkpoint of iteration 2 instead")

@@ -8,7 +8,8 @@ id), read with DeepSpeed's public helpers ``safe_get_full_fp32_param`` and
 data-parallel group (for experts: the expert-data-parallel group)::
 
     layout_free/
-        index.json                       the layout that wrote it, Adam's step, engine counters
+        index.json                       the layout that wrote it, Adam's step, engine counters,
+                                         the files below
         dense_tp_rank_00.safetensors     non-expert parameters as TP rank 0 holds them, the
                                          replicated ones, the module's buffers
         dense_tp_rank_01.safetensors     TP rank 1's shards of the tensor-parallel weights
@@ -27,6 +28,9 @@ fragment, no collective, and leave the module's weight alone), then the optimize
 ``update_lp_params`` copies the fp32 masters into the module's weights and all-gathers them over
 the data-parallel groups, as DeepSpeed does after its own universal-checkpoint load.
 
+A missing or damaged file (index, or a file the index lists) stops the load with one line naming
+it, as on the same-layout path (``CheckpointError.missing_file`` / ``damaged_file``).
+
 Not carried across layouts: RNG states (they are per rank; :func:`rng_carries_over`).
 """
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 from typing import Callable, Dict, Optional
 
 import torch
@@ -114,6 +119,8 @@ def needs_reshard(meta: dict, args, directory: str, load_optimizer: bool) -> boo
             # DeepSpeed loads module weights into any DP size / ZeRO stage (today's path).
             _print_rank0(f"loading weights only from {describe(saved)} into {describe(current)}")
             return False
+        if os.path.isdir(os.path.join(directory, DIRECTORY)):  # copied without its index
+            raise CheckpointError.missing_file(os.path.join(directory, DIRECTORY, INDEX_FILE))
         raise CheckpointError(
             f"checkpoint {directory} predates layout-free files, so it loads only in the layout "
             f"that wrote it ({describe(saved)}; this run: {describe(current)}): resume it "
@@ -210,12 +217,17 @@ def gather_layout_free(engine, args) -> Optional[Callable[[str], None]]:
     _drop_earlier_stages_keys(dense)
     dense_name = dense_file_name(parallel_state.get_tensor_model_parallel_rank())
     expert_name = this_rank_expert_file_name()
+    # The index lists every rank's files, so that a load names one that is missing.
+    files = [None] * dist.get_world_size()
+    dist.all_gather_object(files, [name for name, tensors in ((dense_name, dense),
+                                                              (expert_name, experts)) if tensors])
     index = None
     if dist.get_rank() == 0:
         index = {"format": FORMAT, "version": 1,
                  "layout": run_layout(args)._asdict(), "step": step,
                  "engine": {key: int(getattr(engine, key)) for key in ENGINE_COUNTERS},
-                 "loss_scaler": _loss_scaler_state(engine.optimizer)}
+                 "loss_scaler": _loss_scaler_state(engine.optimizer),
+                 "files": sorted(set().union(*files))}
 
     def write(directory: str) -> None:
         out = os.path.join(directory, DIRECTORY)
@@ -261,38 +273,79 @@ def _loss_scaler_state(optimizer) -> dict:
 
 
 # Load ---------------------------------------------------------------------------------------------
+# a layout-free file's name ends with its TP rank
+_FILE_NAME = re.compile(r"\w+_tp_rank_(\d+)\.safetensors")
+
+
+def _read_index(path: str) -> dict:
+    """The parsed index, what a load reads from it checked first: a missing, truncated or
+    damaged index is a CheckpointError naming it."""
+    try:
+        with open(path) as handle:
+            index = json.load(handle)
+    except FileNotFoundError:
+        raise CheckpointError.missing_file(path) from None
+    except (OSError, ValueError) as error:  # not JSON (truncated), not UTF-8, unreadable
+        raise CheckpointError.damaged_file(path, error) from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} index")
+    try:
+        layout = Layout(**index["layout"])
+        int(index["step"])
+        for value in [*index["engine"].values(), *index.get("loss_scaler", {}).values()]:
+            float(value)
+        for name in index.get("files", []):  # (older indexes do not list their files)
+            match = _FILE_NAME.fullmatch(name)
+            if match is None or int(match.group(1)) >= layout.tp:
+                raise ValueError(f"'files' lists {name!r}")
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError.damaged_file(path, error) from None
+    return index
+
+
 class _Tensors:
-    """Every ``layout_free`` file of a checkpoint, opened lazily; a tensor by (TP rank, key)."""
+    """Every ``layout_free`` file of a checkpoint, opened lazily; a tensor by (TP rank, key).
+    A missing, truncated or damaged file is a CheckpointError naming it (one line)."""
 
     def __init__(self, directory: str):
         from safetensors import safe_open
 
         self.directory = os.path.join(directory, DIRECTORY)
-        with open(os.path.join(self.directory, INDEX_FILE)) as handle:
-            self.index = json.load(handle)
-        if self.index.get("format") != FORMAT:
-            raise CheckpointError(f"{self.directory}/{INDEX_FILE} is not a {FORMAT} index")
+        self.index = _read_index(os.path.join(self.directory, INDEX_FILE))
         self.layout = Layout(**self.index["layout"])
-        self.by_tp_rank = [dict() for _ in range(self.layout.tp)]
+        self.by_tp_rank = [dict() for _ in range(self.layout.tp)]  # key -> (handle, path)
         self.handles = []
-        for file_name in sorted(os.listdir(self.directory)):
-            if not file_name.endswith(".safetensors"):
-                continue
-            tp_rank = int(file_name[-len("00.safetensors"):-len(".safetensors")])
-            handle = safe_open(os.path.join(self.directory, file_name), framework="pt")
+        file_names = self.index.get("files")
+        if file_names is None:  # an index written before it listed its files
+            file_names = sorted(name for name in os.listdir(self.directory)
+                                if _FILE_NAME.fullmatch(name))
+        for file_name in file_names:
+            tp_rank = int(_FILE_NAME.fullmatch(file_name).group(1))
+            path = os.path.join(self.directory, file_name)
+            if not os.path.isfile(path):
+                raise CheckpointError.missing_file(path)
+            try:
+                handle = safe_open(path, framework="pt")
+                keys = list(handle.keys())
+            except Exception as error:  # safetensors' own error class, or an OSError
+                raise CheckpointError.damaged_file(path, error) from None
             self.handles.append(handle)
-            for key in handle.keys():
+            for key in keys:
                 if key in self.by_tp_rank[tp_rank]:
                     raise CheckpointError(f"{self.directory}: {key} is in two files of TP rank "
                                           f"{tp_rank}; the checkpoint is damaged")
-                self.by_tp_rank[tp_rank][key] = handle
+                self.by_tp_rank[tp_rank][key] = (handle, path)
 
     def get(self, key: str, tp_rank: int = 0) -> torch.Tensor:
-        handle = self.by_tp_rank[tp_rank].get(key)
-        if handle is None:
+        entry = self.by_tp_rank[tp_rank].get(key)
+        if entry is None:
             raise CheckpointError(f"{self.directory} lacks {key} (TP rank {tp_rank}): a "
                                   "layout-free file is missing; copy the whole checkpoint")
-        return handle.get_tensor(key)
+        handle, path = entry
+        try:  # the data are read here, not at safe_open
+            return handle.get_tensor(key)
+        except Exception as error:  # safetensors' own error class, or an OSError
+            raise CheckpointError.damaged_file(path, error) from None
 
     def full(self, kind: str, global_name: str, gated: bool) -> torch.Tensor:
         """The whole tensor, merged from the saved TP ranks' shards."""
