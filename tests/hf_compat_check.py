@@ -8,6 +8,11 @@ OUT.pt DIR...`` loads each HF directory with
 whatever transformers is importable, and saves its logits and greedy generation (KV cache) to
 OUT.pt; ``--compare A.pt B.pt`` checks two such files agree (max abs logit difference 1e-5,
 identical tokens) and exits non-zero otherwise.
+
+``python tests/hf_compat_check.py --tokenize DIR...`` loads each directory's tokenizer with
+``AutoTokenizer`` as a user with only ``pip install transformers`` would: with protobuf and our
+package hidden, and prints one JSON line of its ids and decodings of TOKENIZER_TEXTS
+(tests/test_hf_conversion.py compares them with the training tokenizer's).
 """
 
 import os
@@ -66,7 +71,42 @@ def compare(path_a, path_b) -> int:
     return 1 if failures else 0
 
 
+# ASCII, unicode, runs of whitespace, digits, the empty text, leading spaces, a newline first,
+# and special tokens spelt out
+TOKENIZER_TEXTS = [
+    "Hello, world. The quick brown fox jumps over the lazy dog!",
+    "Größe über Straße — naïve café, Ælfric; 日本語のテキスト 😀",
+    "a  b   c\t\td\n\n\n e  \n", "1234567890 3.14159 2024-01-01 0x1F", "", " ",
+    "   leading spaces", "\nafter a newline", "trailing spaces   ",
+    "literal </s> and <s> and <unk> and <|endoftext|>", "x\u200by \x00 \u2581meta\u2581",
+]
+HIDDEN_MODULES = ("google.protobuf", "megatron_hypermoe")
+
+
+def tokenize(directories):
+    """The --tokenize mode (see above)."""
+    for name in HIDDEN_MODULES:
+        sys.modules[name] = None  # importing it now fails, as if it were not installed
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") not in (here, ROOT)]
+    import json
+
+    from transformers import AutoTokenizer
+
+    results = {}
+    for directory in directories:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
+        ids = [tokenizer.encode(text) for text in TOKENIZER_TEXTS]
+        decoded = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+        results[directory] = {"ids": ids, "decoded": decoded,
+                              "eos_token_id": tokenizer.eos_token_id,
+                              "class": type(tokenizer).__name__}
+    print(json.dumps(results))
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--tokenize":
+        sys.exit(tokenize(sys.argv[2:]))
     if sys.argv[1] == "--make-exports":
         sys.exit(make_exports(sys.argv[2]))
     if sys.argv[1] == "--compare":

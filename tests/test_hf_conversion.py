@@ -263,17 +263,107 @@ def test_generation_agrees_across_forms_and_with_transformers_generate(checkpoin
         assert text.startswith("The") and len(text) > 3
 
 
-def test_autotokenizer_of_the_export_matches_the_training_tokenizer(exported, corpus_file):
+TOKENIZER_KINDS = ["sentencepiece_bpe", "sentencepiece_unigram", "gpt2_bpe"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_directory(exported, dataset, tmp_path_factory):
+    """tokenizer_directory(kind) -> a directory with the tokenizer files an export writes: the
+    hypermoe export's own (the SentencePiece BPE of tools/train_tokenizer.py), or those that
+    write_tokenizer_files writes for a unigram SentencePiece model or a GPT-2 byte-level BPE
+    trained on the same corpus."""
+    from megatron_hypermoe.data.tokenizer import build_tokenizer
+    from megatron_hypermoe.data.tokenizer_files import tokenizer_args, write_tokenizer_files
+
+    corpus = dataset[dataset.index("--data-path") + 1].replace("ds_text_document",
+                                                                "corpus.jsonl")
+    made = {}
+    root = tmp_path_factory.mktemp("hf_tokenizers")
+
+    def make(kind):
+        if kind == "sentencepiece_bpe":
+            return exported("hypermoe")
+        if kind not in made:
+            if kind == "sentencepiece_unigram":
+                from tools import train_tokenizer
+
+                assert train_tokenizer.main(["--input", corpus, "--vocab-size", "350",
+                                             "--model-type", "unigram",
+                                             "--model-prefix", str(root / "unigram")]) == 0
+                args = tokenizer_args("SentencePieceTokenizer", str(root / "unigram.model"))
+            else:
+                from tokenizers import ByteLevelBPETokenizer
+
+                bpe = ByteLevelBPETokenizer()
+                bpe.train_from_iterator([json.loads(line)["text"] for line in open(corpus)],
+                                        vocab_size=300, special_tokens=["<|endoftext|>"])
+                bpe.save_model(str(root))
+                args = tokenizer_args("GPT2BPETokenizer", vocab_file=str(root / "vocab.json"),
+                                      merge_file=str(root / "merges.txt"))
+            made[kind] = root / kind
+            made[kind].mkdir()
+            write_tokenizer_files(args, build_tokenizer(args), str(made[kind]))
+        return made[kind]
+    return make
+
+
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_autotokenizer_of_the_export_matches_the_training_tokenizer(kind, tokenizer_directory,
+                                                                    corpus_file):
+    """The export's tokenizer.json encodes as the training tokenizer does, token for token
+    (the whitespace runs, a leading space, unicode and the special tokens spelt out included),
+    adds no BOS or EOS, decodes the same, and has its special tokens."""
     from transformers import AutoTokenizer
 
     from megatron_hypermoe.data.tokenizer_files import hf_directory_tokenizer
+    from tests.hf_compat_check import TOKENIZER_TEXTS
 
-    corpus = corpus_file
-    texts = [json.loads(line)["text"] for line in open(corpus)][:40]
-    auto = AutoTokenizer.from_pretrained(str(exported("hypermoe")), trust_remote_code=True)
-    _, ours = hf_directory_tokenizer(str(exported("hypermoe")))
+    directory = tokenizer_directory(kind)
+    assert (directory / "tokenizer.json").is_file()
+    texts = TOKENIZER_TEXTS + [json.loads(line)["text"] for line in open(corpus_file)][:40]
+    auto = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=True)
+    _, ours = hf_directory_tokenizer(str(directory))
+    assert type(auto).__name__ in ("TokenizersBackend", "PreTrainedTokenizerFast")
+    assert auto.eos_token_id == ours.eod
+    if kind.startswith("sentencepiece"):
+        assert (auto.bos_token_id, auto.unk_token_id, auto.pad_token_id) == \
+            (ours.bos, ours.unk, None) and ours.pad == -1
+    # every text comes back whole, but for "▁" (SentencePiece's space) and a GPT-2 special token
+    # spelt out (its id, which decoding drops)
+    lossy = "<|endoftext|>" if kind == "gpt2_bpe" else "\u2581"
     for text in texts:
-        assert auto.encode(text, add_special_tokens=False) == ours.tokenize(text)
+        ids = ours.tokenize(text)
+        assert auto.encode(text) == ids, text
+        assert auto.decode(ids, skip_special_tokens=True) == ours.detokenize(ids), text
+        assert ours.detokenize(ids) == text or lossy in text, text
+
+
+def test_the_export_tokenizer_loads_with_transformers_alone(tokenizer_directory, tmp_path):
+    """AutoTokenizer loads every kind of export where protobuf and our package are not
+    installed (pip install transformers sentencepiece brings no protobuf), to the same ids.
+    With only tokenizer.model (and a LlamaTokenizer config), transformers had to convert the
+    SentencePiece model, which needs protobuf, and failed with a tiktoken error."""
+    import subprocess
+    import sys
+
+    from megatron_hypermoe.data.tokenizer_files import hf_directory_tokenizer
+    from tests.hf_compat_check import TOKENIZER_TEXTS
+    from tests.helpers import REPO_ROOT
+
+    directories = [str(tokenizer_directory(kind)) for kind in TOKENIZER_KINDS]
+    environment = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                   "HF_MODULES_CACHE": str(tmp_path / "modules"), "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "hf_compat_check.py"),
+                             "--tokenize", *directories], cwd=tmp_path, env=environment,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    for directory in directories:
+        _, ours = hf_directory_tokenizer(directory)
+        ids = [ours.tokenize(text) for text in TOKENIZER_TEXTS]
+        assert loaded[directory]["ids"] == ids, directory
+        assert loaded[directory]["decoded"] == [ours.detokenize(i) for i in ids], directory
+        assert loaded[directory]["eos_token_id"] == ours.eod, directory
 
 
 # Bad input: one-line errors, nothing written ------------------------------------------------------
