@@ -52,7 +52,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-from megatron_hypermoe.training.arguments import HYPER_LR_MULT_DEFAULT
+from megatron_hypermoe.training.arguments import HYPER_LR_MULT_DEFAULT, variants_reading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("hypermoe", "moe", "moe_adapter", "dense")
@@ -189,11 +189,18 @@ def variant_flags(variant, args):
         flags += ["--ffn-hidden-size", str(multiple * size["ffn_hidden_size"])]
     else:
         flags += ["--ffn-hidden-size", str(size["ffn_hidden_size"]),
-                  "--num-experts", str(size["num_experts"]), "--moe-router-topk", str(k),
-                  "--hyper-adapter-dim", str(args.hyper_adapter_dim)]
+                  "--num-experts", str(size["num_experts"]), "--moe-router-topk", str(k)]
+    flags += adapter_dim_flags(moe_type, args)
     if moe_type == "hypermoe":  # spelled out: a run's command (--reuse-finished) says its value
         flags += ["--hyper-lr-mult", HYPER_LR_MULT_DEFAULT]
     return flags + option_flags(variant)
+
+
+def adapter_dim_flags(moe_type: str, args) -> list:
+    """--hyper-adapter-dim for the variants that read it (the trainer refuses it elsewhere)."""
+    if moe_type not in variants_reading("hyper_adapter_dim"):
+        return []
+    return ["--hyper-adapter-dim", str(args.hyper_adapter_dim)]
 
 
 def run_name(variant: str) -> str:
@@ -273,7 +280,7 @@ def upcycle_sources(seed, data_path, tokenizer_model, args, devices):
             run([python, os.path.join(ROOT, "tools", "convert_hf_to_checkpoint.py"), "--hf", hf,
                  "--save", target, "--upcycle", "--moe-type", base_type(variant),
                  "--num-experts", str(size["num_experts"]), "--moe-router-topk", str(args.topk),
-                 "--seed", str(seed), "--hyper-adapter-dim", str(args.hyper_adapter_dim),
+                 "--seed", str(seed), *adapter_dim_flags(base_type(variant), args),
                  *option_flags(variant)],
                 env=environment)
             sources[variant] = target

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_hypermoe.model.config import make_config
+from megatron_hypermoe.model.config import VARIANT_HYPER_FIELDS, make_config
 from megatron_hypermoe.model.gpt import build_gpt_model, causal_attention_mask
 from megatron_hypermoe.parallel.distributed import free_port
 from megatron_hypermoe.training.arguments import MODEL_CONFIG_FLAGS, MOE_CONFIG_FLAGS
@@ -79,18 +79,30 @@ def hf_logits(model, ids):
     return model(input_ids=ids, use_cache=False).logits.float()
 
 
-def tiny_flags(**overrides):
-    """The tiny model as pretrain_gpt_hypermoe.py flags (config field names as in TINY)."""
+def tiny_flags(moe_type="hypermoe", **overrides):
+    """The tiny model as pretrain_gpt_hypermoe.py flags (config field names as in TINY), with
+    only the --hyper-* flags that ``moe_type`` reads (the others are refused)."""
     flag_of = {field: flag for flag, field in {**MODEL_CONFIG_FLAGS, **MOE_CONFIG_FLAGS}.items()}
+    flag_of.update({field: field for field in VARIANT_HYPER_FIELDS["hypermoe"]})
+    unread = set(VARIANT_HYPER_FIELDS["hypermoe"]) - set(VARIANT_HYPER_FIELDS[moe_type])
+    if moe_type == "dense":  # (no MoE flag either)
+        unread |= set(MOE_CONFIG_FLAGS.values())
     flags = []
     for field, value in {**TINY, **overrides}.items():
-        flags += ["--" + flag_of[field].replace("_", "-"), str(value)]
+        if field not in unread:
+            flags += ["--" + flag_of[field].replace("_", "-"), str(value)]
     return flags
 
 
 # The tiny model as a training run: sequence 32, micro-batch 2 (the trainer tests' setting).
-TINY_MODEL = tiny_flags() + ["--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-3",
-                             "--log-interval", "1", "--seed", "7"]
+RUN_FLAGS = ["--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-3", "--log-interval",
+             "1", "--seed", "7"]
+TINY_MODEL = tiny_flags() + RUN_FLAGS
+
+
+def tiny_run(moe_type="hypermoe", **overrides):
+    """TINY_MODEL for a variant: ``--moe-type moe_type`` and the --hyper-* flags it reads."""
+    return tiny_flags(moe_type, **overrides) + RUN_FLAGS + ["--moe-type", moe_type]
 
 # Subprocesses -------------------------------------------------------------------------------------
 RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",

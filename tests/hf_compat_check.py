@@ -25,16 +25,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_exports(root):
-    from tests.helpers import TINY_MODEL  # not at the top: recording runs under transformers 4
+    from tests.helpers import tiny_run  # not at the top: recording runs under transformers 4
 
-    tiny = [*TINY_MODEL, "--mock-data", "--vocab-size", "250", "--train-iters", "1"]
+    tiny = ["--mock-data", "--vocab-size", "250", "--train-iters", "1"]
     environment = {**os.environ, "DS_ACCELERATOR": "cpu"}
     for moe_type in ("dense", "moe", "hypermoe"):
         checkpoint, export = os.path.join(root, f"{moe_type}_ckpt"), os.path.join(root, moe_type)
         if os.path.isdir(export):
             continue
-        subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_hypermoe.py"), *tiny,
-                        "--moe-type", moe_type, "--save", checkpoint], check=True,
+        subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_hypermoe.py"),
+                        *tiny_run(moe_type), *tiny, "--save", checkpoint], check=True,
                        env=environment, capture_output=True)
         subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint_to_hf.py"),
                         "--load", checkpoint, "--output", export], check=True, env=environment)

@@ -9,8 +9,9 @@ import pytest
 
 from megatron_hypermoe.errors import (ArgumentError, CheckpointError, ConfigError,
                                       DeepSpeedConfigError)
+from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, HYPER_SIZES, VARIANT_HYPER_FIELDS
 from megatron_hypermoe.training.arguments import parse_args
-from tests.helpers import TINY_MODEL
+from tests.helpers import TINY_MODEL, tiny_run
 
 
 def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
@@ -57,8 +58,12 @@ def test_matching_deepspeed_config_file_is_used(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--global-batch-size", "3"], "--global-batch-size 3 is not divisible by --micro-batch-size"),
-    (["--moe-type", "moe", "--zero-stage", "3"], "ZeRO stage 3 does not support MoE layers"),
+    (["--zero-stage", "3"], "ZeRO stage 3 does not support MoE layers"),
     (["--bf16", "--fp16"], "--bf16 and --fp16 are exclusive"),
+    (["--adam-beta1", "1.8"], "--adam-beta1 1.8 must be in [0, 1)"),
+    (["--adam-eps", "0"], "--adam-eps 0 must be > 0"),
+    (["--seq-length", "64", "--max-position-embeddings", "32"],
+     "--max-position-embeddings 32 is below --seq-length 64"),
 ])
 def test_inconsistent_flags_give_one_line_errors(flags, message):
     with pytest.raises(ArgumentError, match=re.escape(message)) as error:
@@ -84,7 +89,7 @@ def test_args_for_model_records_the_flags_model_config_reads(moe_type):
                                                       args_for_model, model_config)
     from megatron_hypermoe.training.checkpointing import checkpoint_shape
 
-    args = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", "--moe-type", moe_type])
+    args = parse_args([*tiny_run(moe_type), "--mock-data", "--train-iters", "1"])
     args.padded_vocab_size = 128
     config = model_config(args)
     recorded = args_for_model(config, 1, seq_length=args.seq_length, seed=args.seed,
@@ -140,20 +145,62 @@ def test_hyper_lr_mult_takes_a_number_or_the_one_over_d_g_rule():
     assert args.hyper_lr_mult == "1/d_g" and hyper_lr_mult(args) == 1 / 16  # d_g of TINY
     default = parse_args(base)  # the study's choice for hypermoe; nothing to scale elsewhere
     assert default.hyper_lr_mult == "1/d_g" and hyper_lr_mult(default) == 1 / 16
-    tiny_moe = [*TINY_MODEL, "--mock-data", "--train-iters", "1", "--moe-type", "moe"]
+    tiny_moe = [*tiny_run("moe"), "--mock-data", "--train-iters", "1"]
     assert parse_args(tiny_moe).hyper_lr_mult == 1.0
-    assert parse_args(tiny_moe + ["--hyper-lr-mult", "1"]).hyper_lr_mult == 1.0
     for bad in ("fast", "-1"):
         with pytest.raises(SystemExit):
             parse_args(base + ["--hyper-lr-mult", bad])
 
 
-@pytest.mark.parametrize("flag", [["--hyper-init", "normal"], ["--hyper-lr-mult", "0.1"]])
+HYPER_FLAG_VALUES = {"hyper_init": "hyperfanin", "hyper_lr_mult": "1", "hyper_expert_impl": "auto",
+                     **{size.name: str(size.default) for size in HYPER_SIZES}}
+
+
+@pytest.mark.parametrize("dest", sorted(HYPER_FLAG_VALUES))
 @pytest.mark.parametrize("moe_type", ["moe", "moe_adapter", "dense"])
-def test_hypermoe_only_flags_are_refused_for_other_variants(flag, moe_type):
-    with pytest.raises(ArgumentError, match=f"{flag[0]} applies to --moe-type hypermoe only"):
-        parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", "--moe-type", moe_type,
-                    *flag])
+def test_hyper_flags_are_refused_for_variants_that_do_not_read_them(dest, moe_type):
+    """Even at its default value: given, it says the run differs from what it is."""
+    flags = [*tiny_run(moe_type), "--mock-data", "--train-iters", "1",
+             "--" + dest.replace("_", "-"), HYPER_FLAG_VALUES[dest]]
+    if moe_type == "moe_adapter" and dest == "hyper_adapter_dim":  # the adapter's r
+        assert parse_args(flags).hyper_adapter_dim == int(HYPER_FLAG_VALUES[dest])
+        return
+    readers = "hypermoe and moe_adapter" if dest == "hyper_adapter_dim" else "hypermoe"
+    with pytest.raises(ArgumentError, match=re.escape(
+            f"--{dest.replace('_', '-')} applies to --moe-type {readers} only (this run is "
+            f"{moe_type}): drop it")):
+        parse_args(flags)
+
+
+@pytest.mark.parametrize("moe_type", ["hypermoe", "moe_adapter"])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_hyper_sizes_must_be_positive(moe_type, value):
+    for size in HYPER_SIZES:
+        if size.name not in VARIANT_HYPER_FIELDS[moe_type]:
+            continue
+        with pytest.raises(ArgumentError, match=re.escape(
+                f"{size.flag} {value} must be a positive integer")):
+            parse_args([*tiny_run(moe_type), "--mock-data", "--train-iters", "1", size.flag,
+                        value])
+
+
+def test_a_moe_checkpoint_resumes_without_hyper_flags_and_ignores_old_recorded_ones():
+    """The shape check compares the HyperMoE sizes only for the variants that read them: a
+    `moe` checkpoint recorded before this rule (with --hyper-hidden-size -5 among its args)
+    resumes with no --hyper-* flag, a hypermoe one still needs its sizes."""
+    from megatron_hypermoe.training.checkpointing import check_model_shape, checkpoint_shape
+
+    moe = parse_args([*tiny_run("moe"), "--mock-data", "--train-iters", "1"])
+    moe.padded_vocab_size = 128
+    assert not any(name in checkpoint_shape(moe) for name in HYPER_SIZE_NAMES)
+    old_moe = {**checkpoint_shape(moe), "hyper_hidden_size": -5, "hyper_adapter_dim": 64}
+    check_model_shape({"model": old_moe}, moe)
+    hyper = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1"])
+    hyper.padded_vocab_size = 128
+    saved = {**checkpoint_shape(hyper), "hyper_hidden_size": 32}
+    with pytest.raises(CheckpointError, match="checkpoint has hyper_hidden_size=32 but the flags "
+                                              "give 16: pass --hyper-hidden-size 32"):
+        check_model_shape({"model": saved}, hyper)
 
 
 @pytest.mark.parametrize("flags,topk,pre_softmax,renormalize", [
@@ -218,7 +265,7 @@ def test_resuming_with_other_optimizer_groups_is_refused_in_one_line():
     default = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1"])
     with pytest.raises(CheckpointError, match="trained with --hyper-lr-mult 1, this run has "):
         check_optimizer_groups({"args": {}}, default)  # the default changed since: said, not lost
-    moe = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", "--moe-type", "moe"])
+    moe = parse_args([*tiny_run("moe"), "--mock-data", "--train-iters", "1"])
     check_optimizer_groups({"args": {"moe_type": "moe"}}, moe)
 
 
@@ -288,13 +335,21 @@ def test_router_flags_reach_the_model_config(flags, fields):
     (["--moe-expert-capacity-factor", "1", "--moe-pad-expert-input-to-capacity",
       "--moe-min-capacity", "4"], "--moe-min-capacity does not combine"),
     (["--moe-router-fusion"], "needs Transformer Engine"),
-    (["--moe-type", "dense", "--moe-expert-capacity-factor", "1"],
-     "--moe-expert-capacity-factor applies to MoE layers"),
 ])
 def test_router_flag_combinations_megatron_refuses_are_one_line_errors(flags, message):
     with pytest.raises(ArgumentError, match=re.escape(message)) as error:
         parse_args(BASE + flags)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("flags", [["--moe-expert-capacity-factor", "1"], ["--num-experts", "4"],
+                                   ["--moe-router-topk", "2"], ["--no-moe-grouped-gemm"],
+                                   ["--moe-ffn-hidden-size", "64"]])
+def test_moe_flags_are_refused_for_a_dense_run(flags):
+    with pytest.raises(ArgumentError, match=re.escape(
+            f"{flags[0].replace('--no-', '--')} applies to MoE layers (this run is --moe-type "
+            "dense): drop it")):
+        parse_args([*tiny_run("dense"), "--mock-data", "--train-iters", "1", *flags])
 
 
 def test_a_checkpoint_from_before_the_router_flags_loads_with_the_routing_it_trained_with():

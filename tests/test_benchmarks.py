@@ -5,6 +5,7 @@ import importlib.util
 
 import pytest
 
+from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
 from tests.helpers import REPO_ROOT
 
 
@@ -47,6 +48,25 @@ def test_compare_variants_trainer_accepts_every_option():
     config = model_config(run)
     assert (config.hyper_adapter_dim, config.hyper_hidden_size, config.hyper_init,
             config.moe_router_renormalize, hyper_lr_mult(run)) == (16, 32, "normal", True, 1 / 32)
+
+
+def test_compare_variants_runs_differ_only_in_what_makes_the_variant():
+    """The MoE, static-adapter and HyperMoE runs of the study get the same flags but their
+    own (parsed and compared field by field: a flag one variant silently lacked would show)."""
+    from megatron_hypermoe.training.arguments import parse_args
+
+    compare = load_script("compare_variants")
+    args = compare.parse_args(["--quick"])
+    parsed = {variant: vars(parse_args(compare.train_command(
+        variant, 1234, "data/x", "tok.model", args, 10, "runs/metrics.jsonl")[2:]))
+        for variant in ("moe", "moe_adapter", "hypermoe")}
+
+    def differing(a, b):
+        return {key for key in parsed[a] if parsed[a][key] != parsed[b][key]}
+
+    assert differing("moe", "moe_adapter") == {"moe_type", "hyper_adapter_dim"}
+    assert differing("moe", "hypermoe") == {"moe_type", "hyper_lr_mult", "hyper_expert_impl",
+                                            "hyper_init", *HYPER_SIZE_NAMES}
 
 
 def test_compare_variants_run_command_does_not_depend_on_jobs():

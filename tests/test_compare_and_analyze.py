@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO_ROOT, TINY_MODEL, environment, pretrain
+from tests.helpers import REPO_ROOT, environment, pretrain, tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_upcycled_comparison_starts_every_variant_from_the_dense_source(dataset,
     ("moe", {"expert_load.png"}),
 ])
 def test_analyze_experts_writes_its_plots_and_summary(moe_type, pngs, dataset, tmp_path):
-    pretrain(*TINY_MODEL, *dataset, "--moe-type", moe_type, "--train-iters", "3",
+    pretrain(*tiny_run(moe_type), *dataset, "--train-iters", "3",
              "--save", str(tmp_path / "ckpt"))
     corpus = dataset[dataset.index("--data-path") + 1].replace("ds_text_document",
                                                                "corpus.jsonl")

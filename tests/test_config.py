@@ -45,7 +45,8 @@ def test_paper_defaults_and_variants():
     assert sizes == (64, 128, 128, 128, 128, 10)
     assert config.moe_router_pre_softmax  # top-1 routes Switch-style
     assert config.moe_ffn_hidden_size == 64
-    # The hyper sizes are not checked for the variants that do not use them.
+    # The config does not check the hyper sizes of the variants that do not read them (their
+    # flags are refused: tests/test_arguments.py).
     assert make_config("moe", **{**TINY, "hyper_adapter_dim": 0}).moe_type == "moe"
     dense = make_config("dense", **TINY)
     assert dense.num_moe_experts is None and dense.moe_ffn_hidden_size is None
@@ -58,7 +59,7 @@ def test_the_hyper_sizes_are_defined_once():
 
     from megatron_hypermoe.hf.configuration_hypermoe import HyperMoeConfig
     from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, HYPER_SIZES
-    from megatron_hypermoe.training.arguments import default_args
+    from megatron_hypermoe.training.arguments import HYPER_FLAG_DEFAULTS, parse_args
     from megatron_hypermoe.training.checkpointing import SHAPE_FIELDS
 
     paper = {size.name: size.default for size in HYPER_SIZES}
@@ -68,8 +69,9 @@ def test_the_hyper_sizes_are_defined_once():
     model_only = {k: v for k, v in TINY.items() if k not in HYPER_SIZE_NAMES}
     config = make_config("hypermoe", **model_only)
     assert {name: getattr(config, name) for name in HYPER_SIZE_NAMES} == paper
-    args = default_args()
+    args = parse_args(["--mock-data", "--train-iters", "1"])  # a hypermoe run's flags
     assert {name: getattr(args, name) for name in HYPER_SIZE_NAMES} == paper
+    assert {name: HYPER_FLAG_DEFAULTS[name] for name in HYPER_SIZE_NAMES} == paper
     assert [f for f in SHAPE_FIELDS if f.startswith("hyper_")] == list(HYPER_SIZE_NAMES)
     hf_defaults = inspect.signature(HyperMoeConfig.__init__).parameters
     assert {name: hf_defaults[name].default for name in HYPER_SIZE_NAMES} == paper

@@ -16,7 +16,7 @@ from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.ds_config import (CHECKED, HONOURED, REFUSED, SECTION_KEYS,
                                                   STAGE3, TOP_LEVEL_KEYS, decision_table,
                                                   resolve_config)
-from tests.helpers import REPO_ROOT, TINY_MODEL, batch, child_environment
+from tests.helpers import REPO_ROOT, TINY_MODEL, batch, child_environment, tiny_run
 
 # Read by deepspeed.initialize rather than DeepSpeedConfig (the probe below cannot see them).
 READ_OUTSIDE_DEEPSPEED_CONFIG = {"sequence_parallel_size", "data_parallel_size"}
@@ -78,10 +78,10 @@ def test_every_key_deepspeed_reads_is_classified_and_nothing_else_is():
     assert {rule.action for rule in TOP_LEVEL_KEYS.values()} <= {HONOURED, CHECKED, REFUSED}
 
 
-def args_with_config(tmp_path, config, *flags):
+def args_with_config(tmp_path, config, *flags, moe_type="hypermoe"):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
-    return parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
+    return parse_args([*tiny_run(moe_type), "--mock-data", "--train-iters", "1",
                        "--deepspeed_config", str(path), *flags])
 
 
@@ -118,8 +118,7 @@ def test_refusals_say_what_to_use_instead(config, expected, tmp_path):
 
 def test_comments_and_stage3_keys_with_stage_3_pass(tmp_path):
     args = args_with_config(tmp_path, {"_comment": "x", "zero_optimization": {
-        "stage": 3, "stage3_max_live_parameters": 1000}}, "--moe-type", "dense",
-        "--zero-stage", "3")
+        "stage": 3, "stage3_max_live_parameters": 1000}}, "--zero-stage", "3", moe_type="dense")
     resolved = resolve_config(args)
     assert "_comment" not in resolved
     assert resolved["zero_optimization"]["stage3_max_live_parameters"] == 1000

@@ -18,7 +18,7 @@ from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.inference.model_source import build_megatron_model, load_hf_model
 from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
 from tests.helpers import (TINY, TINY_MODEL, hf_logits, megatron_logits, pretrain,
-                           random_tokens, run_tool)
+                           random_tokens, run_tool, tiny_run)
 
 pytestmark = [pytest.mark.usefixtures("megatron_single_process"), pytest.mark.slow]
 
@@ -58,8 +58,10 @@ def checkpoint(dataset, tmp_path_factory):
         if name not in made:
             flags, nproc = RUNS[name]
             save = root / name
-            pretrain(*TINY_MODEL, *dataset, "--train-iters", "2", "--global-batch-size", "4",
-                     *flags, "--save", str(save), nproc=nproc)
+            moe_type = flags[flags.index("--moe-type") + 1] if "--moe-type" in flags \
+                else "hypermoe"
+            pretrain(*tiny_run(moe_type), *dataset, "--train-iters", "2",
+                     "--global-batch-size", "4", *flags, "--save", str(save), nproc=nproc)
             made[name] = save
         return made[name]
     return make
@@ -429,6 +431,13 @@ def test_import_refusals(exported, tmp_path):
     (scaled / "config.json").write_text(json.dumps(config))
     output = convert_back(scaled, tmp_path / "c", expect=1)
     assert "rope scaling" in output and not (tmp_path / "c").exists()
+    for moe_type, flags in (("moe", ["--hyper-hidden-size", "8"]),
+                            ("moe_adapter", ["--hyper-init", "normal"]),
+                            ("moe", ["--hyper-lr-mult", "1"])):
+        output = convert_back(exported("dense"), tmp_path / "d", "--upcycle", "--moe-type",
+                              moe_type, "--num-experts", "4", *flags, expect=1)
+        assert f"{flags[0]} does not apply to --moe-type {moe_type}: drop it" in output, output
+        assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])

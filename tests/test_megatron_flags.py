@@ -65,9 +65,10 @@ def test_help_shows_every_default():
 # The Mixtral example --------------------------------------------------------------------------------
 def mixtral_example(tokenizer_model, checkpoint_dir):
     """Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh flags, in its order,
-    shrunk in sizes only, on mock data. Two changes: --pipeline-model-parallel-size 4 -> 1 (the
+    shrunk in sizes only, on mock data. Changes: --pipeline-model-parallel-size 4 -> 1 (the
     2-layer model on 2 processes with EP=2; pipeline parallelism, which also refuses the
-    script's --overlap-grad-reduce, is tested in test_pipeline_parallel.py)."""
+    script's --overlap-grad-reduce, is tested in test_pipeline_parallel.py), and mock data
+    instead of the script's --data-path and --split."""
     return [
         "--use-mcore-models", "--disable-bias-linear", "--seq-length", "32",
         "--max-position-embeddings", "128", "--num-layers", "2", "--hidden-size", "64",
@@ -81,9 +82,10 @@ def mixtral_example(tokenizer_model, checkpoint_dir):
         "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "1e-2",
         "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall", "--overlap-param-gather",
         "--overlap-grad-reduce",
-        # DATA_ARGS (mock data instead of --data-path)
+        # DATA_ARGS (mock data instead of --data-path and the --split 99990,8,2 that goes
+        # with it: megatron-core's mock dataset reads neither, so --split is refused there)
         "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", tokenizer_model,
-        "--mock-data", "--split", "99990,8,2",
+        "--mock-data",
         # TRAINING_ARGS
         "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-4",
         "--train-iters", "3", "--lr-decay-iters", "2", "--lr-decay-style", "cosine",

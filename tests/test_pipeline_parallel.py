@@ -5,7 +5,8 @@ in one process. (The Hugging Face export of a PP=2 checkpoint: tests/test_hf_con
 import pytest
 from safetensors import safe_open
 
-from tests.helpers import MEGATRON_KERNELS, TINY_MODEL, pretrain, read_metrics, relative, run_torchrun
+from tests.helpers import (MEGATRON_KERNELS, TINY_MODEL, pretrain, read_metrics, relative,
+                           run_torchrun, tiny_run)
 from tests.test_training import generated_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -28,7 +29,7 @@ def reference(dataset, tmp_path_factory):
     def make(moe_type):
         if moe_type not in made:
             metrics = tmp_path_factory.mktemp(f"pp_reference_{moe_type}") / "one.jsonl"
-            output = pretrain(*TINY_MODEL, *dataset, *PP_COMMON, "--moe-type", moe_type,
+            output = pretrain(*tiny_run(moe_type), *dataset, *PP_COMMON,
                               *MEGATRON_KERNELS, "--metrics-file", str(metrics))
             made[moe_type] = (*read_metrics(metrics), generated_sample(output))
         return made[moe_type]
@@ -69,7 +70,7 @@ def test_pipeline_parallel_run_matches_single_process_run(moe_type, nproc, layou
     layer at each of 3 steps, the validation loss and the sampled text equal one process's.
     PP=2 x EP=2 runs 4 ranks: 2 stages, each with 2 expert-parallel ranks."""
     metrics = tmp_path / "pp.jsonl"
-    output = pretrain(*TINY_MODEL, *dataset, *PP_COMMON, "--moe-type", moe_type, *layout,
+    output = pretrain(*tiny_run(moe_type), *dataset, *PP_COMMON, *layout,
                       "--metrics-file", str(metrics), nproc=nproc)
     assert "PP 2 (1 layers per stage)" in output
     assert_same_run(metrics, output, reference(moe_type), last_forward_too=nproc == 2)

@@ -13,7 +13,7 @@ from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
 from megatron_hypermoe.model.memory import SavedActivationBytes
 from megatron_hypermoe.training.arguments import model_config, parse_args
-from tests.helpers import SEQ, TINY_MODEL, VOCAB, batch, lm_loss
+from tests.helpers import SEQ, TINY_MODEL, VOCAB, batch, lm_loss, tiny_run
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -30,7 +30,7 @@ MODES = {
 
 
 def flags_args(*flags, moe_type="hypermoe"):
-    return parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", "--moe-type", moe_type,
+    return parse_args([*tiny_run(moe_type), "--mock-data", "--train-iters", "1",
                        *flags])
 
 

@@ -12,7 +12,7 @@ from megatron.core.transformer.moe.moe_utils import get_capacity, get_default_pg
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_hypermoe.model.router import TopKRouterBeforeCapacity, capacity_factor_with_minimum
-from tests.helpers import batch, ep_case_model, lm_loss, tiny_config
+from tests.helpers import batch, ep_case_model, lm_loss, tiny_config, tiny_run
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -227,11 +227,10 @@ def test_export_refuses_routing_hugging_face_cannot_compute(flags, message, moe_
     from megatron_hypermoe.errors import CheckpointError
     from megatron_hypermoe.training.arguments import parse_args
     from megatron_hypermoe.training.checkpoint_reader import Checkpoint
-    from tests.helpers import TINY_MODEL
 
     def checkpoint(extra):
-        args = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
-                           "--moe-type", moe_type, "--moe-router-renormalize", *extra])
+        args = parse_args([*tiny_run(moe_type), "--mock-data", "--train-iters", "1",
+                           "--moe-router-renormalize", *extra])
         args.padded_vocab_size = 128
         return Checkpoint(directory="unused", meta={"args": vars(args)}, state={})
 

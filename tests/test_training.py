@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from megatron_hypermoe.parallel.distributed import free_port
-from tests.helpers import (MEGATRON_KERNELS, REPO_ROOT, TINY_MODEL, environment, error_line, pretrain,
-                           pretrain_command, read_metrics, relative, tensorboard_tags,
-                           tiny_flags)
+from tests.helpers import (MEGATRON_KERNELS, REPO_ROOT, TINY_MODEL, environment, error_line,
+                           pretrain, pretrain_command, read_metrics, relative, tensorboard_tags,
+                           tiny_flags, tiny_run)
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +23,19 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("moe_type", ["hypermoe", "moe", "dense"])
 def test_single_process_run_writes_documented_metrics(moe_type, dataset, tmp_path):
     metrics, tb = tmp_path / "metrics.jsonl", tmp_path / "tb"
-    output = pretrain(*TINY_MODEL, *dataset, "--moe-type", moe_type, "--train-iters", "4",
+    per_layer = ["--moe-per-layer-logging"] if moe_type != "dense" else []
+    output = pretrain(*tiny_run(moe_type), *dataset, "--train-iters", "4",
                       "--eval-interval", "2", "--eval-iters", "2", "--metrics-file", str(metrics),
                       "--tensorboard-dir", str(tb), "--log-throughput",
                       "--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
-                      "--log-batch-size-to-tensorboard")
+                      "--log-batch-size-to-tensorboard", *per_layer,
+                      "--generate-prompt", "First Citizen", "--generate-tokens", "3")
     assert "lm loss" in output and "tokens/s" in output and "TFLOP/s/device" in output
+    sample = output.split("---- generated sample ----\n", 1)[1]
+    assert sample.startswith("First Citizen"), sample[:80]  # --generate-prompt
     train, valid = read_metrics(metrics)
+    if per_layer:  # one value per layer
+        assert len(train[0]["aux_loss_per_layer"]) == 2, sorted(train[0])
     assert [r["iteration"] for r in train] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["lm_loss"])) for r in train)
     assert [r["iteration"] for r in valid] == [2, 4]
@@ -55,7 +61,7 @@ def test_single_process_run_writes_documented_metrics(moe_type, dataset, tmp_pat
 @pytest.mark.parametrize("moe_type", ["hypermoe", "moe", "dense"])
 def test_two_process_data_parallel_run(moe_type, dataset, tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    output = pretrain(*TINY_MODEL, *dataset, "--moe-type", moe_type, "--train-iters", "3",
+    output = pretrain(*tiny_run(moe_type), *dataset, "--train-iters", "3",
                       "--global-batch-size", "8", "--zero-stage", "2",
                       "--metrics-file", str(metrics), nproc=2)
     assert ("2 rank(s), TP 1, EP 1, DP 2, global batch 8 (2 micro-batch(es) of 2 per rank)"
@@ -234,6 +240,24 @@ def test_eval_only_and_finetune(dataset, tmp_path):
     assert [r["iteration"] for r in train] == [1]
 
 
+def test_a_resume_restores_the_rng_unless_no_load_rng(dataset, tmp_path):
+    """With dropout the RNG state shows in the loss: resumed at iteration 2, iteration 3 equals
+    the uninterrupted run's; with --no-load-rng (Megatron's meaning) it draws other masks."""
+    common = [*TINY_MODEL, *dataset, "--hidden-dropout", "0.2", "--train-iters", "3"]
+    save = str(tmp_path / "ck")
+    pretrain(*common, "--save", save, "--save-interval", "2",
+             "--metrics-file", str(tmp_path / "whole.jsonl"))
+    losses = {}
+    for name, flags in (("rng", []), ("no_rng", ["--no-load-rng"])):
+        pretrain(*common, "--load", save, "--ckpt-step", "2", *flags,
+                 "--metrics-file", str(tmp_path / f"{name}.jsonl"))
+        losses[name] = read_metrics(tmp_path / f"{name}.jsonl")[0][-1]
+    whole = read_metrics(tmp_path / "whole.jsonl")[0][-1]
+    assert whole["iteration"] == losses["rng"]["iteration"] == 3
+    assert losses["rng"]["lm_loss"] == whole["lm_loss"]
+    assert losses["no_rng"]["lm_loss"] != whole["lm_loss"]
+
+
 TP_COMMON = ["--train-iters", "3", "--zero-stage", "2", "--clip-grad", "0.5",
              "--global-batch-size", "4", "--generate-tokens", "12"]
 
@@ -292,7 +316,7 @@ def test_expert_parallel_run_matches_single_expert_rank_run(moe_type, dispatcher
     metrics = {}
     for ep in ("1", "2"):
         metrics[ep] = tmp_path / f"ep{ep}.jsonl"
-        pretrain(*TINY_MODEL, *dataset, "--moe-type", moe_type, "--train-iters", "4",
+        pretrain(*tiny_run(moe_type), *dataset, "--train-iters", "4",
                  "--moe-token-dispatcher-type", dispatcher, "--zero-stage", "2",
                  "--clip-grad", "0.5", "--global-batch-size", "4",
                  "--expert-model-parallel-size", ep, "--metrics-file", str(metrics[ep]), nproc=2)

@@ -19,9 +19,10 @@ import re
 from typing import Optional
 
 from megatron_hypermoe.data.tokenizer_files import hf_directory_tokenizer
-from megatron_hypermoe.errors import CheckpointError
+from megatron_hypermoe.errors import ArgumentError, CheckpointError
 from megatron_hypermoe.hf.mapping import NameMapShape, from_hf
-from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, make_config, routing_fields
+from megatron_hypermoe.model.config import (HYPER_SIZE_NAMES, VARIANT_HYPER_FIELDS, make_config,
+                                            routing_fields)
 
 SOURCE_TYPES = {"llama": "dense", "mixtral": "moe", "hypermoe": "hypermoe"}
 # What each transformers config class assumes when config.json leaves rms_norm_eps out.
@@ -163,6 +164,13 @@ def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[
                               "softmax/--hyper-* only apply with --upcycle; otherwise they come "
                               "from the model")
     target = (moe_type or "hypermoe") if upcycle else source
+    unread = [name for name in upcycle_fields if name.startswith("hyper_")
+              and name not in VARIANT_HYPER_FIELDS[target]]
+    if hyper_lr_mult is not None and target != "hypermoe":
+        unread.append("hyper_lr_mult")
+    if unread:  # as the trainer refuses them (training/arguments.py resolve_hyper_flags)
+        raise ArgumentError(f"--{unread[0].replace('_', '-')} does not apply to --moe-type "
+                            f"{target}: drop it")
     if hyper_lr_mult is None and source == "hypermoe":  # as it trained (1 before it was recorded)
         hyper_lr_mult = hf_config.get("hyper_lr_mult", 1.0)
     tokenizer_args, tokenizer = hf_directory_tokenizer(hf_dir)

@@ -160,5 +160,10 @@ def build_data_loader(dataset, consumed_samples: int, micro_batch_size: int,
         return None
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                  data_parallel_rank, data_parallel_size)
+    # Its own generator: each new iterator draws a worker base seed, from torch's global
+    # generator by default, which on the CPU also draws the dropout masks; a resumed run makes
+    # its iterators at another point of that stream than the run it continues did. (The batches
+    # are the sampler's, fixed by consumed_samples; the seed only seeds workers.)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(),
+                                       generator=torch.Generator().manual_seed(0))

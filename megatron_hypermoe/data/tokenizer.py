@@ -45,10 +45,20 @@ def _require(value: Optional[str], flag: str, tokenizer_type: str, kind: str = "
         raise DataError(f"{flag} {value} is not an existing {kind}")
 
 
+# The file flags each tokenizer type reads (a file given to another type would do nothing).
+FILES_READ = {**{kind: ("tokenizer_model",) for kind in SENTENCEPIECE_TYPES},
+              "HuggingFaceTokenizer": ("tokenizer_model",),
+              "GPT2BPETokenizer": ("vocab_file", "merge_file"), "NullTokenizer": ()}
+
+
 def validate_tokenizer_args(args) -> None:
     kind = args.tokenizer_type
     if kind is None:
         raise DataError("--tokenizer-type is required: one of " + ", ".join(TOKENIZER_TYPES))
+    for dest in ("tokenizer_model", "vocab_file", "merge_file"):
+        if getattr(args, dest, None) and dest not in FILES_READ[kind]:
+            raise DataError(f"--{dest.replace('_', '-')} is not read by --tokenizer-type {kind}: "
+                            "drop it or pick the type that reads it")
     if kind in SENTENCEPIECE_TYPES:
         _require(args.tokenizer_model, "--tokenizer-model", kind)
     elif kind == "HuggingFaceTokenizer":

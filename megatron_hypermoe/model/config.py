@@ -60,6 +60,14 @@ HYPER_SIZES = (
               "layer embedding in the shared hypernetwork"),
 )
 HYPER_SIZE_NAMES = tuple(size.name for size in HYPER_SIZES)
+# The HyperMoE fields each variant's model reads. A flag for any other is refused, and a
+# checkpoint's shape check compares only these (a `moe` checkpoint resumes without --hyper-*).
+VARIANT_HYPER_FIELDS = {
+    "hypermoe": (*HYPER_SIZE_NAMES, "hyper_expert_impl", "hyper_init"),
+    "moe_adapter": ("hyper_adapter_dim",),  # the static adapter's bottleneck r
+    "moe": (),
+    "dense": (),
+}
 
 # The size fields as a dataclass of their own, mixed into HyperMoEConfig below.
 HyperSizes = dataclasses.make_dataclass(

@@ -23,8 +23,8 @@ from megatron_hypermoe.training.ds_config import add_deepspeed_args, check_deeps
 from megatron_hypermoe.training.checkpoint_files import (add_checkpoint_file_args,
                                                          check_checkpoint_file_args)
 from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
-                                            HYPER_SIZES, MOE_TYPES, HyperMoEConfig,
-                                            make_config)
+                                            HYPER_SIZES, MOE_TYPES, VARIANT_HYPER_FIELDS,
+                                            HyperMoEConfig, make_config)
 from megatron_hypermoe.training.router_arguments import (ROUTER_CONFIG_FLAGS, add_router_args,
                                                          check_router_args)
 from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_schedule_args,
@@ -56,10 +56,8 @@ MOE_CONFIG_FLAGS = {
     "moe_aux_loss_coeff": "moe_aux_loss_coeff", "moe_z_loss_coeff": "moe_z_loss_coeff",
     "moe_token_dispatcher_type": "moe_token_dispatcher_type",
     "expert_model_parallel_size": "expert_model_parallel_size",
-    "hyper_expert_impl": "hyper_expert_impl", "hyper_init": "hyper_init",
     "moe_router_pre_softmax": "moe_router_pre_softmax",
     "moe_router_renormalize": "moe_router_renormalize",
-    **{name: name for name in HYPER_SIZE_NAMES},
     **ROUTER_CONFIG_FLAGS,
     **EXPERTS_CONFIG_FLAGS,
 }
@@ -130,17 +128,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("HyperMoE (paper defaults)")
     add_hyper_size_args(g)
-    g.add_argument("--hyper-expert-impl", choices=HYPER_EXPERT_IMPLS, default="auto")
-    g.add_argument("--hyper-init", choices=HYPER_INITS, default="hyperfanin",
+    g.add_argument("--hyper-expert-impl", choices=HYPER_EXPERT_IMPLS, default=None,
+                   help="how the HyperExpert is computed (model/hyper_expert.py; default: "
+                        f"{HYPER_FLAG_DEFAULTS['hyper_expert_impl']}; hypermoe only)")
+    g.add_argument("--hyper-init", choices=HYPER_INITS, default=None,
                    help="the four weight heads: the paper's hyperfanin x 1e-3 (the HyperExpert "
                         "starts near 0), or N(0, --init-method-std) as the authors' GPT-2 runs "
-                        "actually started")
+                        f"actually started (default: {HYPER_FLAG_DEFAULTS['hyper_init']}; "
+                        "hypermoe only)")
     g.add_argument("--hyper-lr-mult", type=hyper_lr_mult_value, default=None,
                    help="learning-rate multiplier for the hypernetwork's generating weights "
                         "(its fc and the four heads' weights): a number, or 1/d_g (each "
                         "generated entry sums d_g head weights, so their effective step is d_g "
                         f"times a static weight's). Default {HYPER_LR_MULT_DEFAULT} (the paper "
-                        "trained with 1: docs/HYPERMOE_VS_MOE.md)")
+                        "trained with 1: docs/HYPERMOE_VS_MOE.md); hypermoe only")
 
     g = parser.add_argument_group("batch and optimisation")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -173,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="PREFIX... or WEIGHT PREFIX WEIGHT PREFIX...")
-    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--split", default=None,
+                   help=f"train,valid,test weights (default: {DEFAULT_SPLIT}, Megatron's)")
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--mock-data", action="store_true")
     g.add_argument("--num-workers", type=int, default=0, help="data loader workers")
@@ -236,6 +238,7 @@ def show_every_default(parser: argparse.ArgumentParser) -> None:
             action.help = "(default: %(default)s)"
 
 
+DEFAULT_SPLIT = "969,30,1"
 HYPER_LR_MULT_RULES = ("1/d_g",)
 # Chosen by the issue-13 study (docs/HYPERMOE_VS_MOE.md): with it HyperMoE beat the MoE at every
 # width and corpus tried; with the paper's 1 it lost at hidden 128 on Wikipedia.
@@ -265,13 +268,49 @@ def hyper_lr_mult(args) -> float:
     return float(args.hyper_lr_mult)
 
 
+# The --hyper-* flags (argparse dests, the config fields of the same names but --hyper-lr-mult)
+# default to None, so that one given to a variant that does not read it is refused; these are the
+# values a variant that reads them gets when they are not given.
+HYPER_FLAG_DEFAULTS = {**{size.name: size.default for size in HYPER_SIZES},
+                       "hyper_expert_impl": "auto", "hyper_init": "hyperfanin",
+                       "hyper_lr_mult": HYPER_LR_MULT_DEFAULT}
+
+
+def variants_reading(dest: str) -> tuple:
+    """The --moe-type values whose run reads the --hyper-* flag ``dest``."""
+    if dest == "hyper_lr_mult":
+        return ("hypermoe",)
+    return tuple(t for t in MOE_TYPES if dest in VARIANT_HYPER_FIELDS[t])
+
+
 def add_hyper_size_args(group, default_from_model: bool = False) -> None:
-    """The ``--hyper-*`` size flags, from :data:`HYPER_SIZES` (defaults: the paper's, or None
-    where the value comes from a model being converted)."""
+    """The ``--hyper-*`` size flags, from :data:`HYPER_SIZES` (default None: the paper's value
+    for the variants that read the flag, or the model's where one is converted)."""
     for size in HYPER_SIZES:
-        group.add_argument(size.flag, type=int,
-                           default=None if default_from_model else size.default,
-                           help=f"{size.symbol}: {size.meaning} (paper: {size.default})")
+        default = "the model's" if default_from_model else f"{size.default}, the paper's"
+        group.add_argument(size.flag, type=int, default=None,
+                           help=f"{size.symbol}: {size.meaning} (default: {default}; "
+                                f"{' and '.join(variants_reading(size.name))} only)")
+
+
+def resolve_hyper_flags(args) -> None:
+    """Refuse a --hyper-* flag the variant does not read (it would change nothing), give the
+    ones it reads their defaults, and check the sizes."""
+    for dest, default in HYPER_FLAG_DEFAULTS.items():
+        flag = "--" + dest.replace("_", "-")
+        value = getattr(args, dest)
+        if args.moe_type not in variants_reading(dest):
+            if value is not None:
+                raise ArgumentError(f"{flag} applies to --moe-type "
+                                    f"{' and '.join(variants_reading(dest))} only (this run is "
+                                    f"{args.moe_type}): drop it")
+            continue
+        if value is None:
+            setattr(args, dest, default)
+        elif dest in HYPER_SIZE_NAMES and value < 1:
+            raise ArgumentError(f"{flag} {value} must be a positive integer")
+    if args.moe_type != "hypermoe":
+        args.hyper_lr_mult = 1.0  # no hypernetwork: nothing is scaled
 
 
 def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:
@@ -327,9 +366,21 @@ def _resolve_expert_count_and_width(args) -> None:
     args.ffn_hidden_size = args.moe_ffn_hidden_size
 
 
+def _refuse_moe_flags_for_dense(args) -> None:
+    """A dense run has no MoE layer: an MoE flag given a value would change nothing."""
+    if args.moe_type != "dense":
+        return
+    defaults = default_args()
+    for dest in (*MOE_CONFIG_FLAGS, "moe_ffn_hidden_size"):
+        if getattr(args, dest) != getattr(defaults, dest):
+            raise ArgumentError(f"--{dest.replace('_', '-')} applies to MoE layers (this run is "
+                                "--moe-type dense): drop it")
+
+
 def finalize_args(args, world_size: int) -> None:
     """Derived values and cross-flag checks (Megatron's validate_args)."""
     check_megatron_flags(args)
+    _refuse_moe_flags_for_dense(args)
     _resolve_expert_count_and_width(args)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
@@ -339,8 +390,16 @@ def finalize_args(args, world_size: int) -> None:
         raise ArgumentError("--manual-gc-interval must be >= 0")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
+    if args.max_position_embeddings < args.seq_length:
+        raise ArgumentError(f"--max-position-embeddings {args.max_position_embeddings} is below "
+                            f"--seq-length {args.seq_length}: raise it or leave it unset")
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are exclusive: pick one")
+    for flag, value in (("--adam-beta1", args.adam_beta1), ("--adam-beta2", args.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ArgumentError(f"{flag} {value:g} must be in [0, 1)")
+    if not args.adam_eps > 0.0:
+        raise ArgumentError(f"--adam-eps {args.adam_eps:g} must be > 0")
     check_router_args(args)
     check_deepspeed_args(args)
     check_distributed_args(args)
@@ -349,23 +408,13 @@ def finalize_args(args, world_size: int) -> None:
     if world_size % args.tensor_model_parallel_size:
         raise ArgumentError(f"world size {world_size} is not divisible by "
                             f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
-    if args.moe_type == "dense" and args.expert_model_parallel_size > 1:
-        raise ArgumentError("--expert-model-parallel-size > 1 needs --moe-type moe or hypermoe")
     if args.moe_type != "dense" and args.num_experts % args.expert_model_parallel_size:
         raise ArgumentError(f"--num-experts {args.num_experts} is not divisible by "
                             f"--expert-model-parallel-size {args.expert_model_parallel_size}")
     if world_size % model_parallel:
         raise ArgumentError(f"world size {world_size} is not divisible by TP x EP x PP = "
                             f"{model_parallel}")
-    if args.moe_type != "hypermoe":
-        for flag, value, neutral in (("--hyper-init", args.hyper_init, ("hyperfanin",)),
-                                     ("--hyper-lr-mult", args.hyper_lr_mult, (None, 1.0))):
-            if value not in neutral:
-                raise ArgumentError(f"{flag} applies to --moe-type hypermoe only (this run is "
-                                    f"{args.moe_type}): drop it")
-        args.hyper_lr_mult = 1.0  # no hypernetwork: nothing is scaled
-    elif args.hyper_lr_mult is None:
-        args.hyper_lr_mult = HYPER_LR_MULT_DEFAULT
+    resolve_hyper_flags(args)
     if args.zero_stage == 3 and args.moe_type != "dense":
         raise ArgumentError("ZeRO stage 3 does not support MoE layers (DeepSpeed partitions "
                             "expert parameters only with stages 1 and 2): use --zero-stage 2")
@@ -398,6 +447,12 @@ def finalize_args(args, world_size: int) -> None:
         raise ArgumentError("--eval-only needs --load CHECKPOINT_DIR")
     if not args.mock_data and not args.data_path:
         raise ArgumentError("no training data: pass --data-path PREFIX... or --mock-data")
+    if args.mock_data:  # megatron-core's mock dataset reads neither (and splits 1,1,1)
+        for flag, value in (("--data-path", args.data_path), ("--split", args.split)):
+            if value is not None:
+                raise ArgumentError(f"{flag} does nothing with --mock-data: drop one of them")
+    if args.split is None:
+        args.split = DEFAULT_SPLIT
     if args.tokenizer_type is None:
         if not args.mock_data:
             raise ArgumentError("--tokenizer-type is required with --data-path")
@@ -423,6 +478,7 @@ def model_config(args) -> HyperMoEConfig:
     fields = {field: getattr(args, flag) for flag, field in MODEL_CONFIG_FLAGS.items()}
     if args.moe_type != "dense":
         fields.update({field: getattr(args, flag) for flag, field in MOE_CONFIG_FLAGS.items()})
+        fields.update({field: getattr(args, field) for field in VARIANT_HYPER_FIELDS[args.moe_type]})
         if fields["moe_router_pre_softmax"] is None:
             del fields["moe_router_pre_softmax"]  # make_config's default for the top-k
     fields["params_dtype"] = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 \
@@ -450,6 +506,8 @@ def args_for_model(config: HyperMoEConfig, world_size: int, **flags) -> argparse
     table = dict(MODEL_CONFIG_FLAGS)
     if config.moe_type != "dense":
         table.update(MOE_CONFIG_FLAGS)
+    if config.moe_type != "dense":
+        table.update({field: field for field in VARIANT_HYPER_FIELDS[config.moe_type]})
     for flag, field in table.items():
         setattr(args, flag, getattr(config, field))
     args.recompute_modules = recompute_modules_flag(config)

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from megatron_hypermoe.compat.deepspeed import (deferring_write_errors,
                                                 install_weights_only_checkpoint_engine)
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
+from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, VARIANT_HYPER_FIELDS
 from megatron_hypermoe.training.arguments import hyper_lr_mult, recorded_args
 from megatron_hypermoe.training.checkpoint_files import (  # noqa: F401 (names others import)
     LATEST_FILE, MEGATRON_LATEST_FILE, META_FILE, PARTIAL, atomic_write_text,
@@ -63,6 +63,7 @@ CHECKPOINT_VERSION = 1
 
 # Fields a checkpoint must match; --finetune may not change them either. The parallel layout is
 # not one: layout_free_checkpoint.py loads any layout's checkpoint into any other.
+# Of the HyperMoE sizes, only those the variant reads (model/config.py VARIANT_HYPER_FIELDS).
 SHAPE_FIELDS = (
     "moe_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
     "num_query_groups", "num_experts", "moe_router_topk", "padded_vocab_size",
@@ -143,7 +144,8 @@ def load_rng_state(directory: str) -> bool:
 # Save ---------------------------------------------------------------------------------------------
 def checkpoint_shape(args) -> dict:
     """The values of SHAPE_FIELDS, which a checkpoint records and a load must match."""
-    return {field: getattr(args, field, None) for field in SHAPE_FIELDS}
+    unread = set(HYPER_SIZE_NAMES) - set(VARIANT_HYPER_FIELDS[args.moe_type])
+    return {field: getattr(args, field, None) for field in SHAPE_FIELDS if field not in unread}
 
 
 def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] = None,
@@ -271,7 +273,8 @@ def _iteration_of(tag: str) -> Optional[int]:
 def check_model_shape(meta: dict, args) -> None:
     saved, current = meta.get("model", {}), checkpoint_shape(args)
     for field in SHAPE_FIELDS:
-        if field in saved and saved[field] != current[field]:
+        # (a field the variant does not read: not recorded now, any value recorded before)
+        if field in saved and field in current and saved[field] != current[field]:
             if field == "padded_vocab_size":  # TP is part of Megatron's vocabulary padding
                 raise CheckpointError(vocab_padding_message(meta, args))
             flag = "--" + field.replace("_", "-")
