@@ -22,15 +22,16 @@ from tests.helpers import (TINY, TINY_MODEL, hf_logits, megatron_logits, pretrai
 
 pytestmark = [pytest.mark.usefixtures("megatron_single_process"), pytest.mark.slow]
 
-# lr 0 keeps the initial weights, which are layout-independent by construction: the EP=2, TP=2
-# and PP=2 exports must then equal the one-process export exactly.
+# Trained weights: two steps at a large lr from the authors' normal-initialised heads, so that
+# the HyperExpert measurably moves the logits (asserted in test_hf_logits_equal_megatron_logits)
+# and the EP=2, TP=2 and PP=2 exports differ from the one-process export only by the rounding
+# of their reductions.
+TRAINED = ["--lr", "1e-2", "--min-lr", "1e-2", "--hyper-init", "normal", "--hyper-lr-mult", "1"]
 RUNS = {
-    "hypermoe": (["--lr", "0"], 1),
-    "hypermoe_ep2": (["--lr", "0", "--expert-model-parallel-size", "2"], 2),
-    "hypermoe_tp2": (["--lr", "0", "--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                     2),
-    "hypermoe_pp2": (["--lr", "0", "--pipeline-model-parallel-size", "2", "--zero-stage", "1"],
-                     2),
+    "hypermoe": (TRAINED, 1),
+    "hypermoe_ep2": ([*TRAINED, "--expert-model-parallel-size", "2"], 2),
+    "hypermoe_tp2": ([*TRAINED, "--tensor-model-parallel-size", "2", "--sequence-parallel"], 2),
+    "hypermoe_pp2": ([*TRAINED, "--pipeline-model-parallel-size", "2", "--zero-stage", "1"], 2),
     "moe": (["--moe-type", "moe"], 1),
     "dense": (["--moe-type", "dense"], 1),
     # top-1 with renormalised gates: a Mixtral (gate exactly 1)
@@ -119,8 +120,16 @@ def test_hf_logits_equal_megatron_logits(name, checkpoint, exported):
     hf = load_hf_model(str(exported(name)))
     assert type(hf).__name__ == ARCHITECTURES[name.split("_")[0]]
     ids = tokens()
-    difference = (hf_logits(hf, ids) - megatron_logits(megatron, ids)).abs().max().item()
+    logits = megatron_logits(megatron, ids)
+    difference = (hf_logits(hf, ids) - logits).abs().max().item()
     assert difference <= 1e-4, difference
+    if name.startswith("hypermoe"):  # the HyperExpert's part is far above that tolerance
+        with torch.no_grad():
+            for head in ("down_weight", "down_bias", "up_weight", "up_bias"):
+                for param in getattr(megatron.hypernetwork, head).parameters():
+                    param.zero_()
+        moved = (logits - megatron_logits(megatron, ids)).abs().max().item()
+        assert moved >= 100 * 1e-4, moved
 
 
 def test_the_authors_setting_travels_through_hf_and_back(checkpoint, exported, tmp_path):
@@ -178,14 +187,20 @@ def test_native_exports_have_no_custom_code_and_hypermoe_has_the_documented_keys
         assert field in config
 
 
+LAYOUT_TOLERANCE = 1e-4  # measured: see test_every_layout_exports_the_same_hf_weights
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", ["hypermoe_ep2", "hypermoe_tp2", "hypermoe_pp2"])
 def test_every_layout_exports_the_same_hf_weights(layout, exported):
+    """Trained in each layout from the same initial weights and batches: the same weights up to
+    the rounding of the layouts' reductions."""
     one = load_file(str(exported("hypermoe") / "model.safetensors"))
     other = load_file(str(exported(layout) / "model.safetensors"))
     assert set(one) == set(other)
-    for key in one:
-        assert torch.equal(one[key], other[key]), key
+    worst = max(((one[key] - other[key]).abs().max().item(), key) for key in one)
+    print(f"{layout}: largest difference {worst[0]:.3g} ({worst[1]})")
+    assert worst[0] <= LAYOUT_TOLERANCE, worst
 
 
 def convert_back(hf_dir, save, *flags, expect=0):
