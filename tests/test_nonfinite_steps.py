@@ -26,6 +26,7 @@ registers the hook in that rank's process alone.
 
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -179,12 +180,18 @@ def _launch(out_dir, scenario, nproc):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", str(REPO_ROOT / "tests" / "test_nonfinite_steps.py"),
            str(out_dir), scenario]
-    # a rank that stepped while another skipped would hang in ZeRO's parameter all-gather
-    result = subprocess.run(cmd, env=child_environment(DS_ACCELERATOR="cpu"),
-                            capture_output=True, text=True, timeout=300)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{scenario} failed (exit {result.returncode}):\n" \
-        f"{output[-6000:]}"
+    # A rank that stepped while another skipped waits in a collective the other never joins:
+    # a short collective timeout makes that an error, and a hung job is killed whole.
+    env = child_environment(DS_ACCELERATOR="cpu", HYPERMOE_DISTRIBUTED_TIMEOUT_SECONDS="90")
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True) as job:
+        try:
+            output, _ = job.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            output, _ = job.communicate()
+            raise AssertionError(f"{scenario} hung:\n{output[-6000:]}") from None
+    assert job.returncode == 0, f"{scenario} failed (exit {job.returncode}):\n{output[-6000:]}"
     return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(nproc)]
 
 

@@ -50,8 +50,10 @@ def get_layer_spec(config: HyperMoEConfig) -> ModuleSpec:
         normalization=config.normalization,
     )
     spec = _with_core_attention(spec, core_attention_class(config))
-    if config.moe_type == "dense":
-        return spec
+    if config.moe_type == "dense":  # (megatron-core deprecates an MLP built without its width)
+        mlp = dataclasses.replace(spec.submodules.mlp, params={
+            **spec.submodules.mlp.params, "ffn_hidden_size": config.ffn_hidden_size})
+        return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
     mlp = spec.submodules.mlp
     experts = dataclasses.replace(mlp.submodules.experts, module=experts_class(config))
     mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(
