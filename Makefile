@@ -1,7 +1,7 @@
 # Two commands a newcomer needs (see README.md):
 #   make demo    set up .venv on a fresh machine and run the tiny CPU pretraining demo
 #   make test    set up .venv on a fresh machine and run the CPU test suite
-#   make test-fast  the in-process tests only (no trainer subprocesses, no torchrun): < 3 min
+#   make test-fast  the in-process tests only (no trainer subprocesses, no torchrun): 1-2 min
 #   make test-gpu the CUDA tests (on a machine with a GPU)
 #   make gpu-check  the prepared GPU check: CUDA tests + bf16 layer/step benchmarks, < 8 min,
 #                 writes docs/RESULTS_gpu_<device>.md (run it first when a GPU is lent)
