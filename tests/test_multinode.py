@@ -77,12 +77,12 @@ def assert_no_trainer_traceback(output):
     assert 'pretrain_gpt_hypermoe.py", line' not in output, output[-5000:]
 
 
-def assert_same_training(records, reference, first=1):
-    assert [r["iteration"] for r in records] == list(range(first, ITERATIONS + 1))
+def assert_same_training(records, reference, first=1, last=ITERATIONS):
+    assert [r["iteration"] for r in records] == list(range(first, last + 1))
     worst = 0.0
     for got in records:
         want = reference[got["iteration"] - 1]
-        for key in ("lm_loss", "grad_norm"):
+        for key in ("lm_loss", "grad_norm", "lr"):
             worst = max(worst, relative(got[key], want[key]))
             assert relative(got[key], want[key]) < 1e-5, (key, got, want)
     return worst
@@ -219,8 +219,14 @@ def test_slurm_script_node_death_and_restart_on_one_node(dataset, one_process, t
     assert survivor_exit < 20, survivor_exit
     print(f"survivor exited {survivor_exit:.1f} s after node 1 was killed")
 
-    # The same example on the one node left: EP must divide its one process.
+    # The two-node SLURM run itself, up to its last checkpoint, trained as one process does.
     last = latest_iteration(save)
+    records, _ = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    worst = assert_same_training(records[:last], one_process, last=last)
+    print(f"two SLURM nodes vs one process, iterations 1-{last}: worst relative difference "
+          f"{worst:.1e}")
+
+    # The same example on the one node left: EP must divide its one process.
     env = script_environment(dataset, tmp_path / "run", LAUNCHER="torchrun", NNODES="1",
                              NODE_RANK="0", GPUS_PER_NODE="1", EP="1")
     output = finish(start(MULTINODE, env))
@@ -263,3 +269,33 @@ def test_silent_node_stops_the_job_at_the_distributed_timeout(dataset, tmp_path)
     assert lines and all("lost rank 1 (node 1" in line for line in lines), output[-3000:]
     assert 1.5 < survivor_exit < 15, survivor_exit
     print(f"survivor exited {survivor_exit:.1f} s after node 1 went silent")
+
+
+def test_a_lost_store_node_is_named_as_such(dataset, tmp_path):
+    """Node 0 hosts the job's rendezvous store (torchrun's agent there): when that whole node
+    goes (launcher and trainer killed), node 1 stops with one line naming node 0 and the store,
+    not a connection error per collective."""
+    env = script_environment(dataset, tmp_path / "run", LAUNCHER="torchrun", NNODES="2",
+                             GPUS_PER_NODE="1", EP="2", TRAIN_ITERS="100000",
+                             **{TIMEOUT_SECONDS_VARIABLE: "3"})
+    nodes = [start(MULTINODE, {**env, "NODE_RANK": str(n)}) for n in (0, 1)]
+    try:
+        survivor = trainer_of(nodes[1], 1)
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        killed = time.time()
+        os.killpg(nodes[0].pid, signal.SIGKILL)  # the node: its launcher (the store) and trainer
+        survivor.wait(timeout=60)
+        survivor_exit = time.time() - killed
+        output = output_of(nodes[1], timeout=60)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    lines = error_line(output)
+    assert lines and all("lost rank 0 (node 0" in line and "rendezvous store" in line
+                         for line in lines), output[-3000:]
+    assert_no_trainer_traceback(output)
+    print(f"node 1 exited {survivor_exit:.1f} s after node 0 (with the store) was killed")
