@@ -288,8 +288,8 @@ def test_ckpt_step_resumes_the_previous_checkpoint_exactly_and_resaves_over_a_da
     full, _ = read_metrics(tmp_path / "full.jsonl")
     resumed, _ = read_metrics(tmp_path / "resumed.jsonl")
     assert [r["iteration"] for r in resumed] == [3, 4]
-    assert [(r["lm_loss"], r["grad_norm"]) for r in resumed] == \
-        [(r["lm_loss"], r["grad_norm"]) for r in full[2:]]
+    assert [(r["lm_loss"], r["grad_norm"], r["lr"]) for r in resumed] == \
+        [(r["lm_loss"], r["grad_norm"], r["lr"]) for r in full[2:]]
     assert sorted(os.listdir(save)) == [tag_for(4), "latest", "latest_checkpointed_iteration.txt",
                                         "zero_to_fp32.py", "zero_to_torch.py"]
     from megatron_hypermoe.compat.deepspeed import load_deepspeed_file
