@@ -117,8 +117,7 @@ def load_deepspeed_file(path: str, map_location=None):
         with torch.serialization.safe_globals(deepspeed_record_classes()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is "
-                              "incomplete") from None
+        raise CheckpointError.missing_file(path) from None
     except Exception as error:
         reason = str(error).strip().splitlines()
         unsupported = [line for line in reason if "Unsupported global" in line]

@@ -69,7 +69,7 @@ def _checkpoint_directory(load_dir: str, iteration: Optional[int]):
 
 def _load_module(path: str) -> Dict[str, torch.Tensor]:
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete")
+        raise CheckpointError.missing_file(path)
     saved = load_deepspeed_file(path, map_location="cpu")
     return {name: tensor for name, tensor in saved["module"].items()
             if isinstance(tensor, torch.Tensor) and not name.endswith("_extra_state")}
