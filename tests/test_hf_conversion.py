@@ -446,13 +446,20 @@ def test_import_refusals(exported, tmp_path):
     (scaled / "config.json").write_text(json.dumps(config))
     output = convert_back(scaled, tmp_path / "c", expect=1)
     assert "rope scaling" in output and not (tmp_path / "c").exists()
-    for moe_type, flags in (("moe", ["--hyper-hidden-size", "8"]),
-                            ("moe_adapter", ["--hyper-init", "normal"]),
-                            ("moe", ["--hyper-lr-mult", "1"])):
-        output = convert_back(exported("dense"), tmp_path / "d", "--upcycle", "--moe-type",
-                              moe_type, "--num-experts", "4", *flags, expect=1)
-        assert f"{flags[0]} does not apply to --moe-type {moe_type}: drop it" in output, output
-        assert not (tmp_path / "d").exists()
+    output = convert_back(exported("dense"), tmp_path / "d", "--upcycle", "--moe-type", "moe",
+                          "--num-experts", "4", "--hyper-hidden-size", "8", expect=1)
+    assert "--hyper-hidden-size does not apply to --moe-type moe: drop it" in output, output
+    assert not (tmp_path / "d").exists()
+    from megatron_hypermoe.conversion.import_hf import import_hf
+    from megatron_hypermoe.errors import ArgumentError
+
+    for moe_type, fields, lr_mult, flag in (("moe_adapter", {"hyper_init": "normal"}, None,
+                                             "--hyper-init"),
+                                            ("moe", {}, 1.0, "--hyper-lr-mult")):
+        with pytest.raises(ArgumentError, match=f"{flag} does not apply to --moe-type {moe_type}"):
+            import_hf(str(exported("dense")), str(tmp_path / "e"), upcycle=True,
+                      moe_type=moe_type, upcycle_fields=fields, hyper_lr_mult=lr_mult)
+        assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])
