@@ -96,7 +96,7 @@ STATES_WHAT_THE_TRAINER_DOES = {
 IN_ANOTHER_SETTING = {"grad_reduce_in_bf16": ["--bf16"]}
 
 # Values to try for flags that take a text.
-OTHER_VALUES = {"hyper_lr_mult": ["0.5"], "split": ["90,10,0"]}
+OTHER_VALUES = {"hyper_lr_mult": ["0.5"], "split": ["90,10,0"], "moe_layer_freq": ["2", "[0]+[1]"]}
 
 
 def user_value(action, default) -> list:
@@ -115,7 +115,7 @@ def user_value(action, default) -> list:
         return [[flag, str(default / 2 if default and 0 < default < 1 else
                            default * 2 if default else 0.5)]]
     if action.dest in OTHER_VALUES:
-        return [[flag, *OTHER_VALUES[action.dest]]]
+        return [[flag, value] for value in OTHER_VALUES[action.dest]]
     return [[flag, "1"]]  # a text (the Megatron flags refused here refuse any value)
 
 

@@ -91,7 +91,9 @@ class ExpertAnalyzer:
         return record
 
     def summary(self) -> List[dict]:
-        return [stats.as_dict() for stats in self.stats]
+        """Per MoE layer (dense layers have none), with its global index as "layer"."""
+        return [{"layer": layer.layer_number - 1, **stats.as_dict()}
+                for layer, stats in zip(self.layers, self.stats)]
 
 
 def plot_analysis(summary: List[dict], output_dir: str) -> List[str]:
@@ -104,6 +106,7 @@ def plot_analysis(summary: List[dict], output_dir: str) -> List[str]:
     load = torch.tensor([layer["load_fraction"] for layer in summary])
     figure, axis = plt.subplots(figsize=(1.2 + 0.5 * load.shape[1], 1.2 + 0.5 * load.shape[0]))
     image = axis.imshow(load.numpy(), cmap="viridis", aspect="auto")
+    axis.set_yticks(range(len(summary)), [layer["layer"] for layer in summary])
     axis.set_xlabel("expert")
     axis.set_ylabel("layer")
     axis.set_title("share of routed tokens")
@@ -113,7 +116,7 @@ def plot_analysis(summary: List[dict], output_dir: str) -> List[str]:
     figure.savefig(written[-1], dpi=120)
     plt.close(figure)
 
-    layers = range(len(summary))
+    layers = [layer["layer"] for layer in summary]
     if all("cos_selection_vs_selected" in layer for layer in summary):
         figure, axis = plt.subplots(figsize=(6, 3.5))
         width = 0.4
@@ -146,8 +149,8 @@ def plot_analysis(summary: List[dict], output_dir: str) -> List[str]:
 
 def text_summary(summary: List[dict], moe_type: str, tokens: int) -> str:
     lines = [f"{moe_type} checkpoint, {len(summary)} MoE layers, {tokens:,} tokens analysed"]
-    for index, layer in enumerate(summary):
-        line = f"layer {index}: max/mean expert load {layer['max_over_mean_load']:.2f}"
+    for layer in summary:
+        line = f"layer {layer['layer']}: max/mean expert load {layer['max_over_mean_load']:.2f}"
         if "side_over_experts_rms" in layer:
             line += f", side/experts RMS {layer['side_over_experts_rms']:.3f}"
         if "cos_selection_vs_selected" in layer:

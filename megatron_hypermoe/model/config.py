@@ -116,7 +116,11 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
                 raise ConfigError(
                     "moe_type='dense' takes no experts: drop num_moe_experts or use moe_type='moe'"
                 )
+            if self.moe_shared_expert_intermediate_size is not None or self.moe_layer_freq != 1:
+                raise ConfigError("moe_type='dense' has no MoE layers: drop "
+                                  "moe_shared_expert_intermediate_size and moe_layer_freq")
             return
+        self._validate_layer_pattern()
         if self.num_moe_experts is None or self.num_moe_experts < 1:
             raise ConfigError(
                 f"moe_type={self.moe_type!r} needs num_moe_experts >= 1 "
@@ -165,6 +169,25 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
                 "must be in (0, 1]"
             )
 
+    def _validate_layer_pattern(self):
+        freq = self.moe_layer_freq
+        if isinstance(freq, bool) or not isinstance(freq, (int, list)):
+            raise ConfigError(f"moe_layer_freq={freq!r} must be an integer or a list of 0/1 per "
+                              "layer")
+        if isinstance(freq, int) and freq < 1:
+            raise ConfigError(f"moe_layer_freq={freq} must be >= 1")
+        if isinstance(freq, list):
+            if len(freq) != self.num_layers or any(v not in (0, 1) or isinstance(v, bool)
+                                                   for v in freq):
+                raise ConfigError(f"moe_layer_freq {freq} must list 0 (dense) or 1 (MoE) for "
+                                  f"each of the {self.num_layers} layers")
+        if not any(moe_layer_pattern(self)):
+            raise ConfigError(f"moe_layer_freq {freq} makes no layer an MoE layer: use "
+                              "moe_type='dense'")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            raise ConfigError("moe_shared_expert_gate gates a shared expert: set "
+                              "moe_shared_expert_intermediate_size too")
+
     def _validate_capacity_options(self):
         factor = self.moe_expert_capacity_factor
         if factor is not None and factor < 0:
@@ -184,6 +207,18 @@ class HyperMoEConfig(TransformerConfig, HyperSizes):
                 raise ConfigError("moe_min_capacity does not combine with "
                                   "moe_pad_expert_input_to_capacity (megatron's dispatcher pads "
                                   "to its own capacity, without a minimum)")
+
+
+def moe_layer_pattern(config) -> list:
+    """For each global layer, whether it is an MoE layer (else a dense MLP): megatron's
+    ``moe_layer_freq``, an int N (layers 0, N, 2N, ... are MoE) or a list of 0/1 per layer.
+    Reads ``moe_type``, ``num_layers`` and ``moe_layer_freq``: a config or the parsed flags."""
+    if config.moe_type == "dense":
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    if isinstance(freq, int):
+        return [layer % freq == 0 for layer in range(config.num_layers)]
+    return [bool(value) for value in freq]
 
 
 def default_architecture() -> dict:

@@ -99,3 +99,20 @@ def load_global_state(model: torch.nn.Module, config: HyperMoEConfig, state: dic
         return _draw(global_name, shape, config, generator)
 
     _assign_by_global_name(model, config, take)
+
+
+# What the side path's output is a product of, last: zero, it makes the output exactly zero.
+_SIDE_PATH_OUTPUT = re.compile(r"(hypernetwork\.(up_weight|up_bias)|\.adapter\.up)\.(weight|bias)$")
+
+
+@torch.no_grad()
+def zero_side_path_output_(model: torch.nn.Module) -> None:
+    """Make the side path's output exactly zero, so that a model it is added to (an MoE
+    upcycled into HyperMoE or into the static-adapter variant) computes what it did: the heads
+    that generate the HyperExpert's up projection and output bias (W_up(h) = b_up(h) = 0), and
+    the static adapter's up projection. Their gradients are not zero (the bottleneck's
+    activations are not), so the first step moves them, as LoRA's B = 0 does; every other part
+    of the side path keeps its initialisation (``hyper_init`` for the other two heads)."""
+    for name, param in model.named_parameters():
+        if _SIDE_PATH_OUTPUT.search(name):
+            param.zero_()

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from megatron_hypermoe.errors import ArgumentError
+from megatron_hypermoe.model.config import moe_layer_pattern
 
 GRANULARITIES = ("full", "selective")
 METHODS = ("uniform", "block")
@@ -69,9 +70,10 @@ def _module_refusal(module: str, args) -> Optional[str]:
     """Why ``module`` cannot be recomputed in this model (None: it can). megatron-core accepts
     every name in MODULES, but some do nothing with this project's local layer spec."""
     moe = args.moe_type != "dense"
+    dense_layers = not all(moe_layer_pattern(args))
     if module == "moe" and not moe:
         return "--moe-type dense has no MoE layer: use mlp"
-    if module == "mlp" and moe:
+    if module == "mlp" and not dense_layers:
         return ("mlp recomputes dense MLPs and this model's MLPs are MoE layers: use moe (the "
                 "whole MoE layer, HyperMoE's side path included)")
     if module == "layernorm":
@@ -84,8 +86,8 @@ def _module_refusal(module: str, args) -> Optional[str]:
                 "experts (TEGroupedMLP), not used here: use moe")
     if module == "mla_up_proj":
         return "this model has no multi-latent attention"
-    if module == "shared_experts":
-        return "this model has no shared experts"
+    if module == "shared_experts" and not (moe and args.moe_shared_expert_intermediate_size):
+        return "this model has no shared experts (--moe-shared-expert-intermediate-size)"
     return None
 
 

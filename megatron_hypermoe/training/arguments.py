@@ -11,6 +11,7 @@ would have).
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 
 import torch
@@ -24,7 +25,7 @@ from megatron_hypermoe.training.checkpoint_files import (add_checkpoint_file_arg
                                                          check_checkpoint_file_args)
 from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
                                             HYPER_SIZES, MOE_TYPES, VARIANT_HYPER_FIELDS,
-                                            HyperMoEConfig, make_config)
+                                            HyperMoEConfig, make_config, moe_layer_pattern)
 from megatron_hypermoe.training.router_arguments import (ROUTER_CONFIG_FLAGS, add_router_args,
                                                          check_router_args)
 from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_schedule_args,
@@ -46,7 +47,8 @@ MODEL_CONFIG_FLAGS = {
     "bf16": "bf16", "fp16": "fp16",
     "tensor_model_parallel_size": "tensor_model_parallel_size",
     "pipeline_model_parallel_size": "pipeline_model_parallel_size",
-    "sequence_parallel": "sequence_parallel",
+    "sequence_parallel": "sequence_parallel", "kv_channels": "kv_channels",
+    "qk_layernorm": "qk_layernorm", "add_qkv_bias": "add_qkv_bias",
     **RECOMPUTE_CONFIG_FLAGS,
     **ATTENTION_CONFIG_FLAGS,
 }
@@ -58,6 +60,9 @@ MOE_CONFIG_FLAGS = {
     "expert_model_parallel_size": "expert_model_parallel_size",
     "moe_router_pre_softmax": "moe_router_pre_softmax",
     "moe_router_renormalize": "moe_router_renormalize",
+    "moe_ffn_hidden_size": "moe_ffn_hidden_size", "moe_layer_freq": "moe_layer_freq",
+    "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate": "moe_shared_expert_gate",
     **ROUTER_CONFIG_FLAGS,
     **EXPERTS_CONFIG_FLAGS,
 }
@@ -85,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base (rope_theta)")
     g.add_argument("--norm-epsilon", type=float, default=1e-5, help="RMSNorm epsilon")
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="each attention head's width (None: --hidden-size / "
+                        "--num-attention-heads)")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="RMSNorm each query and key head before RoPE (Qwen3's q/k norm)")
+    g.add_argument("--add-qkv-bias", action="store_true",
+                   help="biases on the query, key and value projections only (Qwen2's)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
 
     g = parser.add_argument_group("mixture of experts")
@@ -94,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "accepted when every entry is the same)")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None,
                    help="each expert's hidden size (None: --ffn-hidden-size)")
+    g.add_argument("--moe-layer-freq", type=moe_layer_freq_value, default=1,
+                   help="which layers are MoE layers (the others dense, of --ffn-hidden-size): "
+                        "N for layers 0, N, 2N, ...; or a list of 0/1 per layer, written as "
+                        "Megatron's Python list expression, e.g. \"[0]+[1]*3\"")
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None,
+                   help="add a shared expert of this hidden size to every MoE layer, which "
+                        "every token uses (DeepSeek, Qwen-MoE); its output is added to the "
+                        "routed experts' (and to the HyperExpert's)")
+    g.add_argument("--moe-shared-expert-gate", action="store_true",
+                   help="multiply the shared expert's output by sigmoid(x . w), a learned "
+                        "vector w (Qwen2-MoE's shared_expert_gate)")
     g.add_argument("--moe-router-topk", "--topk", type=int, default=1)
     g.add_argument("--moe-aux-loss-coeff", "--moe-loss-coeff", type=float, nargs="+",
                    default=None, help="load-balancing loss coefficient(s), one per "
@@ -247,6 +270,40 @@ HYPER_LR_MULT_DEFAULT = "1/d_g"
 VALUES_BEFORE_FLAG = {"hyper_lr_mult": 1.0}
 
 
+def moe_layer_freq_value(text: str):
+    """--moe-layer-freq: an int, or Megatron's Python list expression of 0/1 ("[0]+[1]*3",
+    "([1]*3+[0])*2"), read with lists, integers, + and * only (nothing is evaluated)."""
+    text = text.strip()
+    if "[" not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer or a list "
+                                             "expression like [0]+[1]*3") from None
+
+    def value(node):
+        if isinstance(node, ast.List):
+            return [value(item) for item in node.elts]
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Add) and type(left) is type(right):
+                return left + right
+            if isinstance(node.op, ast.Mult) and {type(left), type(right)} <= {list, int}:
+                return left * right
+        raise ValueError
+
+    try:
+        pattern = value(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, RecursionError):
+        pattern = None
+    if not isinstance(pattern, list):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list expression of 0/1 made with "
+                                         "[...], + and * (e.g. \"[0]+[1]*3\")")
+    return pattern
+
+
 def hyper_lr_mult_value(text: str):
     """A positive number, or the rule 1/d_g."""
     if text in HYPER_LR_MULT_RULES:
@@ -336,8 +393,11 @@ def _check_tensor_parallel(args) -> None:
     query_groups = args.num_query_groups or args.num_attention_heads
     for flag, value in (("--num-attention-heads", args.num_attention_heads),
                         ("--num-query-groups", query_groups),
-                        ("--ffn-hidden-size", args.ffn_hidden_size)):
-        if value % tp:
+                        ("--ffn-hidden-size", args.ffn_hidden_size),
+                        ("--moe-ffn-hidden-size", args.moe_ffn_hidden_size),
+                        ("--moe-shared-expert-intermediate-size",
+                         args.moe_shared_expert_intermediate_size)):
+        if value is not None and value % tp:
             raise ArgumentError(f"{flag} {value} is not divisible by "
                                 f"--tensor-model-parallel-size {tp}")
     if args.sequence_parallel and args.seq_length % tp:
@@ -348,22 +408,24 @@ def _check_tensor_parallel(args) -> None:
 
 def _resolve_expert_count_and_width(args) -> None:
     """--num-experts as one number (Megatron-DeepSpeed passes a per-layer list); the experts'
-    hidden size from --moe-ffn-hidden-size, which every MoE layer here uses."""
+    hidden size --moe-ffn-hidden-size and the dense layers' --ffn-hidden-size, each the other's
+    default; where every layer is an MoE layer, the two are one width."""
     if isinstance(args.num_experts, (list, tuple)):
         if len(set(args.num_experts)) != 1:
             raise ArgumentError(f"--num-experts {' '.join(map(str, args.num_experts))}: a "
                                 "different expert count per layer (pyramid MoE) is not "
                                 "supported: give one number")
         args.num_experts = args.num_experts[0]
-    if args.moe_ffn_hidden_size is None or args.moe_type == "dense":
-        args.moe_ffn_hidden_size = None
+    if args.moe_type == "dense":
         return
-    # Every layer is an MoE layer, so the experts' width is the model's MLP width.
-    if args.ffn_hidden_size not in (None, args.moe_ffn_hidden_size):
+    if args.moe_ffn_hidden_size is None:
+        args.moe_ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = args.moe_ffn_hidden_size
+    if all(moe_layer_pattern(args)) and args.ffn_hidden_size != args.moe_ffn_hidden_size:
         raise ArgumentError(f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} differs from "
-                            f"--ffn-hidden-size {args.ffn_hidden_size}, which has no other use "
-                            "here (every layer is an MoE layer): give one of them")
-    args.ffn_hidden_size = args.moe_ffn_hidden_size
+                            f"--ffn-hidden-size {args.ffn_hidden_size}, which only dense layers "
+                            "read (every layer is an MoE layer here): give one of them")
 
 
 def _refuse_moe_flags_for_dense(args) -> None:
@@ -513,6 +575,8 @@ def args_for_model(config: HyperMoEConfig, world_size: int, **flags) -> argparse
     args.recompute_modules = recompute_modules_flag(config)
     if args.num_query_groups == args.num_attention_heads:
         args.num_query_groups = None  # what the flag's default means, and what a run passes
+    if args.kv_channels == args.hidden_size // args.num_attention_heads:
+        args.kv_channels = None  # likewise
     for flag, value in flags.items():
         if not hasattr(args, flag):
             raise ValueError(f"no flag {flag!r}")

@@ -67,7 +67,9 @@ CHECKPOINT_VERSION = 1
 SHAPE_FIELDS = (
     "moe_type", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
     "num_query_groups", "num_experts", "moe_router_topk", "padded_vocab_size",
-    "max_position_embeddings", *HYPER_SIZE_NAMES,
+    "max_position_embeddings", "kv_channels", "qk_layernorm", "add_qkv_bias",
+    "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate", *HYPER_SIZE_NAMES,
 )
 
 

@@ -6,22 +6,30 @@ from math import comb
 
 import torch
 
+from megatron_hypermoe.model.config import moe_layer_pattern
 from megatron_hypermoe.parallel.experts import is_expert_parameter
 
 
 def forward_flops_per_token(args, tokens_per_micro_batch: int) -> float:
-    d, s, f, L = args.hidden_size, args.seq_length, args.ffn_hidden_size, args.num_layers
+    d, s, L = args.hidden_size, args.seq_length, args.num_layers
     heads = args.num_attention_heads
-    kv_dim = d // heads * (args.num_query_groups or heads)
-    attention = 2 * d * (d + 2 * kv_dim) + 2 * d * d + 2 * 2 * s * d
-    swiglu = 2 * d * 2 * f + 2 * f * d
-    if args.moe_type == "dense":
-        mlp = swiglu
-    else:
+    head_dim = args.kv_channels or d // heads
+    q_dim, kv_dim = head_dim * heads, head_dim * (args.num_query_groups or heads)
+    attention = 2 * d * (q_dim + 2 * kv_dim) + 2 * q_dim * d + 2 * 2 * s * q_dim
+
+    def swiglu(f):
+        return 2 * d * 2 * f + 2 * f * d
+
+    moe_layers = sum(moe_layer_pattern(args))
+    mlp = (L - moe_layers) * swiglu(args.ffn_hidden_size)
+    if moe_layers:
         E, k = args.num_experts, args.moe_router_topk
-        mlp = k * swiglu + 2 * d * E
+        moe = k * swiglu(args.moe_ffn_hidden_size or args.ffn_hidden_size) + 2 * d * E
+        if args.moe_shared_expert_intermediate_size:
+            moe += swiglu(args.moe_shared_expert_intermediate_size)
+            moe += 2 * d if args.moe_shared_expert_gate else 0
         if args.moe_type == "moe_adapter":
-            mlp += 2 * d * args.hyper_adapter_dim * 2
+            moe += 2 * d * args.hyper_adapter_dim * 2
         if args.moe_type == "hypermoe":
             r, d_g = args.hyper_adapter_dim, args.hyper_hidden_size
             d_e, d_p = args.hyper_expert_embedding_dim, args.hyper_selection_hidden_size
@@ -30,9 +38,10 @@ def forward_flops_per_token(args, tokens_per_micro_batch: int) -> float:
             per_set = (2 * E * d_e + 2 * d_e * d_p + 2 * d_p * d_h + 2 * (d_h + d_l) * d_g
                        + 2 * d_g * (2 * d * r + d + r))
             sets = min(tokens_per_micro_batch, comb(E, k))  # upper bound on distinct sets
-            mlp += apply + per_set * sets / tokens_per_micro_batch
+            moe += apply + per_set * sets / tokens_per_micro_batch
+        mlp += moe_layers * moe
     logits = 2 * d * args.padded_vocab_size
-    return L * (attention + mlp) + logits
+    return L * attention + mlp + logits
 
 
 def training_flops_per_iteration(args) -> float:

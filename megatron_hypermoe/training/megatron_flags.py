@@ -91,6 +91,12 @@ SOURCES = {
         "--no-load-rng", "--rampup-batch-size", "--mos", "--kd", "--kd-beta-ce",
         "--num-layers-teacher", "--hidden-size-teacher", "--num-attention-heads-teacher",
         "--num-experts-teacher", "--load-teacher", "--tokenizer-type"),
+    # What Qwen2-MoE / Qwen3-MoE recipes for Megatron-LM add to the Mixtral one (the flags
+    # that describe those architectures in megatron/training/arguments.py)
+    "Megatron-LM arguments.py, Qwen2-MoE / Qwen3-MoE architecture flags": (
+        "--kv-channels", "--qk-layernorm", "--add-qkv-bias", "--moe-layer-freq",
+        "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size",
+        "--moe-shared-expert-gate"),
 }
 
 SWITCH = "switch"  # a flag without a value (store_true)
@@ -124,7 +130,6 @@ FIXED: Tuple[FixedFlag, ...] = (
     FixedFlag("--transformer-impl", "local",
               "megatron-core's local (torch) layers; Transformer Engine layers are not used"),
     FixedFlag("--context-parallel-size", 1, "no context parallelism", int),
-    FixedFlag("--moe-layer-freq", "1", "every layer is an MoE layer"),
     FixedFlag("--num-distributed-optimizer-instances", 1,
               "one ZeRO optimizer over all data-parallel ranks", int),
     FixedFlag("--no-pipeline-parallel", SWITCH, "the model is never a DeepSpeed PipelineModule "
@@ -137,8 +142,9 @@ FIXED: Tuple[FixedFlag, ...] = (
 )
 
 REFUSED: Tuple[RefusedFlag, ...] = (
-    RefusedFlag("--moe-shared-expert-intermediate-size", "shared experts are not supported"),
-    RefusedFlag("--moe-shared-expert-overlap", "shared experts are not supported", SWITCH),
+    RefusedFlag("--moe-shared-expert-overlap", "overlapping the shared expert with the "
+                "dispatch needs CUDA streams and is not offered: drop it (the shared expert "
+                "runs before the dispatch)", SWITCH),
     RefusedFlag("--moe-use-upcycling", "upcycle a dense Hugging Face model with "
                 "tools/convert_hf_to_checkpoint.py --upcycle instead", SWITCH),
     RefusedFlag("--moe-upcycling-granularity", "upcycle a dense Hugging Face model with "
@@ -283,6 +289,11 @@ SAME_FLAG_REMARKS = {
                                       "ZeRO stage 1, the hypernetwork replicated per stage",
     "--expert-tensor-parallel-size": "equal to --tensor-model-parallel-size only",
     "--tokenizer-type": "SentencePiece (incl. Llama2Tokenizer), HuggingFace, GPT2BPE, Null",
+    "--moe-layer-freq": "a list expression is read with [...], + and * only (Megatron "
+                        "evaluates it as Python); dense layers are --ffn-hidden-size wide",
+    "--moe-shared-expert-intermediate-size": "added to the routed experts' and the "
+                                             "HyperExpert's outputs",
+    "--qk-layernorm": "RMSNorm per head (Qwen3's; OLMoE's whole-projection norm is not this)",
 }
 
 

@@ -75,14 +75,16 @@ def side_path_values(model) -> dict:
               if isinstance(m, SidePathMoELayer) and m.last_side_output_rms is not None]
     if not layers:
         return {}
-    rows = torch.zeros(2, layers[0].config.num_layers, dtype=torch.float64)
-    for m in layers:
+    rows = torch.zeros(3, layers[0].config.num_layers, dtype=torch.float64)
+    for m in layers:  # (row 2 marks the layers that have a side path: not the dense ones)
         rows[:, m.layer_number - 1] = torch.stack([m.last_side_over_experts_rms.double().cpu(),
-                                                   m.last_side_output_rms.double().cpu()])
-    rows = sum_over_stages(rows.to(layers[0].last_side_output_rms.device)).tolist()
-    values = {"side_over_experts_rms": rows[0]}
+                                                   m.last_side_output_rms.double().cpu(),
+                                                   torch.ones((), dtype=torch.float64)])
+    rows = sum_over_stages(rows.to(layers[0].last_side_output_rms.device))
+    absent = rows[2] == 0
+    values = {"side_over_experts_rms": _none_where(rows[0].tolist(), absent)}
     if isinstance(layers[0], HyperMoELayer):
-        values["hyper_output_rms"] = rows[1]
+        values["hyper_output_rms"] = _none_where(rows[1].tolist(), absent)
     return values
 
 
@@ -198,6 +200,8 @@ def tensorboard_scalars(values: dict, args=None) -> Dict[str, float]:
             continue
         if isinstance(value, (list, tuple)):
             for layer, row in enumerate(value):
+                if row is None:  # (a dense layer)
+                    continue
                 if isinstance(row, (list, tuple)):
                     for expert, item in enumerate(row):
                         scalars[entry.tensorboard.format(layer=layer, expert=expert)] = item
@@ -366,10 +370,18 @@ class MetricsWriter:
 
 
 def expert_load_values(counts: torch.Tensor) -> dict:
-    """Per-layer share of routed tokens per expert, and the max/mean imbalance."""
-    fractions = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    return {"expert_load": fractions.tolist(),
-            "max_over_mean_load": (fractions.max(1).values / fractions.mean(1)).tolist()}
+    """Per-layer share of routed tokens per expert, and the max/mean imbalance (None for a
+    layer that routed nothing: a dense layer)."""
+    routed = counts.sum(dim=1, keepdim=True)
+    fractions = counts / routed.clamp_min(1)
+    imbalance = fractions.max(1).values / fractions.mean(1)
+    return {"expert_load": _none_where(fractions.tolist(), routed[:, 0] == 0),
+            "max_over_mean_load": _none_where(imbalance.tolist(), routed[:, 0] == 0)}
+
+
+def _none_where(rows: list, absent: torch.Tensor) -> list:
+    """Per-layer rows with None for the layers that have no such value (dense layers)."""
+    return [None if skip else row for row, skip in zip(rows, absent.tolist())]
 
 
 class ProgressBar:
