@@ -1,11 +1,16 @@
 """Our checkpoint (any TP/EP layout) -> a Hugging Face directory.
 
-``dense`` becomes a native LlamaForCausalLM directory and ``moe`` a native MixtralForCausalLM one
-(no custom code). ``hypermoe`` keeps every Mixtral key and adds the HyperMoE ones, with
-``configuration_hypermoe.py`` and ``modeling_hypermoe.py`` beside the weights (``auto_map``,
-``trust_remote_code=True``). config.json is written with the classic field names that
-transformers 4.x and 5.x both read. The directory appears whole or not at all: everything is
-written into a temporary sibling that is renamed at the end.
+The HF family is the one that holds the model exactly (:func:`hf_family`): ``dense`` becomes a
+native LlamaForCausalLM directory; ``moe`` a native MixtralForCausalLM one, or, with a shared
+expert, qkv bias, q/k norm or dense layers between the MoE layers, a native
+Qwen2MoeForCausalLM (shared expert, gated; qkv bias) or Qwen3MoeForCausalLM (q/k norm) one (no
+custom code); what neither can hold is refused. ``hypermoe`` keeps every Mixtral key and adds
+the HyperMoE ones (and the optional parts' keys), with ``configuration_hypermoe.py`` and
+``modeling_hypermoe.py`` beside the weights (``auto_map``, ``trust_remote_code=True``).
+config.json is written with the classic field names that transformers 4.x and 5.x both read, and
+the MoE layer pattern as ``mlp_only_layers`` with ``decoder_sparse_step`` 1. The directory
+appears whole or not at all: everything is written into a temporary sibling that is renamed at
+the end.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Optional
 import megatron_hypermoe.hf
 from megatron_hypermoe.data.tokenizer_files import checked_training_tokenizer, write_tokenizer_files
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.hf.mapping import NameMapShape, to_hf
+from megatron_hypermoe.hf.mapping import NameMapShape, to_hf, unrepresentable
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, gates_renormalised
 from megatron_hypermoe.training.checkpoint_reader import Checkpoint, read_checkpoint
 
@@ -49,9 +54,42 @@ def unrepresentable_routing(config) -> Optional[str]:
     return next((what for applies, what in options if applies), None)
 
 
-def check_representable(checkpoint: Checkpoint) -> None:
+QWEN_FAMILIES = (("qwen2_moe", "Qwen2-MoE"), ("qwen3_moe", "Qwen3-MoE"))
+
+
+def hf_family(config) -> str:
+    """The HF family a model exports to: llama, mixtral (an MoE with nothing Mixtral lacks),
+    qwen2_moe or qwen3_moe (the first that holds the MoE exactly), hypermoe."""
+    if config.moe_type == "dense":
+        family = "llama"
+    elif config.moe_type != "moe":
+        return config.moe_type
+    else:
+        shape = NameMapShape.of(config)
+        if shape.shared_expert_size or shape.qkv_bias or shape.qk_layernorm or \
+                shape.has_dense_layers:
+            problems = [(name, unrepresentable(shape._replace(family=family)))
+                        for family, name in QWEN_FAMILIES]
+            fits = [family for (family, _), (_, problem) in zip(QWEN_FAMILIES, problems)
+                    if problem is None]
+            if not fits:
+                raise CheckpointError(
+                    "this moe model cannot be exported exactly: "
+                    + "; ".join(f"{name} cannot hold {problem}" for name, problem in problems))
+            return fits[0]
+        family = "mixtral"
+    problem = unrepresentable(NameMapShape.of(config, family))
+    if problem:
+        raise CheckpointError(f"this {config.moe_type} model has {problem}, which "
+                              f"{family} cannot hold: not exported")
+    return family
+
+
+def check_representable(checkpoint: Checkpoint) -> str:
+    """The HF family of the checkpoint's model, or a one-line refusal."""
     args = checkpoint.args
-    routing = unrepresentable_routing(checkpoint.model_config())
+    config = checkpoint.model_config()
+    routing = unrepresentable_routing(config)
     if routing:
         raise CheckpointError(f"this {args.moe_type} model {routing}, which the Hugging Face "
                               "model (Mixtral's routing) cannot compute: not exported")
@@ -59,22 +97,26 @@ def check_representable(checkpoint: Checkpoint) -> None:
         raise CheckpointError("moe_adapter (the static-adapter ablation) has no Hugging Face "
                               "architecture to export to; it exists for benchmarks/"
                               "compare_variants.py")
-    if args.moe_type == "moe" and not gates_renormalised(checkpoint.model_config()):
+    family = hf_family(config)
+    if family == "mixtral" and not gates_renormalised(config):
         top1 = "top-1 " if args.moe_router_topk == 1 else ""
         raise CheckpointError(
             f"a {top1}megatron MoE with unrenormalised gates cannot be exported as "
             "MixtralForCausalLM exactly: Mixtral renormalises the selected experts' weights, "
             "pre-softmax routing (the default for top-1) keeps the softmax probabilities; train "
             "with --moe-router-renormalize to export to Mixtral")
+    return family
 
 
-def hf_config(checkpoint: Checkpoint, eod: Optional[int]) -> dict:
+def hf_config(checkpoint: Checkpoint, eod: Optional[int], family: Optional[str] = None) -> dict:
     args = checkpoint.args
     config = checkpoint.model_config()
+    family = family or hf_family(config)
+    shape = NameMapShape.of(config, family)
     dtype = "bfloat16" if checkpoint.meta["args"].get("bf16") else "float32"
     common = dict(
         vocab_size=args.padded_vocab_size, hidden_size=args.hidden_size,
-        intermediate_size=args.ffn_hidden_size, num_hidden_layers=args.num_layers,
+        intermediate_size=config.ffn_hidden_size, num_hidden_layers=args.num_layers,
         num_attention_heads=args.num_attention_heads,
         num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels,
         hidden_act="silu", max_position_embeddings=args.max_position_embeddings,
@@ -84,19 +126,37 @@ def hf_config(checkpoint: Checkpoint, eod: Optional[int]) -> dict:
     )
     if eod is not None:
         common["eos_token_id"] = eod
-    if args.moe_type == "dense":
+    if family == "llama":
         return dict(model_type="llama", architectures=["LlamaForCausalLM"],
-                    attention_bias=False, mlp_bias=False, **common)
-    moe = dict(num_local_experts=args.num_experts, num_experts_per_tok=args.moe_router_topk,
+                    attention_bias=shape.qkv_bias, mlp_bias=False, **common)
+    moe = dict(num_experts_per_tok=args.moe_router_topk,
                router_aux_loss_coef=args.moe_aux_loss_coeff, output_router_logits=False,
                sliding_window=None, **common)
-    if args.moe_type == "moe":
-        return dict(model_type="mixtral", architectures=["MixtralForCausalLM"], **moe)
+    dense_layers = [layer for layer in range(shape.num_layers) if not shape.is_moe_layer(layer)]
+    if family == "mixtral":
+        moe["intermediate_size"] = config.moe_ffn_hidden_size  # (every layer is an MoE layer)
+        return dict(model_type="mixtral", architectures=["MixtralForCausalLM"],
+                    num_local_experts=args.num_experts, **moe)
+    # The MoE layers as Qwen's rule reads them: every layer (decoder_sparse_step 1) but these.
+    qwen = dict(num_experts=args.num_experts, moe_intermediate_size=config.moe_ffn_hidden_size,
+                norm_topk_prob=gates_renormalised(config), decoder_sparse_step=1,
+                mlp_only_layers=dense_layers, use_sliding_window=False, **moe)
+    if family == "qwen2_moe":
+        return dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"],
+                    shared_expert_intermediate_size=shape.shared_expert_size,
+                    qkv_bias=shape.qkv_bias, max_window_layers=args.num_layers, **qwen)
+    if family == "qwen3_moe":
+        return dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                    attention_bias=shape.qkv_bias, **qwen)
     return dict(
         model_type="hypermoe", architectures=["HyperMoeForCausalLM"],
         auto_map={"AutoConfig": "configuration_hypermoe.HyperMoeConfig",
                   "AutoModelForCausalLM": "modeling_hypermoe.HyperMoeForCausalLM"},
-        norm_topk_prob=gates_renormalised(config),
+        num_local_experts=args.num_experts, norm_topk_prob=gates_renormalised(config),
+        moe_intermediate_size=config.moe_ffn_hidden_size,
+        shared_expert_intermediate_size=shape.shared_expert_size,
+        shared_expert_gate=shape.shared_expert_gate, qkv_bias=shape.qkv_bias,
+        qk_norm=shape.qk_layernorm, mlp_only_layers=dense_layers,
         **{name: getattr(config, name) for name in HYPER_SIZE_NAMES},
         hyper_init=config.hyper_init, hyper_lr_mult=args.hyper_lr_mult, **moe)
 
@@ -132,12 +192,12 @@ def export_checkpoint(load_dir: str, output: str, iteration: Optional[int] = Non
                       tokenizer_model: Optional[str] = None) -> dict:
     """Convert; returns the HF config written."""
     checkpoint = read_checkpoint(load_dir, iteration)
-    check_representable(checkpoint)
+    family = check_representable(checkpoint)
     tokenizer_args, tokenizer = checked_training_tokenizer(
         checkpoint.args, checkpoint.meta.get("tokenizer"), tokenizer_model)
     eod = None if tokenizer_args.tokenizer_type == "NullTokenizer" else int(tokenizer.eod)
-    config = hf_config(checkpoint, eod)
-    state = to_hf(checkpoint.state, NameMapShape.of(checkpoint.model_config()))
+    config = hf_config(checkpoint, eod, family)
+    state = to_hf(checkpoint.state, NameMapShape.of(checkpoint.model_config(), family))
     write_hf_directory(output, state, config,
                        lambda staging: write_tokenizer_files(tokenizer_args, tokenizer, staging))
     return config

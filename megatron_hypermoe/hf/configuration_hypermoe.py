@@ -1,4 +1,5 @@
-"""Hugging Face configuration of a HyperMoE causal LM (Mixtral's fields plus the hyper sizes).
+"""Hugging Face configuration of a HyperMoE causal LM (Mixtral's fields plus the hyper sizes, and
+Qwen-MoE's optional parts: shared expert, q/k norm, qkv bias, dense layers).
 
 Self-contained (imports only transformers): the exporter copies this file next to the weights,
 and ``AutoConfig.from_pretrained(dir, trust_remote_code=True)`` loads it from there.
@@ -19,6 +20,8 @@ class HyperMoeConfig(PretrainedConfig):
                  hyper_adapter_dim=64, hyper_hidden_size=128, hyper_expert_embedding_dim=128,
                  hyper_selection_hidden_size=128, hyper_selection_output_size=128,
                  hyper_layer_embedding_dim=10, hyper_init="hyperfanin", hyper_lr_mult=1.0,
+                 moe_intermediate_size=None, shared_expert_intermediate_size=0,
+                 shared_expert_gate=False, qkv_bias=False, qk_norm=False, mlp_only_layers=None,
                  use_cache=True, tie_word_embeddings=False, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -50,5 +53,17 @@ class HyperMoeConfig(PretrainedConfig):
         # for whoever trains on).
         self.hyper_init = hyper_init
         self.hyper_lr_mult = hyper_lr_mult
+        # Each off by default, so that a config written before they existed loads as it was.
+        # The experts' width (None: intermediate_size, which dense layers use).
+        self.moe_intermediate_size = moe_intermediate_size
+        # A shared expert of this width in every MoE layer (0: none), its output scaled by
+        # sigmoid(shared_expert_gate(x)) when shared_expert_gate.
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.shared_expert_gate = shared_expert_gate
+        self.qkv_bias = qkv_bias  # biases on q_proj, k_proj, v_proj (not o_proj)
+        self.qk_norm = qk_norm  # RMSNorm of each query and key head (head_dim wide), before RoPE
+        # Layers with a dense SwiGLU MLP (intermediate_size) instead of the MoE block (and so
+        # without a HyperExpert); the others are MoE layers.
+        self.mlp_only_layers = list(mlp_only_layers or [])
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)

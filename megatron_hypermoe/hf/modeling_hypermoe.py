@@ -11,8 +11,13 @@ Per MoE layer l, for a token x (the post-attention-norm hidden state) with selec
     h = relu(fc(concat(z, LayerEmb[l])))                             (hypernet, shared)
     W_down = down_weight(h).view(d, r), b_down = down_bias(h), W_up = up_weight(h).view(r, d),
     b_up = up_bias(h)
-    y = sparse_moe(x) + relu(x W_down + b_down) W_up + b_up
+    y = sparse_moe(x) [+ shared(x)] + relu(x W_down + b_down) W_up + b_up
 h depends on the token only through S, so one HyperExpert is generated per distinct set.
+Optional, each off by default (Qwen-MoE's parts, megatron's flags): a shared expert in every
+MoE layer, gated or not by sigmoid(shared_expert_gate(x)) (``shared_expert_intermediate_size``,
+``shared_expert_gate``); q/k/v biases (``qkv_bias``); an RMSNorm of each query and key head
+(``qk_norm``); dense SwiGLU layers between the MoE layers (``mlp_only_layers``: no HyperExpert
+there, the hypernetwork's layer embedding is still indexed by the global layer).
 """
 
 import math
@@ -69,15 +74,24 @@ class HyperMoeAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        bias = getattr(config, "qkv_bias", False)
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        if getattr(config, "qk_norm", False):
+            self.q_norm = HyperMoeRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = HyperMoeRMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, mask, cache):
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -92,17 +106,35 @@ class HyperMoeAttention(nn.Module):
         return self.o_proj(out)
 
 
+def _expert_size(config):
+    return getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+
+
 class HyperMoeExpert(nn.Module):
     """SwiGLU expert with Mixtral's names: w2(silu(w1 x) * w3 x)."""
 
     def __init__(self, config):
         super().__init__()
-        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        size = _expert_size(config)
+        self.w1 = nn.Linear(config.hidden_size, size, bias=False)
+        self.w2 = nn.Linear(size, config.hidden_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, size, bias=False)
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class HyperMoeMLP(nn.Module):
+    """SwiGLU MLP with Llama's names (dense layers, the shared expert)."""
+
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class HyperMoeSelection(nn.Module):
@@ -173,6 +205,10 @@ class HyperMoeSparseMoeBlock(nn.Module):
         self.experts = nn.ModuleList(HyperMoeExpert(config)
                                      for _ in range(config.num_local_experts))
         self.selection = HyperMoeSelection(config)
+        shared = getattr(config, "shared_expert_intermediate_size", 0)
+        self.shared_expert = HyperMoeMLP(config.hidden_size, shared) if shared else None
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False) \
+            if shared and getattr(config, "shared_expert_gate", False) else None
 
     def forward(self, hidden_states, hypernet, layer_idx):
         shape = hidden_states.shape
@@ -189,6 +225,11 @@ class HyperMoeSparseMoeBlock(nn.Module):
             rows, slot = (chosen == e).nonzero(as_tuple=True)
             if rows.numel():
                 out.index_add_(0, rows, expert(x[rows]) * weights[rows, slot, None])
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = shared * torch.sigmoid(self.shared_expert_gate(x))
+            out = out + shared
         selected = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, chosen, True)
         out = out + hypernet(x, selected, self.selection, layer_idx)
         return out.view(shape)
@@ -199,14 +240,19 @@ class HyperMoeDecoderLayer(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.self_attn = HyperMoeAttention(config, layer_idx)
-        self.block_sparse_moe = HyperMoeSparseMoeBlock(config)
+        if layer_idx in getattr(config, "mlp_only_layers", ()):
+            self.mlp = HyperMoeMLP(config.hidden_size, config.intermediate_size)
+        else:
+            self.block_sparse_moe = HyperMoeSparseMoeBlock(config)
         self.input_layernorm = HyperMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = HyperMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, cache, hypernet):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.block_sparse_moe(self.post_attention_layernorm(x), hypernet,
-                                         self.layer_idx)
+        hidden = self.post_attention_layernorm(x)
+        if hasattr(self, "mlp"):
+            return x + self.mlp(hidden)
+        return x + self.block_sparse_moe(hidden, hypernet, self.layer_idx)
 
 
 class HyperMoePreTrainedModel(PreTrainedModel):
