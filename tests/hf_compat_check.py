@@ -5,9 +5,11 @@
 ``python -m tests.hf_compat_check --make-exports DIR`` trains one-iteration dense, moe (top-2) and
 hypermoe checkpoints on mock data and exports them under DIR. ``python -m tests.hf_compat_check
 OUT.pt DIR...`` loads each HF directory with
-whatever transformers is importable, and saves its logits and greedy generation (KV cache) to
-OUT.pt; ``--compare A.pt B.pt`` checks two such files agree (max abs logit difference 1e-5,
-identical tokens) and exits non-zero otherwise.
+whatever transformers is importable (our package hidden, as for a user who has only
+transformers: a remote-code file that imported it would fail), and saves its logits on
+:func:`record_ids` and greedy generation (KV cache) to OUT.pt; ``--compare A.pt B.pt`` checks
+two such files agree (max abs logit difference 1e-5, identical tokens) and exits non-zero
+otherwise. tests/test_hf_families.py runs the recording mode on the Qwen and HyperMoE exports.
 
 ``python tests/hf_compat_check.py --tokenize DIR...`` loads each directory's tokenizer with
 ``AutoTokenizer`` as a user with only ``pip install transformers`` would: with protobuf and our
@@ -40,11 +42,24 @@ def make_exports(root):
                         "--load", checkpoint, "--output", export], check=True, env=environment)
 
 
+def record_ids():
+    """The tokens :func:`record` scores."""
+    return torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+
+
+def hide_our_package():
+    for name in HIDDEN_MODULES:
+        sys.modules[name] = None  # importing it now fails, as if it were not installed
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") not in (here, ROOT)]
+
+
 def record(out_path, directories):
+    hide_our_package()
     import transformers
     from transformers import AutoModelForCausalLM
 
-    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    ids = record_ids()
     results = {"version": transformers.__version__}
     for directory in directories:
         model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True,
@@ -85,10 +100,7 @@ HIDDEN_MODULES = ("google.protobuf", "megatron_hypermoe")
 
 def tokenize(directories):
     """The --tokenize mode (see above)."""
-    for name in HIDDEN_MODULES:
-        sys.modules[name] = None  # importing it now fails, as if it were not installed
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") not in (here, ROOT)]
+    hide_our_package()
     import json
 
     from transformers import AutoTokenizer

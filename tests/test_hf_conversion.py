@@ -437,8 +437,9 @@ def test_import_refusals(exported, tmp_path):
     (weightless / "model.safetensors").unlink()
     output = convert_back(weightless, tmp_path / "a", expect=1)
     assert "has no *.safetensors weights" in output and not (tmp_path / "a").exists()
-    output = convert_back(exported("moe"), tmp_path / "b", "--upcycle", expect=1)
-    assert "--upcycle starts from a dense (llama) model" in output
+    output = convert_back(exported("moe"), tmp_path / "b", "--upcycle", "--moe-type", "moe",
+                          expect=1)
+    assert "--upcycle --moe-type moe adds nothing to a mixtral model" in output
     scaled = tmp_path / "scaled"
     shutil.copytree(exported("dense"), scaled)
     config = json.loads((scaled / "config.json").read_text())
