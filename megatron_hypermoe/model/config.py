@@ -28,6 +28,8 @@ from megatron_hypermoe.errors import ConfigError
 from megatron_hypermoe.model.attention import attention_backend
 
 MOE_TYPES = ("hypermoe", "moe", "moe_adapter", "dense")
+# The variants that add a side path to megatron's MoE layer (model/side_path.py)
+SIDE_PATH_VARIANTS = ("hypermoe", "moe_adapter")
 HYPER_EXPERT_IMPLS = ("auto", "allsets", "grouped", "factored", "naive")
 # "allsets" generates C(E, k) HyperExperts per layer: past this many, refuse it when asked for
 # by name (auto never picks it there: see model/hyper_expert.py).

@@ -29,7 +29,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_hypermoe.model.adapter_layer import AdapterMoELayer
 from megatron_hypermoe.model.attention import core_attention_class
-from megatron_hypermoe.model.config import HyperMoEConfig, moe_layer_pattern
+from megatron_hypermoe.model.config import SIDE_PATH_VARIANTS, HyperMoEConfig, moe_layer_pattern
 from megatron_hypermoe.model.grouped_experts import experts_class
 from megatron_hypermoe.model.hyper_expert import shared_generation
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
@@ -40,6 +40,7 @@ from megatron_hypermoe.parallel.sequence_parallel import mark_sequence_parallel
 
 
 SIDE_PATH_LAYERS = {"hypermoe": HyperMoELayer, "moe_adapter": AdapterMoELayer}
+assert tuple(SIDE_PATH_LAYERS) == SIDE_PATH_VARIANTS
 
 
 def get_block_spec(config: HyperMoEConfig) -> TransformerBlockSubmodules:

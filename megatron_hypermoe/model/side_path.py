@@ -13,12 +13,21 @@ adapter, the ablation).
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_hypermoe.model.recompute import in_recompute_replay
+
+# The parameters of the side path (the selection embeddings and the shared hypernetwork, or the
+# static adapter): what an MoE model lacks of HyperMoE / moe_adapter.
+_SIDE_PATH_PARAMETER = re.compile(r"(^|\.)(hypernetwork|selection|adapter)\.")
+
+
+def is_side_path_parameter(name: str) -> bool:
+    return _SIDE_PATH_PARAMETER.search(name) is not None
 
 
 def _rms(tensor: torch.Tensor) -> torch.Tensor:

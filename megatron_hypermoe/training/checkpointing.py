@@ -42,7 +42,10 @@ import torch.distributed as dist
 from megatron_hypermoe.compat.deepspeed import (deferring_write_errors,
                                                 install_weights_only_checkpoint_engine)
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, VARIANT_HYPER_FIELDS
+from megatron_hypermoe.model.config import (HYPER_SIZE_NAMES, SIDE_PATH_VARIANTS,
+                                            VARIANT_HYPER_FIELDS)
+from megatron_hypermoe.model.initialization import zero_side_path_output_
+from megatron_hypermoe.model.side_path import is_side_path_parameter
 from megatron_hypermoe.training.arguments import hyper_lr_mult, recorded_args
 from megatron_hypermoe.training.checkpoint_files import (  # noqa: F401 (names others import)
     LATEST_FILE, MEGATRON_LATEST_FILE, META_FILE, PARTIAL, atomic_write_text,
@@ -51,8 +54,9 @@ from megatron_hypermoe.training.checkpoint_files import (  # noqa: F401 (names o
 from megatron_hypermoe.training.expert_checkpoint import (restore_local_experts,
                                                           save_local_experts)
 from megatron_hypermoe.training.layout_free_checkpoint import DIRECTORY as LAYOUT_FREE_DIRECTORY
-from megatron_hypermoe.training.layout_free_checkpoint import (gather_layout_free, needs_reshard,
-                                                               restore_layout_free,
+from megatron_hypermoe.training.layout_free_checkpoint import (gather_layout_free,
+                                                               has_layout_free_files, needs_reshard,
+                                                               print_rank0, restore_layout_free,
                                                                rng_carries_over,
                                                                vocab_padding_message)
 from megatron_hypermoe.training.lr_schedule import SCHEDULER_STATE_KEY
@@ -272,11 +276,19 @@ def _iteration_of(tag: str) -> Optional[int]:
     return int(digits) if digits.isdigit() else None
 
 
-def check_model_shape(meta: dict, args) -> None:
+def check_model_shape(meta: dict, args, adding_side_path: bool = False) -> None:
     saved, current = meta.get("model", {}), checkpoint_shape(args)
     for field in SHAPE_FIELDS:
+        if field == "moe_type" and adding_side_path:
+            continue
         # (a field the variant does not read: not recorded now, any value recorded before)
         if field in saved and field in current and saved[field] != current[field]:
+            if field == "moe_type" and saved[field] == "moe" and \
+                    current[field] in SIDE_PATH_VARIANTS:
+                raise CheckpointError(f"checkpoint is a moe model and the flags give "
+                                      f"--moe-type {current[field]}: add --finetune to start one "
+                                      "from it (its side path is added with a zero output), or "
+                                      "pass --moe-type moe")
             if field == "padded_vocab_size":  # TP is part of Megatron's vocabulary padding
                 raise CheckpointError(vocab_padding_message(meta, args))
             flag = "--" + field.replace("_", "-")
@@ -306,13 +318,16 @@ def load_checkpoint(engine, args, schedule=None) -> TrainState:
     learning-rate schedule (collective). As in Megatron, --finetune and --no-load-optim start
     the schedule afresh."""
     tag, meta = read_latest(args.load, getattr(args, "ckpt_step", None))
-    check_model_shape(meta, args)
+    adding_side_path = side_path_added(meta, args)
+    check_model_shape(meta, args, adding_side_path)
     load_optimizer = not (args.finetune or args.no_load_optim)
     if load_optimizer:
         check_optimizer_groups(meta, args)
     directory = os.path.join(args.load, tag)
     try:
-        if needs_reshard(meta, args, directory, load_optimizer):  # another layout
+        if adding_side_path:
+            _load_adding_side_path(engine, args, meta, directory)
+        elif needs_reshard(meta, args, directory, load_optimizer):  # another layout
             restore_layout_free(engine, directory, load_optimizer)
         else:
             _load_same_layout(engine, args, tag, load_optimizer)
@@ -330,6 +345,26 @@ def load_checkpoint(engine, args, schedule=None) -> TrainState:
         else:  # written before the scheduler was saved
             schedule.resume_without_state(state.consumed_train_samples)
     return state
+
+
+def side_path_added(meta: dict, args) -> bool:
+    """Whether this load upcycles an MoE checkpoint into HyperMoE or the static-adapter variant
+    (``--finetune --moe-type hypermoe`` on a ``moe`` checkpoint): the paper's setting."""
+    return (args.finetune and meta.get("model", {}).get("moe_type") == "moe"
+            and args.moe_type in SIDE_PATH_VARIANTS)
+
+
+def _load_adding_side_path(engine, args, meta: dict, directory: str) -> None:
+    """The MoE's weights by global name (any layout), and a new side path whose output starts
+    at zero (model/initialization.py ``zero_side_path_output_``): at step 0 the model computes
+    what the MoE computed."""
+    if not has_layout_free_files(directory):
+        raise CheckpointError(f"checkpoint {directory} predates layout-free files, which adding "
+                              "a side path reads: resume it as --moe-type moe and save again")
+    print_rank0(f"adding a {args.moe_type} side path to the moe checkpoint (its output starts "
+                 "at zero: the model computes what the MoE computed)")
+    zero_side_path_output_(engine.module)
+    restore_layout_free(engine, directory, load_optimizer=False, kept=is_side_path_parameter)
 
 
 def _load_same_layout(engine, args, tag: str, load_optimizer: bool) -> None:

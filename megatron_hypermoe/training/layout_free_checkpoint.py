@@ -111,13 +111,13 @@ def needs_reshard(meta: dict, args, directory: str, load_optimizer: bool) -> boo
     line; says which path on rank 0."""
     saved, current = checkpoint_layout(meta), run_layout(args)
     if saved == current:
-        _print_rank0(f"resuming with the same layout ({describe(current)})")
+        print_rank0(f"resuming with the same layout ({describe(current)})")
         return False
     if not has_layout_free_files(directory):
         if not load_optimizer and (saved.tp, saved.ep, saved.pp) == (current.tp, current.ep,
                                                                       current.pp):
             # DeepSpeed loads module weights into any DP size / ZeRO stage (today's path).
-            _print_rank0(f"loading weights only from {describe(saved)} into {describe(current)}")
+            print_rank0(f"loading weights only from {describe(saved)} into {describe(current)}")
             return False
         if os.path.isdir(os.path.join(directory, DIRECTORY)):  # copied without its index
             raise CheckpointError.missing_file(os.path.join(directory, DIRECTORY, INDEX_FILE))
@@ -128,14 +128,14 @@ def needs_reshard(meta: dict, args, directory: str, load_optimizer: bool) -> boo
     if current.zero not in (1, 2):
         raise CheckpointError(f"--zero-stage {current.zero}: a checkpoint of another layout "
                               f"({describe(saved)}) resumes under ZeRO stage 1 or 2 only")
-    _print_rank0(f"resharding from {describe(saved)} to {describe(current)}")
+    print_rank0(f"resharding from {describe(saved)} to {describe(current)}")
     if not rng_carries_over(meta, args):
-        _print_rank0("RNG states are per rank and do not carry over to another layout: dropout "
+        print_rank0("RNG states are per rank and do not carry over to another layout: dropout "
                      "and sampling continue from fresh streams of --seed")
     return True
 
 
-def _print_rank0(line: str) -> None:
+def print_rank0(line: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(line, flush=True)
 
@@ -369,9 +369,12 @@ def _local_shard(tensors: _Tensors, kind: str, name: str, global_name: str, para
 
 
 @torch.no_grad()
-def restore_layout_free(engine, directory: str, load_optimizer: bool) -> None:
+def restore_layout_free(engine, directory: str, load_optimizer: bool,
+                        kept=lambda name: False) -> None:
     """Give every parameter of this (freshly built) engine its saved fp32 master weight and, with
-    ``load_optimizer``, Adam's moments and step (collective: ends with an all-gather)."""
+    ``load_optimizer``, Adam's moments and step (collective: ends with an all-gather). A
+    parameter whose name ``kept`` accepts (one the checkpoint's model lacks) keeps the value it
+    has in the module, made its master weight."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     tensors = _Tensors(directory)
@@ -385,6 +388,9 @@ def restore_layout_free(engine, directory: str, load_optimizer: bool) -> None:
             raise CheckpointError(f"{name} is not in the ZeRO optimizer: a layout change "
                                   "needs ZeRO stage 1 or 2")
         # Each setter writes only this rank's fragment of the flat partition.
+        if kept(name):  # (never tensor-parallel: the side path is replicated)
+            safe_set_full_fp32_param(param, param.detach().float())
+            continue
         safe_set_full_fp32_param(param, _local_shard(tensors, "fp32", name, global_name, param,
                                                      gated))
         for key in MOMENTS if step > 0 else ():
