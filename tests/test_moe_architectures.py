@@ -76,7 +76,18 @@ def test_expert_and_dense_widths_are_one_unless_there_are_dense_layers():
 
 
 # The model ---------------------------------------------------------------------------------------
-pytestmark_model = pytest.mark.usefixtures("megatron_single_process")
+@pytest.fixture
+def fresh_aux_loss_tracker():
+    """megatron's aux-loss tracker is process-wide and sized by the first model's layer count:
+    these 4-layer models must not index one sized by another test's 2 layers."""
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
+    yield
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
+
+
+pytestmark_model = pytest.mark.usefixtures("megatron_single_process", "fresh_aux_loss_tracker")
 
 
 @pytestmark_model
