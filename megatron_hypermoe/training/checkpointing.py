@@ -292,9 +292,10 @@ def check_model_shape(meta: dict, args, adding_side_path: bool = False) -> None:
             if field == "padded_vocab_size":  # TP is part of Megatron's vocabulary padding
                 raise CheckpointError(vocab_padding_message(meta, args))
             flag = "--" + field.replace("_", "-")
+            fix = (("add " if saved[field] else "drop ") + flag) \
+                if isinstance(saved[field], bool) else f"pass {flag} {saved[field]}"
             raise CheckpointError(f"checkpoint has {field}={saved[field]!r} but the flags give "
-                                  f"{current[field]!r}: pass {flag} {saved[field]} or load "
-                                  "another checkpoint")
+                                  f"{current[field]!r}: {fix} or load another checkpoint")
 
 
 def check_optimizer_groups(meta: dict, args) -> None:
