@@ -518,7 +518,7 @@ def test_upcycled_moe_trains_on_and_exports_to_the_hypermoe_class(family, hf_sou
                       "--train-iters", "3", "--lr", "1e-2", "--min-lr", "1e-2",
                       "--load", str(tmp_path / "up"), "--finetune",
                       "--save", str(tmp_path / "trained"))
-    assert "iteration        3/       3" in output
+    assert "trained/iter_0000003" in output
     export = tmp_path / "export"
     config = export_checkpoint(str(tmp_path / "trained"), str(export))
     assert config["model_type"] == "hypermoe" and config["mlp_only_layers"] == [1]
@@ -538,3 +538,37 @@ def test_upcycled_moe_trains_on_and_exports_to_the_hypermoe_class(family, hf_sou
             getattr(model.hypernetwork, head).bias.zero_()
     moved = (ours - megatron_logits(model, ids)).abs().max().item()
     assert moved >= 100 * TOLERANCE, moved
+
+
+TRAINED_EXPORTS = {
+    # trainer flags of a moe model -> the family it exports to
+    "qwen2_moe": ["--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate",
+                  "--add-qkv-bias", "--moe-layer-freq", "[1,0]", "--moe-ffn-hidden-size", "64"],
+    "qwen3_moe": ["--qk-layernorm", "--kv-channels", "24", "--num-query-groups", "2",
+                  "--moe-layer-freq", "[0,1]", "--moe-ffn-hidden-size", "64"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", TRAINED_EXPORTS)
+def test_a_trained_moe_exports_to_qwen_and_back(family, dataset, tmp_path):
+    """A moe model trained with the Qwen parts exports to the native Qwen class that holds it
+    (our logits, 1e-5), and converts back to the same weights."""
+    from megatron_hypermoe.conversion.export import export_checkpoint
+    from megatron_hypermoe.inference.model_source import load_hf_model
+    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+    from tests.helpers import tiny_run
+
+    pretrain(*tiny_run("moe"), *dataset, *TRAINED_EXPORTS[family], "--train-iters", "2",
+             "--global-batch-size", "4", "--lr", "1e-2", "--save", str(tmp_path / "trained"))
+    config = export_checkpoint(str(tmp_path / "trained"), str(tmp_path / "export"))
+    assert config["architectures"] == [ARCHITECTURES[family]]
+    assert config["mlp_only_layers"] == ([1] if family == "qwen2_moe" else [0])
+    ids = random_tokens(2, 32, vocab=400, seed=3)
+    difference = (checkpoint_logits(tmp_path / "trained", ids)
+                  - hf_logits(load_hf_model(str(tmp_path / "export")), ids)).abs().max().item()
+    print(f"trained moe -> {family}: max logit difference {difference:.2e}")
+    assert difference <= TOLERANCE
+    convert(tmp_path / "export", tmp_path / "back")
+    assert_same_weights(read_checkpoint(str(tmp_path / "trained")).state,
+                        read_checkpoint(str(tmp_path / "back")).state)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Convert a megatron-hypermoe checkpoint (any TP/EP layout) to a Hugging Face directory:
-dense -> Llama, moe -> Mixtral, hypermoe -> HyperMoE (trust_remote_code).
+dense -> Llama, moe -> Mixtral (or, with a shared expert, qkv bias, q/k norm or dense layers,
+Qwen2-MoE / Qwen3-MoE), hypermoe -> HyperMoE (trust_remote_code).
 
     python tools/convert_checkpoint_to_hf.py --load runs/demo/checkpoints --output hf/demo
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face Llama / Mixtral / HyperMoE directory to a megatron-hypermoe checkpoint
-(iteration 0, fresh optimizer). Run under torchrun for TP/EP > 1.
+"""Convert a Hugging Face Llama / Mixtral / Qwen2-MoE / Qwen3-MoE / HyperMoE directory to a
+megatron-hypermoe checkpoint (iteration 0, fresh optimizer). Run under torchrun for TP/EP > 1.
 
     python tools/convert_hf_to_checkpoint.py --hf hf/demo --save converted
     python tools/convert_hf_to_checkpoint.py --hf my_llama --save upcycled \\
         --upcycle --moe-type hypermoe --num-experts 8 --moe-router-topk 2
+    python tools/convert_hf_to_checkpoint.py --hf my_qwen3_moe --save upcycled \\
+        --upcycle --moe-type hypermoe          # an MoE keeps its experts and routing
 
 See ``megatron_hypermoe/conversion/import_hf.py``.
 """
@@ -28,10 +30,15 @@ def main(argv=None) -> int:
     parser.add_argument("--hf", required=True, help="Hugging Face model directory")
     parser.add_argument("--save", required=True, help="new checkpoint directory")
     parser.add_argument("--upcycle", action="store_true",
-                        help="dense Llama -> MoE/HyperMoE: every MLP becomes --num-experts "
-                             "copies, with a fresh router and hyper path")
+                        help="add what --moe-type has and the model lacks: from a dense Llama, "
+                             "every MLP becomes --num-experts copies with a fresh router and "
+                             "side path; from an MoE (Mixtral, Qwen2-MoE, Qwen3-MoE), its "
+                             "experts, router and shared expert are kept and the HyperMoE "
+                             "hypernetwork (or the static adapter) is added with an output of "
+                             "exactly 0, so the model computes what it did until it trains")
     group = parser.add_argument_group("the MoE when upcycling (otherwise they come from the "
-                                      "model)")
+                                      "model; an MoE source's experts, top-k and routing "
+                                      "cannot be changed)")
     group.add_argument("--moe-type", choices=("hypermoe", "moe", "moe_adapter"), default=None)
     group.add_argument("--num-experts", type=int, default=None)
     group.add_argument("--moe-router-topk", type=int, default=None)
