@@ -3,7 +3,8 @@
     make hf-compat     (installs transformers 4.57.1 into .cache/transformers4, runs this twice)
 
 ``python -m tests.hf_compat_check --make-exports DIR`` trains one-iteration dense, moe (top-2) and
-hypermoe checkpoints on mock data and exports them under DIR. ``python -m tests.hf_compat_check
+hypermoe checkpoints, and those of :data:`EXPORTS` with the Qwen parts, on mock data and exports
+them under DIR (one directory each, named as in EXPORTS). ``python -m tests.hf_compat_check
 OUT.pt DIR...`` loads each HF directory with
 whatever transformers is importable (our package hidden, as for a user who has only
 transformers: a remote-code file that imported it would fail), and saves its logits on
@@ -26,17 +27,31 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# export directory -> (variant, extra trainer flags): the three variants, moe models that export
+# as Qwen2-MoE (gated shared expert, qkv bias, a dense layer) and Qwen3-MoE (q/k norm, a dense
+# layer; head_dim stays hidden / heads: transformers 4 refuses another one in Qwen2-MoE only),
+# and a HyperMoE with every optional part of its HF class.
+QWEN2_FLAGS = ["--moe-shared-expert-intermediate-size", "32", "--moe-shared-expert-gate",
+               "--add-qkv-bias", "--moe-layer-freq", "[1,0]", "--moe-ffn-hidden-size", "64"]
+QWEN3_FLAGS = ["--qk-layernorm", "--kv-channels", "24", "--num-query-groups", "2",
+               "--moe-layer-freq", "[0,1]", "--moe-ffn-hidden-size", "64"]
+EXPORTS = {"dense": ("dense", []), "moe": ("moe", []), "hypermoe": ("hypermoe", []),
+           "qwen2_moe": ("moe", QWEN2_FLAGS), "qwen3_moe": ("moe", QWEN3_FLAGS),
+           "hypermoe_options": ("hypermoe", [*QWEN2_FLAGS, "--qk-layernorm", "--kv-channels",
+                                             "24"])}
+
+
 def make_exports(root):
     from tests.helpers import tiny_run  # not at the top: recording runs under transformers 4
 
     tiny = ["--mock-data", "--vocab-size", "250", "--train-iters", "1"]
     environment = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    for moe_type in ("dense", "moe", "hypermoe"):
-        checkpoint, export = os.path.join(root, f"{moe_type}_ckpt"), os.path.join(root, moe_type)
+    for name, (moe_type, flags) in EXPORTS.items():
+        checkpoint, export = os.path.join(root, f"{name}_ckpt"), os.path.join(root, name)
         if os.path.isdir(export):
             continue
         subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt_hypermoe.py"),
-                        *tiny_run(moe_type), *tiny, "--save", checkpoint], check=True,
+                        *tiny_run(moe_type), *tiny, *flags, "--save", checkpoint], check=True,
                        env=environment, capture_output=True)
         subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint_to_hf.py"),
                         "--load", checkpoint, "--output", export], check=True, env=environment)

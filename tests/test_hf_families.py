@@ -505,7 +505,8 @@ def test_upcycled_moe_trains_on_and_exports_to_the_hypermoe_class(family, hf_sou
                                                                    tmp_path):
     """From the upcycled Qwen model (shared expert or q/k norm, a dense layer, head_dim), a short
     run; its checkpoint exports to the HyperMoE class (transformers alone, trust_remote_code),
-    which computes our logits, the HyperExpert's part of them included."""
+    which computes our logits, the HyperExpert's part of them included, and converts back to
+    the same weights."""
     from megatron_hypermoe.conversion.export import export_checkpoint
     from megatron_hypermoe.inference.model_source import build_megatron_model
     from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
@@ -532,6 +533,9 @@ def test_upcycled_moe_trains_on_and_exports_to_the_hypermoe_class(family, hf_sou
     difference = (logits - ours).abs().max().item()
     print(f"{family} upcycled, trained: export max logit difference {difference:.2e}")
     assert difference <= TOLERANCE
+    convert(export, tmp_path / "back")  # and the HyperMoE class with its options imports back
+    assert_same_weights(read_checkpoint(str(tmp_path / "trained")).state,
+                        read_checkpoint(str(tmp_path / "back")).state)
     with torch.no_grad():  # the HyperExpert trained away from zero: its part is far above that
         for head in ("up_weight", "up_bias"):
             getattr(model.hypernetwork, head).weight.zero_()
