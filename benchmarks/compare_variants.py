@@ -34,6 +34,15 @@ ffn trains ITERS iterations, is converted to each sparse variant the way users w
 copies of its MLP, a fresh router and side path) and every variant trains ``--train-iters`` more
 from there with ``--finetune``; ``dense`` continues the dense model itself. The second phase
 uses seed + 10000, so it draws a new data order (the same for every variant).
+
+``--finetune-from-moe ITERS`` is the paper's claim as a team with an MoE would try it: per seed,
+an MoE (the study's sizes) pretrains ITERS iterations on ``--pretrain-corpus`` (default: the
+other pinned corpus), and every variant fine-tunes ``--train-iters`` iterations on ``--corpus``
+from that same checkpoint (``--load CKPT --finetune``): ``moe`` continues the MoE, ``hypermoe``
+and ``moe_adapter`` add their side path with a zero output (model/initialization.py
+``zero_side_path_output_``), so each starts from exactly the MoE's function. Both corpora are
+tokenized with the pretraining corpus's SentencePiece model; validation is the fine-tuning
+corpus's held-out documents.
 """
 
 from __future__ import annotations
@@ -114,6 +123,12 @@ def parse_args(argv=None):
     parser.add_argument("--upcycle-from-dense", type=int, default=0, metavar="ITERS",
                         help="train a dense model ITERS iterations per seed, upcycle it to each "
                              "sparse variant, then train --train-iters more (the paper's setup)")
+    parser.add_argument("--finetune-from-moe", type=int, default=0, metavar="ITERS",
+                        help="pretrain an MoE ITERS iterations per seed on --pretrain-corpus, "
+                             "then fine-tune every variant from it on --corpus (the paper's "
+                             "setting: HyperMoE added to a pretrained MoE)")
+    parser.add_argument("--pretrain-corpus", choices=CORPORA, default=None,
+                        help="with --finetune-from-moe (default: the other pinned corpus)")
     parser.add_argument("--bf16", action="store_true", help="train in bf16 (GPUs)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at once (GPUs shared round-robin); wall times get contended")
@@ -135,8 +150,18 @@ def parse_args(argv=None):
     args.plot = args.plot or os.path.splitext(args.results)[0] + ".png"
     if bool(args.data_path) != bool(args.tokenizer_model):
         parser.error("--data-path and --tokenizer-model go together")
-    if args.jobs < 1 or args.upcycle_from_dense < 0:
-        parser.error("--jobs must be >= 1 and --upcycle-from-dense >= 0")
+    if args.jobs < 1 or args.upcycle_from_dense < 0 or args.finetune_from_moe < 0:
+        parser.error("--jobs must be >= 1, --upcycle-from-dense and --finetune-from-moe >= 0")
+    if args.finetune_from_moe:
+        if args.upcycle_from_dense or args.data_path:
+            parser.error("--finetune-from-moe takes the pinned corpora, without "
+                         "--upcycle-from-dense or --data-path")
+        if any(base_type(variant) == "dense" for variant in args.variants):
+            parser.error("--finetune-from-moe starts every variant from the MoE: drop dense")
+        args.pretrain_corpus = args.pretrain_corpus or next(
+            corpus for corpus in CORPORA if corpus != args.corpus)
+    elif args.pretrain_corpus:
+        parser.error("--pretrain-corpus goes with --finetune-from-moe")
     return args
 
 
@@ -147,17 +172,23 @@ def run(command, **kwargs):
     return result.stdout + result.stderr
 
 
-def prepare_pinned_corpus(args):
-    """--corpus -> SentencePiece -> indexed dataset (each step skipped when done)."""
-    python, data = sys.executable, os.path.join(args.data_dir, args.corpus)
+def prepare_pinned_corpus(args, corpus_name=None, tokenizer_corpus=None):
+    """A pinned corpus (--corpus by default) -> SentencePiece (its own, or ``tokenizer_corpus``'s)
+    -> indexed dataset (each step skipped when done)."""
+    corpus_name = corpus_name or args.corpus
+    tokenizer_corpus = tokenizer_corpus or corpus_name
+    python, data = sys.executable, os.path.join(args.data_dir, corpus_name)
     vocab = args.size["vocab"]
-    tokenizer = os.path.join(data, f"tok{vocab}")
-    prefix = os.path.join(data, f"{args.corpus}{vocab}")
-    run([python, os.path.join(ROOT, "tools", "get_default_corpus.py"), "--data-dir",
-         args.data_dir, "--corpus", args.corpus])
-    corpus = os.path.join(data, f"{args.corpus}.jsonl")
+    tokenizer = os.path.join(args.data_dir, tokenizer_corpus, f"tok{vocab}")
+    prefix = os.path.join(data, f"{corpus_name}{vocab}" + (
+        f"_tok_{tokenizer_corpus}" if tokenizer_corpus != corpus_name else ""))
+    for name in {corpus_name, tokenizer_corpus}:
+        run([python, os.path.join(ROOT, "tools", "get_default_corpus.py"), "--data-dir",
+             args.data_dir, "--corpus", name])
+    corpus = os.path.join(data, f"{corpus_name}.jsonl")
     if not os.path.isfile(tokenizer + ".model"):
-        run([python, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", corpus,
+        run([python, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input",
+             os.path.join(args.data_dir, tokenizer_corpus, f"{tokenizer_corpus}.jsonl"),
              "--vocab-size", str(vocab), "--model-prefix", tokenizer])
     if not os.path.isfile(prefix + "_text_document.idx"):
         run([python, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus,
@@ -287,6 +318,24 @@ def upcycle_sources(seed, data_path, tokenizer_model, args, devices):
     finally:
         devices.put(device)
     return sources, validation_ppls(metrics)[-1][1]
+
+
+def pretrained_source(variant, seed, data_path, tokenizer_model, args, devices):
+    """Phase one of --finetune-from-moe for one seed: ``moe`` (the source every variant
+    fine-tunes from) or ``dense`` (the same active FFN, trained alongside to tell whether the
+    MoE's pretraining beat a dense model) on --pretrain-corpus. Returns (its checkpoint, its
+    final validation perplexity there)."""
+    base = fresh_directory(os.path.join(args.work_dir, f"{variant}_source_seed{seed}"))
+    checkpoint = os.path.join(base, "checkpoint")
+    device = devices.get()
+    try:
+        metrics = os.path.join(base, "metrics.jsonl")
+        run(train_command(variant, seed, data_path, tokenizer_model, args,
+                          args.finetune_from_moe, metrics) + ["--save", checkpoint],
+            env=child_environment(args, device))
+    finally:
+        devices.put(device)
+    return checkpoint, validation_ppls(metrics)[-1][1]
 
 
 def train(variant, seed, data_path, tokenizer_model, args, devices, source=None):
@@ -436,6 +485,18 @@ def machine() -> str:
 
 
 def upcycling_lines(args, sources_ppl):
+    if args.finetune_from_moe:
+        moe = ", ".join(f"{moe:.2f}" for moe, _ in sources_ppl)
+        dense = ", ".join(f"{dense:.2f}" for _, dense in sources_ppl)
+        wins = sum(moe < dense for moe, dense in sources_ppl)
+        return [f"Fine-tuned from an MoE: each seed first pretrains `moe` on "
+                f"{args.pretrain_corpus} for {args.finetune_from_moe} iterations (val ppl there "
+                f"{moe}; a dense model with the same active FFN, trained alongside: {dense}; the "
+                f"MoE was better at {wins}/{len(sources_ppl)} seeds); every variant then "
+                f"fine-tunes on {args.corpus} from the MoE's checkpoint "
+                "(`--finetune`; the side paths start with a zero output, so every variant "
+                "starts from the MoE's function); the iterations above are the fine-tuning. "
+                f"Both corpora use the {args.pretrain_corpus} SentencePiece model.", ""]
     if not args.upcycle_from_dense:
         return []
     source = ", ".join(f"{ppl:.2f}" for ppl in sources_ppl)
@@ -448,8 +509,10 @@ def upcycling_lines(args, sources_ppl):
 def write_report(args, table, results, path, sources_ppl=()):
     size = args.size
     lines = [
-        f"# HyperMoE vs MoE vs static adapter vs dense: small-scale pretraining on "
-        f"{args.corpus if not args.data_path else args.data_path}",
+        f"# HyperMoE vs MoE vs static adapter vs dense: small-scale "
+        + (f"fine-tuning on {args.corpus} from an MoE pretrained on {args.pretrain_corpus}"
+           if args.finetune_from_moe else
+           f"pretraining on {args.corpus if not args.data_path else args.data_path}"),
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d} on {machine()}.",
         "",
@@ -498,6 +561,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.data_path:
         data_path, tokenizer_model = args.data_path, args.tokenizer_model
+    elif args.finetune_from_moe:
+        pretrain_path, tokenizer_model = prepare_pinned_corpus(args, args.pretrain_corpus)
+        data_path, _ = prepare_pinned_corpus(args, args.corpus, args.pretrain_corpus)
     else:
         data_path, tokenizer_model = prepare_pinned_corpus(args)
     seeds = [1234 + index for index in range(args.seeds)]
@@ -512,6 +578,15 @@ def main(argv=None) -> int:
                     seeds)):
                 sources[seed] = upcycled
                 sources_ppl.append(source_ppl)
+        if args.finetune_from_moe:
+            print(f"pretraining {len(seeds)} MoE source(s) and dense model(s) on "
+                  f"{args.pretrain_corpus}", file=sys.stderr, flush=True)
+            pretrained = dict(zip([(v, s) for s in seeds for v in ("moe", "dense")], pool.map(
+                lambda vs: pretrained_source(*vs, pretrain_path, tokenizer_model, args, devices),
+                [(v, s) for s in seeds for v in ("moe", "dense")])))
+            for seed in seeds:
+                sources[seed] = {variant: pretrained["moe", seed][0] for variant in args.variants}
+                sources_ppl.append((pretrained["moe", seed][1], pretrained["dense", seed][1]))
         runs = [(variant, seed) for seed in seeds for variant in args.variants]
         done = []
 

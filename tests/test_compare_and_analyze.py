@@ -95,3 +95,24 @@ def test_analyze_experts_writes_its_plots_and_summary(moe_type, pngs, dataset, t
             assert 0 < layer["side_over_experts_rms"] < 100
             assert -1 <= layer["cos_selection_vs_selected"] <= 1
     assert "layer 1: max/mean expert load" in output
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--finetune-from-moe", "10", "--variants", "moe", "dense"], "drop dense"),
+    (["--finetune-from-moe", "10", "--upcycle-from-dense", "10"], "without --upcycle-from-dense"),
+    (["--pretrain-corpus", "wikipedia"], "goes with --finetune-from-moe"),
+])
+def test_finetune_from_moe_refusals(flags, message, capsys):
+    """--finetune-from-moe starts every variant from the pretrained MoE (the study itself runs
+    for an hour: docs/RESULTS_finetune_from_moe.md)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_variants", REPO_ROOT / "benchmarks" / "compare_variants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.parse_args(flags)
+    assert message in capsys.readouterr().err
+    args = module.parse_args(["--finetune-from-moe", "10", "--corpus", "wikipedia"])
+    assert args.pretrain_corpus == "shakespeare"
