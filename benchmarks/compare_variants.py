@@ -156,6 +156,8 @@ def parse_args(argv=None):
         if args.upcycle_from_dense or args.data_path:
             parser.error("--finetune-from-moe takes the pinned corpora, without "
                          "--upcycle-from-dense or --data-path")
+        if args.variants == list(VARIANTS):  # the default: the sparse ones
+            args.variants = [variant for variant in VARIANTS if variant != "dense"]
         if any(base_type(variant) == "dense" for variant in args.variants):
             parser.error("--finetune-from-moe starts every variant from the MoE: drop dense")
         args.pretrain_corpus = args.pretrain_corpus or next(
