@@ -470,6 +470,22 @@ def test_upcycled_moe_computes_what_the_source_computes(family, target, hf_sourc
     assert difference <= TOLERANCE
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", ["tp2", "ep2"])
+def test_upcycling_in_every_layout_gives_the_same_checkpoint(layout, hf_source, tmp_path):
+    """The added side path is drawn by global name and the rest is the source's: a TP=2 or
+    EP=2 upcycle holds the one-process upcycle's weights bit for bit."""
+    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+
+    nproc, flags = LAYOUTS[layout]
+    convert(hf_source("qwen2_moe"), tmp_path / "one", *upcycle_flags("hypermoe_normal"))
+    convert(hf_source("qwen2_moe"), tmp_path / layout, *upcycle_flags("hypermoe_normal"),
+            *flags, nproc=nproc)
+    assert_same_weights(read_checkpoint(str(tmp_path / "one")).state,
+                        read_checkpoint(str(tmp_path / layout)).state)
+
+
 def model_flags(save):
     """The trainer's model flags of a checkpoint (what a run that --loads it must give)."""
     from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
