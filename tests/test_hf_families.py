@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from megatron_hypermoe.errors import ArgumentError, CheckpointError
 from tests.helpers import (REPO_ROOT, environment, free_port, hf_logits,
-                           megatron_logits, pretrain, random_tokens, run_tool)
+                           megatron_logits, pretrain, random_tokens)
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
