@@ -89,9 +89,12 @@ HF_COMPAT := .cache/hf_compat
 hf-compat: setup
 	$(PY) -m pip install -q --target .cache/transformers4 transformers==4.57.1
 	$(PY) -m tests.hf_compat_check --make-exports $(HF_COMPAT)
-	$(PY) -m tests.hf_compat_check $(HF_COMPAT)/v5.pt $(HF_COMPAT)/dense $(HF_COMPAT)/moe $(HF_COMPAT)/hypermoe
+	$(PY) -m tests.hf_compat_check $(HF_COMPAT)/v5.pt $(HF_COMPAT)/dense $(HF_COMPAT)/moe \
+		$(HF_COMPAT)/hypermoe $(HF_COMPAT)/qwen2_moe $(HF_COMPAT)/qwen3_moe \
+		$(HF_COMPAT)/hypermoe_options
 	PYTHONPATH=.cache/transformers4 $(PY) -m tests.hf_compat_check $(HF_COMPAT)/v4.pt \
-		$(HF_COMPAT)/dense $(HF_COMPAT)/moe $(HF_COMPAT)/hypermoe
+		$(HF_COMPAT)/dense $(HF_COMPAT)/moe $(HF_COMPAT)/hypermoe $(HF_COMPAT)/qwen2_moe \
+		$(HF_COMPAT)/qwen3_moe $(HF_COMPAT)/hypermoe_options
 	$(PY) -m tests.hf_compat_check --compare $(HF_COMPAT)/v5.pt $(HF_COMPAT)/v4.pt
 
 clean:

@@ -145,10 +145,11 @@ REFUSED: Tuple[RefusedFlag, ...] = (
     RefusedFlag("--moe-shared-expert-overlap", "overlapping the shared expert with the "
                 "dispatch needs CUDA streams and is not offered: drop it (the shared expert "
                 "runs before the dispatch)", SWITCH),
-    RefusedFlag("--moe-use-upcycling", "upcycle a dense Hugging Face model with "
-                "tools/convert_hf_to_checkpoint.py --upcycle instead", SWITCH),
-    RefusedFlag("--moe-upcycling-granularity", "upcycle a dense Hugging Face model with "
-                "tools/convert_hf_to_checkpoint.py --upcycle instead"),
+    RefusedFlag("--moe-use-upcycling", "upcycle a Hugging Face model (dense, or an MoE into "
+                "HyperMoE) with tools/convert_hf_to_checkpoint.py --upcycle, or an moe checkpoint "
+                "into HyperMoE with --finetune --moe-type hypermoe, instead", SWITCH),
+    RefusedFlag("--moe-upcycling-granularity", "fine-grained upcycling is not offered; "
+                "tools/convert_hf_to_checkpoint.py --upcycle copies the dense MLP into each expert"),
     RefusedFlag("--moe-enable-deepep", "DeepEP (the flex dispatcher) needs CUDA and DeepEP; use "
                 "--moe-token-dispatcher-type alltoall", SWITCH),
     RefusedFlag("--moe-flex-dispatcher-backend", "the flex dispatcher is not supported; use "
