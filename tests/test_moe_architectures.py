@@ -286,16 +286,16 @@ def test_an_moe_checkpoint_finetuned_as_hypermoe_computes_what_it_did_at_step_0(
                                                                                tmp_path):
     """The paper's setting from our own checkpoint: --finetune --moe-type hypermoe (or
     moe_adapter) on a moe checkpoint keeps every MoE weight and adds a side path whose output
-    starts at zero. The validation loss at step 0 equals the MoE's, with either --hyper-init;
-    training then moves the side path."""
+    starts at zero. The validation loss at step 0 equals the MoE's (with --hyper-init normal,
+    whose heads are not small); training then moves the side path."""
     moe = [*tiny_run("moe"), *ARCHITECTURE_FLAGS, *dataset, "--eval-iters", "2"]
     pretrain(*moe, "--train-iters", "3", "--save", str(tmp_path / "moe"))
     metrics = tmp_path / "moe.jsonl"
     pretrain(*moe, "--load", str(tmp_path / "moe"), "--eval-only", "--metrics-file", str(metrics))
     moe_loss = read_metrics(metrics)[1][-1]["val_loss"]
     # (the static adapter's zero output: test_routed_shared_and_side_path_outputs_add_up)
-    for variant, extra in (("hypermoe", ["--hyper-init", "hyperfanin"]),
-                           ("hypermoe", ["--hyper-init", "normal"])):
+    # (hyperfanin heads: the HF upcycling tests; both: test_routed_shared_and_side_path_...)
+    for variant, extra in (("hypermoe", ["--hyper-init", "normal"]),):
         metrics = tmp_path / f"{variant}{extra}.jsonl"
         output = pretrain(*tiny_run(variant), *ARCHITECTURE_FLAGS, *dataset, *extra,
                           "--eval-iters", "2", "--load", str(tmp_path / "moe"), "--finetune",
