@@ -112,6 +112,9 @@ def parse_args(argv=None):
                         help="model width (default 192; --quick 64)")
     parser.add_argument("--ffn-hidden-size", type=int, default=None,
                         help="each expert's FFN (default 2 x the hidden size)")
+    parser.add_argument("--num-experts", type=int, default=None,
+                        help="experts per MoE layer (default 8; --quick 4): with --topk and "
+                             "--ffn-hidden-size, a fine-grained setting")
     parser.add_argument("--work-dir", default=os.path.join(ROOT, "runs", "compare_variants"))
     parser.add_argument("--data-dir", default=os.path.join(ROOT, "data"))
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "RESULTS.md"))
@@ -145,6 +148,8 @@ def parse_args(argv=None):
         args.size["ffn_hidden_size"] = 2 * args.hidden_size
     if args.ffn_hidden_size:
         args.size["ffn_hidden_size"] = args.ffn_hidden_size
+    if args.num_experts:
+        args.size["num_experts"] = args.num_experts
     args.seeds = args.seeds or args.size["seeds"]
     args.hyper_adapter_dim = args.hyper_adapter_dim or args.size["hidden_size"] // 4
     args.plot = args.plot or os.path.splitext(args.results)[0] + ".png"
