@@ -199,19 +199,22 @@ def one_process(dataset, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("nproc,layout", [(4, TP2 + EP2), (4, PP2 + EP2)],
-                         ids=["tp2xep2", "pp2xep2"])
-def test_every_layout_trains_the_architecture_like_one_process(nproc, layout, dataset,
-                                                               one_process, tmp_path):
-    """Loss, aux loss and clipped gradient norm at 4 steps and the sampled text equal one
-    process's. TP=2 splits the shared expert, the q/k/v biases and the dense MLP and sums the
-    q/k norms' and the shared-expert gate's gradients over the sequence slices; PP=2 (with
+@pytest.mark.parametrize("layout", [TP2 + EP2, PP2 + EP2], ids=["tp2xep2", "pp2xep2"])
+def test_every_layout_trains_the_architecture_like_one_process_and_resumes_in_one(
+        layout, dataset, one_process, tmp_path):
+    """4 ranks: loss, aux loss and clipped gradient norm at 4 steps and the sampled text equal
+    one process's. TP=2 splits the shared expert, the q/k/v biases and the dense MLP and sums
+    the q/k norms' and the shared-expert gate's gradients over the sequence slices; PP=2 (with
     EP=2 in each stage) puts the dense layer and an MoE layer on stage 0, two MoE layers on
-    stage 1."""
+    stage 1. Its step-2 checkpoint (the defaults: SDPA, grouped experts) resumes in one process
+    with megatron's kernels through the layout-free path: steps 3 and 4 equal the uninterrupted
+    run's (weights; Adam's moments, step and schedule). (The plain architecture's layouts:
+    tests/test_training.py and tests/test_pipeline_parallel.py.)"""
     reference, sample = one_process
     metrics = tmp_path / "run.jsonl"
     output = pretrain(*tiny_run("hypermoe"), *ARCHITECTURE_FLAGS, *dataset, *COMMON, *layout,
-                      "--metrics-file", str(metrics), nproc=nproc)
+                      "--save", str(tmp_path / "saved"), "--save-interval", "2",
+                      "--metrics-file", str(metrics), nproc=4)
     assert generated_sample(output) == sample
     records, _ = read_metrics(metrics)
     assert len(records) == len(reference) == 4
@@ -220,23 +223,12 @@ def test_every_layout_trains_the_architecture_like_one_process(nproc, layout, da
             assert relative(got[key], want[key]) < 1e-5, (key, got, want)
         assert got["grad_norm"] > 0.5  # clipping was active
         assert got["expert_load"][0] is None and None not in got["expert_load"][1:]
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_a_tp2xep2_checkpoint_resumes_in_one_process(dataset, one_process, tmp_path):
-    """Saved at step 2 on TP=2 x EP=2 with the defaults (SDPA, grouped experts), resumed by one
-    process with megatron's kernels through the layout-free path: steps 3 and 4 equal the
-    uninterrupted run's (weights; Adam's moments, step and schedule)."""
-    reference, _ = one_process
-    pretrain(*tiny_run("hypermoe"), *ARCHITECTURE_FLAGS, *dataset, *COMMON, *TP2, *EP2,
-             "--exit-interval", "2", "--save", str(tmp_path / "a"), nproc=4)
-    metrics = tmp_path / "resumed.jsonl"
+    resumed_metrics = tmp_path / "resumed.jsonl"
     output = pretrain(*tiny_run("hypermoe"), *ARCHITECTURE_FLAGS, *dataset, *COMMON,
-                      *MEGATRON_KERNELS, "--load", str(tmp_path / "a"),
-                      "--metrics-file", str(metrics))
-    assert "resharding from TP" in output
-    resumed, _ = read_metrics(metrics)
+                      *MEGATRON_KERNELS, "--load", str(tmp_path / "saved"), "--ckpt-step", "2",
+                      "--metrics-file", str(resumed_metrics))
+    assert "resharding from" in output
+    resumed, _ = read_metrics(resumed_metrics)
     assert_resumed_like(resumed, reference, first=3)
 
 
