@@ -1,6 +1,7 @@
 # Two commands a newcomer needs (see README.md):
 #   make demo    set up .venv on a fresh machine and run the tiny CPU pretraining demo
-#   make test    set up .venv on a fresh machine and run the CPU test suite
+#   make test    set up .venv on a fresh machine, lint, and run the CPU test suite
+#   make lint    ruff's checks (pyproject.toml [tool.ruff]): seconds
 #   make test-fast  the in-process tests only (no trainer subprocesses, no torchrun): 1-2 min
 #   make test-gpu the CUDA tests (on a machine with a GPU)
 #   make gpu-check  the prepared GPU check: CUDA tests + bf16 layer/step benchmarks, < 8 min,
@@ -18,7 +19,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 TORCH_PIN := $(shell grep -E '^torch==' requirements.txt)
 
-.PHONY: setup demo test test-fast test-gpu gpu-check gpu-bundle bench hf-compat clean
+.PHONY: setup demo lint test test-fast test-gpu gpu-check gpu-bundle bench hf-compat clean
 
 setup: $(VENV)/.installed
 
@@ -38,7 +39,10 @@ demo: setup
 
 # The CPU suite hides any GPU, so it tests the same code paths on every machine.
 CPU_PYTEST = CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	@$(CPU_PYTEST) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then \
 	  echo "NOTE: pytest collected no tests for PYTEST_ARGS='$(PYTEST_ARGS)' (exit 5): nothing was tested."; \

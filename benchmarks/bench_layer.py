@@ -161,7 +161,8 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
                          x_moe=statistics.median(paired),
                          impl=None if variant == "moe" else choose_impl(
                              impl_of[variant], x.shape[0], shape["num_moe_experts"], topk,
-                             device, shape["hidden_size"], hyper_model.hypernetwork.fc.out_features),
+                             device, shape["hidden_size"],
+                             hyper_model.hypernetwork.fc.out_features),
                          ms=1000 * statistics.median(times[variant]),
                          saved_mb=memory[variant][0] / 2**20,
                          peak_mb=None if memory[variant][1] is None

@@ -12,10 +12,10 @@ model, DeepSpeed ZeRO-1 engine, mock data; same shape, batch and seed) and their
 iterations are interleaved, so machine drift hits every variant alike: separate processes run
 one after another differed by up to 15% between rounds here. Each run (a config at one top-k)
 gets a fresh process of its own (see :func:`run_in_child`). Step time is the median iteration
-time after 3 warm-up iterations. Achieved training FLOP/s (the trainer's count: top-k experts and the
-HyperExpert included) is compared with this machine's measured matmul FLOP/s (a 2048^3 torch.mm
-in the training dtype on the training device, best of 10), stated in the output. ``--bf16`` on a
-GPU measures the path GPU users train with.
+time after 3 warm-up iterations. Achieved training FLOP/s (the trainer's count: top-k experts
+and the HyperExpert included) is compared with this machine's measured matmul FLOP/s (a 2048^3
+torch.mm in the training dtype on the training device, best of 10), stated in the output.
+``--bf16`` on a GPU measures the path GPU users train with.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def bench_run(flags, variants, steps, bf16, label):
     """{variant: {ms_per_iter, tokens_per_s, gflops, parameters}}, iterations interleaved."""
     trainers, batches = {}, {}
     for variant in variants:
-        trainer = Trainer(parse_args(flags + ["--moe-type", variant] + (["--bf16"] if bf16 else [])))
+        precision = ["--bf16"] if bf16 else []
+        trainer = Trainer(parse_args(flags + ["--moe-type", variant] + precision))
         trainer.setup()
         trainers[variant], batches[variant] = trainer, iter(trainer.train_loader())
     times = {v: [] for v in variants}
@@ -165,7 +166,8 @@ def summarize(results, peak):
     summary = {}
     if "small" in results:
         summary["hypermoe_over_moe_step_time"] = ratio("small")
-        summary["flops_fraction_of_matmul_peak"] = results["small"]["hypermoe"]["gflops"] * 1e9 / peak
+        summary["flops_fraction_of_matmul_peak"] = (
+            results["small"]["hypermoe"]["gflops"] * 1e9 / peak)
     gpt2 = [label for label in results if label.startswith("gpt2")]
     if gpt2:
         summary["hypermoe_over_moe_step_time_gpt2"] = max(ratio(label) for label in gpt2)

@@ -516,7 +516,7 @@ def upcycling_lines(args, sources_ppl):
 def write_report(args, table, results, path, sources_ppl=()):
     size = args.size
     lines = [
-        f"# HyperMoE vs MoE vs static adapter vs dense: small-scale "
+        "# HyperMoE vs MoE vs static adapter vs dense: small-scale "
         + (f"fine-tuning on {args.corpus} from an MoE pretrained on {args.pretrain_corpus}"
            if args.finetune_from_moe else
            f"pretraining on {args.corpus if not args.data_path else args.data_path}"),

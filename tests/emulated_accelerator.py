@@ -151,7 +151,7 @@ def _mutated_argument(func, args, kwargs):
     return None
 
 
-# Collectives ---------------------------------------------------------------------------------------
+# Collectives --------------------------------------------------------------------------------------
 _COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
                 "reduce_scatter_tensor", "all_to_all_single", "send", "recv", "isend", "irecv")
 

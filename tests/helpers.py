@@ -316,7 +316,8 @@ def grouped_case(dtype, generator, tokens=64, hidden=32, rank=16, groups=6, devi
         return torch.randn(*shape, generator=generator).to(device, dtype)
     # pre-activations near +-1, never near 0: rounding cannot flip the ReLU between dtypes
     b_down = torch.randn(groups, rank, generator=generator).sign().to(device, dtype)
-    return (rand(tokens, hidden), set_index.to(device), rand(groups, hidden, rank) * 0.1 / hidden ** 0.5,
+    return (rand(tokens, hidden), set_index.to(device),
+            rand(groups, hidden, rank) * 0.1 / hidden ** 0.5,
             b_down, rand(groups, rank, hidden) / rank ** 0.5, rand(groups, hidden))
 
 

@@ -7,8 +7,12 @@ import re
 
 import pytest
 
-from megatron_hypermoe.errors import (ArgumentError, CheckpointError, ConfigError,
-                                      DeepSpeedConfigError)
+from megatron_hypermoe.errors import (
+    ArgumentError,
+    CheckpointError,
+    ConfigError,
+    DeepSpeedConfigError,
+)
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, HYPER_SIZES, VARIANT_HYPER_FIELDS
 from megatron_hypermoe.training.arguments import parse_args
 from tests.helpers import TINY_MODEL, tiny_run
@@ -26,7 +30,8 @@ def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("content,message", [
     ("{not json", "is not valid JSON (line 1, column 2)"),
     ('{"train_micro_batch_size_per_gpu": 3}', "says --micro-batch-size = 3 but the flags say 2"),
-    ('{"optimizer": {"type": "Adam"}}', "'optimizer' is not supported here: the trainer builds AdamW"),
+    ('{"optimizer": {"type": "Adam"}}',
+     "'optimizer' is not supported here: the trainer builds AdamW"),
 ])
 def test_bad_deepspeed_config_is_refused(content, message, tmp_path):
     from megatron_hypermoe.training.ds_config import resolve_config
@@ -85,8 +90,12 @@ def test_a_model_config_the_flags_cannot_build_is_a_one_line_error():
 def test_args_for_model_records_the_flags_model_config_reads(moe_type):
     """The importer records a model built from a config as flags: model_config must give the
     config back, and a run with the same flags must pass the checkpoint's shape check."""
-    from megatron_hypermoe.training.arguments import (MODEL_CONFIG_FLAGS, MOE_CONFIG_FLAGS,
-                                                      args_for_model, model_config)
+    from megatron_hypermoe.training.arguments import (
+        MODEL_CONFIG_FLAGS,
+        MOE_CONFIG_FLAGS,
+        args_for_model,
+        model_config,
+    )
     from megatron_hypermoe.training.checkpointing import checkpoint_shape
 
     args = parse_args([*tiny_run(moe_type), "--mock-data", "--train-iters", "1"])
@@ -259,8 +268,8 @@ def test_resuming_with_other_optimizer_groups_is_refused_in_one_line():
                          "--hyper-lr-mult", "0.5"])
     check_optimizer_groups({"args": {"hyper_lr_mult": "1/d_g", "hyper_hidden_size": 16}},
                            scaled)
-    with pytest.raises(CheckpointError, match="trained with --hyper-lr-mult 1, this run has "
-                                              "0.5.*pass --hyper-lr-mult 1 to keep.*--no-load-optim"):
+    with pytest.raises(CheckpointError, match="trained with --hyper-lr-mult 1, this run has 0.5"
+                                              ".*pass --hyper-lr-mult 1 to keep.*--no-load-optim"):
         check_optimizer_groups({"args": {"hyper_lr_mult": 1.0}}, scaled)
     default = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1"])
     with pytest.raises(CheckpointError, match="trained with --hyper-lr-mult 1, this run has "):
@@ -370,8 +379,7 @@ def test_a_checkpoint_from_before_the_router_flags_loads_with_the_routing_it_tra
 def test_distributed_timeout_is_megatrons_minutes_or_the_environments_seconds(monkeypatch):
     from datetime import timedelta
 
-    from megatron_hypermoe.parallel.distributed import (TIMEOUT_SECONDS_VARIABLE,
-                                                        distributed_timeout)
+    from megatron_hypermoe.parallel.distributed import TIMEOUT_SECONDS_VARIABLE, distributed_timeout
 
     monkeypatch.delenv(TIMEOUT_SECONDS_VARIABLE, raising=False)
     base = [*TINY_MODEL, "--mock-data", "--train-iters", "1"]

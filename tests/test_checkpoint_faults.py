@@ -22,12 +22,24 @@ from megatron_hypermoe.errors import ArgumentError, CheckpointError
 from megatron_hypermoe.parallel.distributed import free_port
 from megatron_hypermoe.training import checkpoint_files
 from megatron_hypermoe.training.arguments import parse_args
-from megatron_hypermoe.training.checkpoint_files import (META_FILE, complete_iterations,
-                                                         publish, read_latest_tag,
-                                                         remove_leftovers, retain_newest,
-                                                         tag_for)
-from tests.helpers import (REPO_ROOT, TINY_MODEL, environment, error_line, pretrain,
-                           pretrain_command, read_metrics)
+from megatron_hypermoe.training.checkpoint_files import (
+    META_FILE,
+    complete_iterations,
+    publish,
+    read_latest_tag,
+    remove_leftovers,
+    retain_newest,
+    tag_for,
+)
+from tests.helpers import (
+    REPO_ROOT,
+    TINY_MODEL,
+    environment,
+    error_line,
+    pretrain,
+    pretrain_command,
+    read_metrics,
+)
 
 RUN = [*TINY_MODEL, "--mock-data"]
 WORKER = REPO_ROOT / "tests" / "workers" / "checkpoint_write_fault.py"
@@ -319,8 +331,11 @@ def tiny_engine(megatron_single_process, tmp_path):
 ])
 def test_a_damaged_file_in_the_newest_checkpoint_is_named_with_the_step_to_load(
         name, damage, tiny_engine, tmp_path):
-    from megatron_hypermoe.training.checkpointing import (TrainState, load_checkpoint,
-                                                          save_checkpoint)
+    from megatron_hypermoe.training.checkpointing import (
+        TrainState,
+        load_checkpoint,
+        save_checkpoint,
+    )
 
     engine, args = tiny_engine
     for iteration in (2, 4):

@@ -14,8 +14,12 @@ import numpy as np
 import pytest
 
 from megatron_hypermoe.data import pinned_corpora, preprocess
-from megatron_hypermoe.data.gpt_data import (PretrainingSampler, build_gpt_datasets,
-                                             gpt_dataset_config, parse_data_path)
+from megatron_hypermoe.data.gpt_data import (
+    PretrainingSampler,
+    build_gpt_datasets,
+    gpt_dataset_config,
+    parse_data_path,
+)
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
 from megatron_hypermoe.errors import DataError
 from tests.helpers import REPO_ROOT, make_documents, write_jsonl

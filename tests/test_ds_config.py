@@ -13,9 +13,16 @@ import torch
 
 from megatron_hypermoe.errors import ArgumentError, DeepSpeedConfigError
 from megatron_hypermoe.training.arguments import parse_args
-from megatron_hypermoe.training.ds_config import (CHECKED, HONOURED, REFUSED, SECTION_KEYS,
-                                                  STAGE3, TOP_LEVEL_KEYS, decision_table,
-                                                  resolve_config)
+from megatron_hypermoe.training.ds_config import (
+    CHECKED,
+    HONOURED,
+    REFUSED,
+    SECTION_KEYS,
+    STAGE3,
+    TOP_LEVEL_KEYS,
+    decision_table,
+    resolve_config,
+)
 from tests.helpers import REPO_ROOT, TINY_MODEL, batch, child_environment, tiny_run
 
 # Read by deepspeed.initialize rather than DeepSpeedConfig (the probe below cannot see them).

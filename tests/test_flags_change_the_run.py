@@ -23,8 +23,13 @@ import torch
 
 from megatron_hypermoe.errors import UserError
 from megatron_hypermoe.model.config import MOE_TYPES
-from megatron_hypermoe.training.arguments import (build_parser, hyper_lr_mult, model_config,
-                                                  padded_vocab_size, parse_args)
+from megatron_hypermoe.training.arguments import (
+    build_parser,
+    hyper_lr_mult,
+    model_config,
+    padded_vocab_size,
+    parse_args,
+)
 from megatron_hypermoe.training.megatron_flags import FIXED
 from tests.helpers import REPO_ROOT, tiny_run
 
@@ -125,8 +130,11 @@ def fingerprint(args) -> str:
     from megatron_hypermoe.training.ds_config import resolve_config
     from megatron_hypermoe.training.lr_schedule import LRSchedule
     from megatron_hypermoe.training.node_storage import dataset_config_and_sizes
-    from megatron_hypermoe.training.setup import (build_model, build_optimizer,
-                                                  optimizer_param_groups)
+    from megatron_hypermoe.training.setup import (
+        build_model,
+        build_optimizer,
+        optimizer_param_groups,
+    )
 
     tokenizer = build_tokenizer(args)
     args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)

@@ -3,8 +3,13 @@
 import pytest
 import torch
 
-from tests.helpers import (HYPER_EXPERT_CASES, assert_close_relative, hyper_parts,
-                           output_and_grads, random_routing_map)
+from tests.helpers import (
+    HYPER_EXPERT_CASES,
+    assert_close_relative,
+    hyper_parts,
+    output_and_grads,
+    random_routing_map,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -66,7 +71,6 @@ def test_grouped_hyper_expert_in_bf16_equals_fp64_on_cuda(form, monkeypatch):
     per-token form in fp64: output, input gradient, the weight gradients of the 2-D x 2-D
     grouped product (zero for empty groups) and the fp32-summed bias gradients."""
     import megatron_hypermoe.model.grouped_gemm as gg
-    import megatron_hypermoe.model.hyper_expert as he
     from tests.helpers import check_grouped_hyper_expert_against_fp64
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)

@@ -21,8 +21,15 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_hypermoe.errors import ArgumentError, CheckpointError
-from tests.helpers import (REPO_ROOT, environment, free_port, hf_logits,
-                           megatron_logits, pretrain, random_tokens)
+from tests.helpers import (
+    REPO_ROOT,
+    environment,
+    free_port,
+    hf_logits,
+    megatron_logits,
+    pretrain,
+    random_tokens,
+)
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -107,8 +114,12 @@ VARIANTS = {
 def megatron_model_of(directory):
     """Our model built from an HF directory's config and weights, in this process (what
     import_hf does, without the checkpoint)."""
-    from megatron_hypermoe.conversion.import_hf import (SOURCE_TYPES, check_representable,
-                                                        megatron_config, read_hf_weights)
+    from megatron_hypermoe.conversion.import_hf import (
+        SOURCE_TYPES,
+        check_representable,
+        megatron_config,
+        read_hf_weights,
+    )
     from megatron_hypermoe.hf.mapping import NameMapShape, from_hf, hf_names
     from megatron_hypermoe.model.gpt import build_gpt_model
     from megatron_hypermoe.model.initialization import load_global_state

@@ -1,18 +1,27 @@
 """The HyperExpert computation on its own: selection embedding, fast forms vs the paper's form."""
 
 import itertools
+import math
 
 import pytest
 import torch
 
-import math
-
-from megatron_hypermoe.model.hyper_expert import (all_selected_sets, choose_impl,
-                                                  distinct_selected_sets, hyper_expert_output,
-                                                  selected_set_index)
-from tests.helpers import (HYPER_EXPERT_CASES, assert_close_relative,
-                           check_grouped_hyper_expert_against_fp64, grouped_case, hyper_parts,
-                           output_and_grads, random_routing_map)
+from megatron_hypermoe.model.hyper_expert import (
+    all_selected_sets,
+    choose_impl,
+    distinct_selected_sets,
+    hyper_expert_output,
+    selected_set_index,
+)
+from tests.helpers import (
+    HYPER_EXPERT_CASES,
+    assert_close_relative,
+    check_grouped_hyper_expert_against_fp64,
+    grouped_case,
+    hyper_parts,
+    output_and_grads,
+    random_routing_map,
+)
 
 
 # Invariant 3 --------------------------------------------------------------------------------------
@@ -97,7 +106,6 @@ def test_auto_rule_from_shapes():
 
 
 def test_auto_on_cpu_turns_factored_when_distinct_sets_are_many(monkeypatch):
-    import megatron_hypermoe.model.grouped_gemm as gg
     import megatron_hypermoe.model.hyper_expert as he
 
     _, selection, hypernet = hyper_parts(16, 4)  # C(16, 4) = 1820 > 40 tokens: not allsets
@@ -144,7 +152,6 @@ def test_grouped_hyper_expert_in_bf16_equals_fp64_empty_groups_included(native, 
     gradients of the 2-D x 2-D grouped product included, zero for the empty groups, and the bias
     gradients accumulated in fp32."""
     import megatron_hypermoe.model.grouped_gemm as gg
-    import megatron_hypermoe.model.hyper_expert as he
 
     if native and not gg.native_grouped_mm(torch.ones(1, dtype=torch.bfloat16), 16):
         pytest.skip("this torch has no torch._grouped_mm on the CPU")
@@ -198,7 +205,6 @@ def test_native_grouped_gemm_only_where_it_was_checked(monkeypatch):
     import types
 
     import megatron_hypermoe.model.grouped_gemm as gg
-    import megatron_hypermoe.model.hyper_expert as he
 
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no torch._grouped_mm")
@@ -276,8 +282,9 @@ def test_shared_hypernetwork_gradient_is_sum_over_layers():
     def grads(layers):
         hypernet.zero_grad(set_to_none=True)
         total = sum(
-            hyper_expert_output(xs[l], maps[l], selections[l], hypernet, l).square().sum()
-            for l in layers
+            hyper_expert_output(xs[layer], maps[layer], selections[layer], hypernet, layer)
+            .square().sum()
+            for layer in layers
         )
         total.backward()
         return {n: p.grad.clone() for n, p in hypernet.named_parameters()}

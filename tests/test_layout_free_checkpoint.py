@@ -46,8 +46,10 @@ def test_state_round_trip_and_the_next_step_match(saved, resumed, tmp_path):
     and the module's weights come back exactly into an engine of another ZeRO stage/wrapper,
     and the next step (which reads the moments and the step) gives the same weights."""
     from megatron_hypermoe.compat.deepspeed import optimizer_step_count
-    from megatron_hypermoe.training.layout_free_checkpoint import (restore_layout_free,
-                                                                   save_layout_free)
+    from megatron_hypermoe.training.layout_free_checkpoint import (
+        restore_layout_free,
+        save_layout_free,
+    )
 
     args = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", *saved])
     engine, optimizer = build_tiny_engine(saved)
@@ -105,8 +107,7 @@ def _run(tp=1, ep=1, dp=1, zero=1, divisible_by=128, padded=512, pp=1):
 
 
 def test_load_path_is_chosen_by_layout(tmp_path, capsys):
-    from megatron_hypermoe.training.layout_free_checkpoint import (needs_reshard,
-                                                                   rng_carries_over)
+    from megatron_hypermoe.training.layout_free_checkpoint import needs_reshard, rng_carries_over
 
     old, new = tmp_path / "old", tmp_path / "new"
     (new / "layout_free").mkdir(parents=True)

@@ -62,7 +62,7 @@ def test_help_shows_every_default():
         assert entry.endswith(f"(default: {default})"), (flag, entry)
 
 
-# The Mixtral example --------------------------------------------------------------------------------
+# The Mixtral example ------------------------------------------------------------------------------
 def mixtral_example(tokenizer_model, checkpoint_dir):
     """Megatron-LM's examples/mixtral/train_mixtral_8x7b_distributed.sh flags, in its order,
     shrunk in sizes only, on mock data. Changes: --pipeline-model-parallel-size 4 -> 1 (the

@@ -14,11 +14,22 @@ from megatron.core.transformer.mlp import MLP
 from megatron_hypermoe.errors import ArgumentError, CheckpointError, ConfigError
 from megatron_hypermoe.model.config import moe_layer_pattern
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
-from megatron_hypermoe.model.initialization import (initialize_from_global_names,
-                                                    zero_side_path_output_)
+from megatron_hypermoe.model.initialization import (
+    initialize_from_global_names,
+    zero_side_path_output_,
+)
 from megatron_hypermoe.training.arguments import moe_layer_freq_value, parse_args
-from tests.helpers import (MEGATRON_KERNELS, batch, lm_loss, pretrain, read_metrics, relative,
-                           tiny_config, tiny_model, tiny_run)
+from tests.helpers import (
+    MEGATRON_KERNELS,
+    batch,
+    lm_loss,
+    pretrain,
+    read_metrics,
+    relative,
+    tiny_config,
+    tiny_model,
+    tiny_run,
+)
 from tests.test_training import assert_resumed_like, generated_sample
 
 # A Qwen-MoE-like tiny model: a dense first layer wider than the experts, a gated shared

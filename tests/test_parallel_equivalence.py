@@ -5,9 +5,16 @@ DotProductAttention and SequentialMLP (tests/helpers.py: EP_REFERENCE_OVERRIDES)
 import pytest
 import torch
 
-from tests.helpers import (EP_CAPACITY_CASES, EP_CASES, EP_IMPL_CASES, EP_RECOMPUTE_CASES,
-                           EP_REFERENCE_OVERRIDES, ep_case_model, loss_and_global_grads,
-                           run_torchrun)
+from tests.helpers import (
+    EP_CAPACITY_CASES,
+    EP_CASES,
+    EP_IMPL_CASES,
+    EP_RECOMPUTE_CASES,
+    EP_REFERENCE_OVERRIDES,
+    ep_case_model,
+    loss_and_global_grads,
+    run_torchrun,
+)
 
 
 def assert_relative(actual, expected, tol, what):

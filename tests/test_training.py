@@ -13,9 +13,20 @@ import pytest
 import torch
 
 from megatron_hypermoe.parallel.distributed import free_port
-from tests.helpers import (MEGATRON_KERNELS, REPO_ROOT, TINY_MODEL, environment, error_line,
-                           pretrain, pretrain_command, read_metrics, relative, tensorboard_tags,
-                           tiny_flags, tiny_run)
+from tests.helpers import (
+    MEGATRON_KERNELS,
+    REPO_ROOT,
+    TINY_MODEL,
+    environment,
+    error_line,
+    pretrain,
+    pretrain_command,
+    read_metrics,
+    relative,
+    tensorboard_tags,
+    tiny_flags,
+    tiny_run,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,11 @@ import sys
 import torch
 
 from megatron_hypermoe.errors import ArgumentError, exit_on_user_error
-from megatron_hypermoe.inference.model_source import (add_model_source_args,
-                                                      as_megatron_callable, load_model)
+from megatron_hypermoe.inference.model_source import (
+    add_model_source_args,
+    as_megatron_callable,
+    load_model,
+)
 from megatron_hypermoe.model.generation import generate_ids
 
 

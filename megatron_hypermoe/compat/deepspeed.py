@@ -145,9 +145,9 @@ def install_weights_only_checkpoint_engine(engine) -> None:
 def deferring_write_errors(engine):
     """While ``engine.save_checkpoint`` runs: a file DeepSpeed fails to write (OSError, or
     torch's RuntimeError from its zip writer; also its copy of the zero_to_fp32.py scripts) is
-    recorded as (path, error), and no later file of this rank is written; yields the list. DeepSpeed's collectives (tag check, barriers) still
-    run on every rank, so the caller can agree on the failure with the other ranks instead of
-    leaving them waiting."""
+    recorded as (path, error), and no later file of this rank is written; yields the list.
+    DeepSpeed's collectives (tag check, barriers) still run on every rank, so the caller can
+    agree on the failure with the other ranks instead of leaving them waiting."""
     check_deepspeed_version()
     original = engine.checkpoint_engine
     failures = []

@@ -29,8 +29,12 @@ from typing import NamedTuple, Optional, Tuple
 from megatron_hypermoe.data.tokenizer_files import hf_directory_tokenizer
 from megatron_hypermoe.errors import ArgumentError, CheckpointError
 from megatron_hypermoe.hf.mapping import NameMapShape, from_hf, hf_names, nonzero_hf_only
-from megatron_hypermoe.model.config import (HYPER_SIZE_NAMES, VARIANT_HYPER_FIELDS, make_config,
-                                            routing_fields)
+from megatron_hypermoe.model.config import (
+    HYPER_SIZE_NAMES,
+    VARIANT_HYPER_FIELDS,
+    make_config,
+    routing_fields,
+)
 
 SOURCE_TYPES = {"llama": "dense", "mixtral": "moe", "qwen2_moe": "moe", "qwen3_moe": "moe",
                 "hypermoe": "hypermoe"}

@@ -122,7 +122,8 @@ def _check_split(split: str) -> None:
 def build_gpt_datasets(config, num_samples: Sequence[int]):
     """(train, valid, test) datasets with at least these many samples each (None if 0)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder)
+        BlendedMegatronDatasetBuilder,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
 
     cls = MockGPTDataset if config.mock else GPTDataset

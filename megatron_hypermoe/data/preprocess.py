@@ -24,8 +24,11 @@ import numpy as np
 
 from megatron_hypermoe.data.corpus import ReadStats, iter_documents
 from megatron_hypermoe.data.outputs import check_output_paths
-from megatron_hypermoe.data.tokenizer import (build_tokenizer,
-                                              tokenizer_fingerprint, validate_tokenizer_args)
+from megatron_hypermoe.data.tokenizer import (
+    build_tokenizer,
+    tokenizer_fingerprint,
+    validate_tokenizer_args,
+)
 from megatron_hypermoe.errors import DataError
 
 CHUNK_DOCUMENTS = 64

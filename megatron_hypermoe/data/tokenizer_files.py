@@ -24,8 +24,11 @@ import re
 import shutil
 from typing import Optional
 
-from megatron_hypermoe.data.tokenizer import (SENTENCEPIECE_TYPES, build_tokenizer,
-                                              tokenizer_fingerprint)
+from megatron_hypermoe.data.tokenizer import (
+    SENTENCEPIECE_TYPES,
+    build_tokenizer,
+    tokenizer_fingerprint,
+)
 from megatron_hypermoe.errors import CheckpointError
 
 MEGATRON_TOKENIZER_FILE = "megatron_tokenizer.json"
@@ -131,8 +134,16 @@ def sentencepiece_tokenizer_json(model_path: str):
     would change or, in a BPE model, longer than one character): its export keeps only
     tokenizer.model, which transformers converts at load time (with protobuf)."""
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers,
-                            pre_tokenizers, processors)
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
 
     proto = sentencepiece_model_pb2.ModelProto()
     with open(model_path, "rb") as handle:

@@ -3,12 +3,12 @@
 ``get_block_spec(config)`` gives each layer of this pipeline stage its spec: a dense layer or
 an MoE layer of the variant, by ``moe_layer_pattern`` (megatron's ``moe_layer_freq``).
 ``get_layer_spec(config, moe)`` returns megatron-core's local (torch-only) GPT layer spec with
-the MLP chosen by ``config.moe_type``, the core attention by ``config.core_attention_backend`` (torch's
-SDPA, model/attention.py, or megatron's DotProductAttention) and the experts by
+the MLP chosen by ``config.moe_type``, the core attention by ``config.core_attention_backend``
+(torch's SDPA, model/attention.py, or megatron's DotProductAttention) and the experts by
 ``config.moe_grouped_gemm`` (model/grouped_experts.py, or megatron's SequentialMLP); for
 ``hypermoe`` (``moe_adapter``) it swaps megatron's MoELayer for HyperMoELayer (AdapterMoELayer)
-and leaves every other submodule alone. ``build_gpt_model``
-builds the GPTModel (RoPE positions) and, for ``hypermoe``, the one shared hypernetwork.
+and leaves every other submodule alone. ``build_gpt_model`` builds the GPTModel (RoPE
+positions) and, for ``hypermoe``, the one shared hypernetwork.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import dataclasses
 import logging
 
 import torch
-
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
-                                                         get_num_layers_to_build)
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_hypermoe.model.adapter_layer import AdapterMoELayer
@@ -37,7 +38,6 @@ from megatron_hypermoe.model.hypernetwork import HyperNetwork
 from megatron_hypermoe.model.recompute import recomputes_moe_layers
 from megatron_hypermoe.model.router import TopKRouterBeforeCapacity
 from megatron_hypermoe.parallel.sequence_parallel import mark_sequence_parallel
-
 
 SIDE_PATH_LAYERS = {"hypermoe": HyperMoELayer, "moe_adapter": AdapterMoELayer}
 assert tuple(SIDE_PATH_LAYERS) == SIDE_PATH_VARIANTS

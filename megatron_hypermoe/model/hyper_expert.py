@@ -25,7 +25,8 @@ values per token; ``grouped`` one generation per distinct set present (<= both).
 ``allsets`` when it keeps no more than ``factored`` would (C * d <= T * d_g: top-1/top-2 of 8 at
 any usual batch, not top-2 of 64 at hidden 2048); otherwise ``grouped`` on the CPU (a host sync
 costs nothing there) unless the distinct sets exceed ``factored_min_sets_fraction`` of the
-tokens, and ``factored`` on a GPU. Measured (``benchmarks/bench_layer.py``, numbers in benchmarks/README.md):
+tokens, and ``factored`` on a GPU. Measured (``benchmarks/bench_layer.py``, numbers in
+benchmarks/README.md):
 on the CPU ``allsets`` and ``grouped`` cost the same at GPT-2 width (top-1/top-2 of 8, 2,048
 tokens, every set present); on one H200 (2026-11-26, before ``allsets`` existed) the
 synchronising ``grouped`` form cost 1.58-2.07x the MoE layer and ``factored`` 1.12-1.64x.
@@ -41,8 +42,13 @@ import math
 import torch
 
 from megatron_hypermoe.model import grouped_gemm
-from megatron_hypermoe.model.grouped_gemm import (GroupBounds, group_ends, grouped_mm,
-                                                 grouped_row_sum, grouped_weight_grad)
+from megatron_hypermoe.model.grouped_gemm import (
+    GroupBounds,
+    group_ends,
+    grouped_mm,
+    grouped_row_sum,
+    grouped_weight_grad,
+)
 from megatron_hypermoe.model.hypernetwork import ExpertSelectionEmbedding, HyperNetwork
 from megatron_hypermoe.model.recompute import in_recompute_replay
 

@@ -22,8 +22,7 @@ import torch
 
 from megatron_hypermoe.model.config import HyperMoEConfig
 from megatron_hypermoe.model.hypernetwork import init_head_weight_
-from megatron_hypermoe.parallel.experts import (global_name_function,
-                                                tensor_parallel_size_and_rank)
+from megatron_hypermoe.parallel.experts import global_name_function, tensor_parallel_size_and_rank
 from megatron_hypermoe.parallel.tensor_sharding import shard
 
 _HYPERNET_HEAD = re.compile(r"hypernetwork\.(down_weight|down_bias|up_weight|up_bias)\.weight$")

@@ -95,8 +95,10 @@ def finish_router_step(model, config) -> None:
     """After a step's micro-batches: what megatron's finalize_model_grads does for routers
     (the expert-bias update from the step's token counts, summed over TP x DP ranks; the reset
     of the per-step counters of expert bias and global_aux_loss)."""
-    from megatron.core.distributed.finalize_model_grads import (_update_router_expert_bias,
-                                                                reset_model_temporary_tensors)
+    from megatron.core.distributed.finalize_model_grads import (
+        _update_router_expert_bias,
+        reset_model_temporary_tensors,
+    )
 
     if config.num_moe_experts is None:
         return

@@ -4,7 +4,8 @@ Router, token dispatcher and experts stay megatron-core's. The layer records the
 input and the local routing map when it routes, and adds the side path's output after the
 combine, so under expert parallelism the side path runs on each token's home rank, on that
 rank's tokens, with no extra collective. The routing map it records is the router's top-k
-selection before capacity dropping (:class:`~megatron_hypermoe.model.router.TopKRouterBeforeCapacity`).
+selection before capacity dropping
+(:class:`~megatron_hypermoe.model.router.TopKRouterBeforeCapacity`).
 Subclasses define :meth:`side_output`:
 :class:`~megatron_hypermoe.model.hypermoe_layer.HyperMoELayer` (the HyperExpert, generated from the
 unselected experts) and :class:`~megatron_hypermoe.model.adapter_layer.AdapterMoELayer` (a static

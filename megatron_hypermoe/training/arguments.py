@@ -18,24 +18,44 @@ import torch
 
 from megatron_hypermoe.data.tokenizer import add_tokenizer_args
 from megatron_hypermoe.errors import ArgumentError
-from megatron_hypermoe.training.megatron_flags import add_megatron_flags, check_megatron_flags
-from megatron_hypermoe.parallel.pipeline import add_pipeline_args, check_pipeline_args
-from megatron_hypermoe.training.ds_config import add_deepspeed_args, check_deepspeed_args
-from megatron_hypermoe.training.checkpoint_files import (add_checkpoint_file_args,
-                                                         check_checkpoint_file_args)
-from megatron_hypermoe.model.config import (HYPER_EXPERT_IMPLS, HYPER_INITS, HYPER_SIZE_NAMES,
-                                            HYPER_SIZES, MOE_TYPES, VARIANT_HYPER_FIELDS,
-                                            HyperMoEConfig, make_config, moe_layer_pattern)
-from megatron_hypermoe.training.router_arguments import (ROUTER_CONFIG_FLAGS, add_router_args,
-                                                         check_router_args)
-from megatron_hypermoe.training.lr_schedule import (LR_DECAY_STYLES, add_lr_schedule_args,
-                                                    finalize_lr_schedule_args)
-from megatron_hypermoe.training.metrics import add_logging_args, finalize_logging_args
-from megatron_hypermoe.parallel.distributed import add_distributed_args, check_distributed_args
 from megatron_hypermoe.model.attention import ATTENTION_CONFIG_FLAGS, add_attention_args
+from megatron_hypermoe.model.config import (
+    HYPER_EXPERT_IMPLS,
+    HYPER_INITS,
+    HYPER_SIZE_NAMES,
+    HYPER_SIZES,
+    MOE_TYPES,
+    VARIANT_HYPER_FIELDS,
+    HyperMoEConfig,
+    make_config,
+    moe_layer_pattern,
+)
 from megatron_hypermoe.model.grouped_experts import EXPERTS_CONFIG_FLAGS, add_experts_args
-from megatron_hypermoe.model.recompute import (RECOMPUTE_CONFIG_FLAGS, add_recompute_args,
-                                               check_recompute_args, recompute_modules_flag)
+from megatron_hypermoe.model.recompute import (
+    RECOMPUTE_CONFIG_FLAGS,
+    add_recompute_args,
+    check_recompute_args,
+    recompute_modules_flag,
+)
+from megatron_hypermoe.parallel.distributed import add_distributed_args, check_distributed_args
+from megatron_hypermoe.parallel.pipeline import add_pipeline_args, check_pipeline_args
+from megatron_hypermoe.training.checkpoint_files import (
+    add_checkpoint_file_args,
+    check_checkpoint_file_args,
+)
+from megatron_hypermoe.training.ds_config import add_deepspeed_args, check_deepspeed_args
+from megatron_hypermoe.training.lr_schedule import (
+    LR_DECAY_STYLES,
+    add_lr_schedule_args,
+    finalize_lr_schedule_args,
+)
+from megatron_hypermoe.training.megatron_flags import add_megatron_flags, check_megatron_flags
+from megatron_hypermoe.training.metrics import add_logging_args, finalize_logging_args
+from megatron_hypermoe.training.router_arguments import (
+    ROUTER_CONFIG_FLAGS,
+    add_router_args,
+    check_router_args,
+)
 
 # flag (argparse dest) -> HyperMoEConfig field, for every flag that is a model config field.
 MODEL_CONFIG_FLAGS = {
@@ -540,7 +560,8 @@ def model_config(args) -> HyperMoEConfig:
     fields = {field: getattr(args, flag) for flag, field in MODEL_CONFIG_FLAGS.items()}
     if args.moe_type != "dense":
         fields.update({field: getattr(args, flag) for flag, field in MOE_CONFIG_FLAGS.items()})
-        fields.update({field: getattr(args, field) for field in VARIANT_HYPER_FIELDS[args.moe_type]})
+        fields.update({field: getattr(args, field)
+                       for field in VARIANT_HYPER_FIELDS[args.moe_type]})
         if fields["moe_router_pre_softmax"] is None:
             del fields["moe_router_pre_softmax"]  # make_config's default for the top-k
     fields["params_dtype"] = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 \

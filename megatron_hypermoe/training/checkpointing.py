@@ -39,26 +39,44 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_hypermoe.compat.deepspeed import (deferring_write_errors,
-                                                install_weights_only_checkpoint_engine)
+from megatron_hypermoe.compat.deepspeed import (
+    deferring_write_errors,
+    install_weights_only_checkpoint_engine,
+)
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.model.config import (HYPER_SIZE_NAMES, SIDE_PATH_VARIANTS,
-                                            VARIANT_HYPER_FIELDS)
+from megatron_hypermoe.model.config import (
+    HYPER_SIZE_NAMES,
+    SIDE_PATH_VARIANTS,
+    VARIANT_HYPER_FIELDS,
+)
 from megatron_hypermoe.model.initialization import zero_side_path_output_
 from megatron_hypermoe.model.side_path import is_side_path_parameter
 from megatron_hypermoe.training.arguments import hyper_lr_mult, recorded_args
 from megatron_hypermoe.training.checkpoint_files import (  # noqa: F401 (names others import)
-    LATEST_FILE, MEGATRON_LATEST_FILE, META_FILE, PARTIAL, atomic_write_text,
-    other_checkpoint_hint, publish, read_latest_tag, remove_leftovers, resolve_load_tag,
-    retain_newest, tag_for)
-from megatron_hypermoe.training.expert_checkpoint import (restore_local_experts,
-                                                          save_local_experts)
+    LATEST_FILE,
+    MEGATRON_LATEST_FILE,
+    META_FILE,
+    PARTIAL,
+    atomic_write_text,
+    other_checkpoint_hint,
+    publish,
+    read_latest_tag,
+    remove_leftovers,
+    resolve_load_tag,
+    retain_newest,
+    tag_for,
+)
+from megatron_hypermoe.training.expert_checkpoint import restore_local_experts, save_local_experts
 from megatron_hypermoe.training.layout_free_checkpoint import DIRECTORY as LAYOUT_FREE_DIRECTORY
-from megatron_hypermoe.training.layout_free_checkpoint import (gather_layout_free,
-                                                               has_layout_free_files, needs_reshard,
-                                                               print_rank0, restore_layout_free,
-                                                               rng_carries_over,
-                                                               vocab_padding_message)
+from megatron_hypermoe.training.layout_free_checkpoint import (
+    gather_layout_free,
+    has_layout_free_files,
+    needs_reshard,
+    print_rank0,
+    restore_layout_free,
+    rng_carries_over,
+    vocab_padding_message,
+)
 from megatron_hypermoe.training.lr_schedule import SCHEDULER_STATE_KEY
 from megatron_hypermoe.training.metrics import jsonable_args
 

@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.parallel.experts import global_name_function, is_expert_parameter
 
+
 def expert_file_name(ep_rank: int, expert_tp_rank: int, pp_rank: Optional[int] = None) -> str:
     """One file per (EP rank, expert-TP rank), and pipeline stage under pipeline parallelism
     (``pp_rank`` not None): with expert tensor parallelism each holds a shard of its experts;

@@ -46,11 +46,17 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_hypermoe.compat.deepspeed import (create_optimizer_state, link_optimizer_state,
-                                                optimizer_step_count)
+from megatron_hypermoe.compat.deepspeed import (
+    create_optimizer_state,
+    link_optimizer_state,
+    optimizer_step_count,
+)
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.parallel.experts import (global_name_function, is_expert_parameter,
-                                                tensor_parallel_size_and_rank)
+from megatron_hypermoe.parallel.experts import (
+    global_name_function,
+    is_expert_parameter,
+    tensor_parallel_size_and_rank,
+)
 from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim, shard
 from megatron_hypermoe.training.expert_checkpoint import this_rank_expert_file_name
 

@@ -256,7 +256,8 @@ CHECKED_STATE = {
     "max_lr": "--lr", "min_lr": "--min-lr",
     "lr_warmup_steps": "--lr-warmup-*, in samples",
     "lr_decay_steps": "--lr-decay-*, in samples", "lr_decay_style": "--lr-decay-style",
-    "start_wd": "--start-weight-decay/--weight-decay", "end_wd": "--end-weight-decay/--weight-decay",
+    "start_wd": "--start-weight-decay/--weight-decay",
+    "end_wd": "--end-weight-decay/--weight-decay",
     "wd_incr_steps": "--train-iters/--train-samples, in samples",
     "wd_incr_style": "--weight-decay-incr-style",
 }

@@ -70,7 +70,8 @@ SOURCES = {
         "--pipeline-model-parallel-layout", "--use-distributed-optimizer",
         "--num-distributed-optimizer-instances", "--overlap-grad-reduce",
         "--overlap-param-gather", "--use-precision-aware-optimizer", "--exp-avg-dtype",
-        "--exp-avg-sq-dtype", "--optimizer-cpu-offload", "--manual-gc", "--manual-gc-interval", "--fake-init-process-group"),
+        "--exp-avg-sq-dtype", "--optimizer-cpu-offload", "--manual-gc", "--manual-gc-interval",
+        "--fake-init-process-group"),
     "Megatron-DeepSpeed examples_deepspeed/MoE/ds_pretrain_gpt_*.sh": (
         "--override-opt_param-scheduler", "--adam-beta1", "--adam-beta2",
         "--tensor-model-parallel-size", "--moe-expert-parallel-size", "--num-experts",
@@ -149,7 +150,8 @@ REFUSED: Tuple[RefusedFlag, ...] = (
                 "HyperMoE) with tools/convert_hf_to_checkpoint.py --upcycle, or an moe checkpoint "
                 "into HyperMoE with --finetune --moe-type hypermoe, instead", SWITCH),
     RefusedFlag("--moe-upcycling-granularity", "fine-grained upcycling is not offered; "
-                "tools/convert_hf_to_checkpoint.py --upcycle copies the dense MLP into each expert"),
+                "tools/convert_hf_to_checkpoint.py --upcycle copies the dense MLP into each "
+                "expert"),
     RefusedFlag("--moe-enable-deepep", "DeepEP (the flex dispatcher) needs CUDA and DeepEP; use "
                 "--moe-token-dispatcher-type alltoall", SWITCH),
     RefusedFlag("--moe-flex-dispatcher-backend", "the flex dispatcher is not supported; use "
@@ -251,7 +253,7 @@ def check_megatron_flags(args) -> None:
             raise ArgumentError(f"{refused.flag} is not supported: {refused.why}")
 
 
-# The table -----------------------------------------------------------------------------------------
+# The table ----------------------------------------------------------------------------------------
 # Remarks on "same" flags whose use here differs in a detail a Megatron user should know.
 SAME_FLAG_REMARKS = {
     "--num-experts": "default 8 (Megatron: none, a dense model; here --moe-type dense)",

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist

@@ -25,8 +25,7 @@ from typing import List, Sequence
 
 import torch.distributed as dist
 
-from megatron_hypermoe.data.gpt_data import (build_gpt_datasets, gpt_dataset_config,
-                                             parse_data_path)
+from megatron_hypermoe.data.gpt_data import build_gpt_datasets, gpt_dataset_config, parse_data_path
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
 from megatron_hypermoe.errors import CheckpointError, DataError
 

@@ -11,22 +11,31 @@ from contextlib import nullcontext
 
 import torch
 
-from megatron_hypermoe.compat.deepspeed import (quiet_bf16_optimizer_memory_report,
-                                                 skip_unused_shm_comm_op)
+from megatron_hypermoe.compat.deepspeed import (
+    quiet_bf16_optimizer_memory_report,
+    skip_unused_shm_comm_op,
+)
 from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.initialization import initialize_from_global_names
 from megatron_hypermoe.parallel.deepspeed_mpu import MegatronMPU
 from megatron_hypermoe.parallel.distributed import distributed_timeout, initialize_distributed
-from megatron_hypermoe.training.cpu_allocator import keep_freed_memory
-from megatron_hypermoe.parallel.pipeline import (configure_schedule, mark_shared_replicas,
-                                                 pipeline_size, stage_kwargs)
-from megatron_hypermoe.parallel.expert_parallel import (deepspeed_recognises_megatron_moe,
-                                                        register_expert_parallel,
-                                                        split_moe_param_groups)
-from megatron_hypermoe.parallel.sequence_parallel import \
-    allreduce_sequence_parallel_grads_in_backward
+from megatron_hypermoe.parallel.expert_parallel import (
+    deepspeed_recognises_megatron_moe,
+    register_expert_parallel,
+    split_moe_param_groups,
+)
+from megatron_hypermoe.parallel.pipeline import (
+    configure_schedule,
+    mark_shared_replicas,
+    pipeline_size,
+    stage_kwargs,
+)
+from megatron_hypermoe.parallel.sequence_parallel import (
+    allreduce_sequence_parallel_grads_in_backward,
+)
 from megatron_hypermoe.training.arguments import hyper_lr_mult
+from megatron_hypermoe.training.cpu_allocator import keep_freed_memory
 from megatron_hypermoe.training.ds_config import resolve_config
 
 

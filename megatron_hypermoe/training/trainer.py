@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_hypermoe.compat.deepspeed import reduce_gradients_after_external_backward
 from megatron_hypermoe.compat.megatron_core import accelerator_summary
 from megatron_hypermoe.data.gpt_data import build_data_loader
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
@@ -25,25 +26,41 @@ from megatron_hypermoe.model.generation import generate_ids
 from megatron_hypermoe.model.gpt import causal_attention_mask, kernels_line
 from megatron_hypermoe.model.router import finish_router_step
 from megatron_hypermoe.model.side_path import record_side_path_statistics
-from megatron_hypermoe.compat.deepspeed import reduce_gradients_after_external_backward
 from megatron_hypermoe.parallel.distributed import distributed_timeout
 from megatron_hypermoe.parallel.peers import PeerWatch
-from megatron_hypermoe.parallel.pipeline import (allreduce_shared_grads, from_last_stage,
-                                                 pipeline_size, run_schedule)
+from megatron_hypermoe.parallel.pipeline import (
+    allreduce_shared_grads,
+    from_last_stage,
+    pipeline_size,
+    run_schedule,
+)
 from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
+from megatron_hypermoe.training.checkpointing import (
+    TrainState,
+    latest_iteration,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_hypermoe.training.ds_config import engine_summary_lines
-from megatron_hypermoe.training.checkpointing import (TrainState, latest_iteration,
-                                                      load_checkpoint, save_checkpoint)
 from megatron_hypermoe.training.flops import parameter_counts, training_flops_per_iteration
 from megatron_hypermoe.training.lr_schedule import LRSchedule
+from megatron_hypermoe.training.metrics import (
+    AUX_LOSS_KEYS,
+    AuxLossesPaused,
+    ExpertLoadCounter,
+    MetricsWriter,
+    ProgressBar,
+    expert_load_values,
+    side_path_values,
+    take_aux_losses,
+)
 from megatron_hypermoe.training.node_storage import build_training_datasets, check_save_is_shared
-from megatron_hypermoe.training.metrics import (AUX_LOSS_KEYS, AuxLossesPaused,
-                                                ExpertLoadCounter, MetricsWriter, ProgressBar,
-                                                expert_load_values, side_path_values,
-                                                take_aux_losses)
-from megatron_hypermoe.training.setup import (build_engine, build_model, initialize_parallel,
-                                              training_device)
-
+from megatron_hypermoe.training.setup import (
+    build_engine,
+    build_model,
+    initialize_parallel,
+    training_device,
+)
 
 # Megatron measures --exit-duration-in-mins from the earliest moment it can: program start.
 START_TIME = time.time()

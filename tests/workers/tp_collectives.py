@@ -14,8 +14,9 @@ from megatron.core.tensor_parallel import mappings
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
-from megatron_hypermoe.parallel.sequence_parallel import \
-    allreduce_sequence_parallel_grads_in_backward
+from megatron_hypermoe.parallel.sequence_parallel import (
+    allreduce_sequence_parallel_grads_in_backward,
+)
 from megatron_hypermoe.parallel.tensor_sharding import partition_dim
 from tests.helpers import tiny_config, tiny_model
 
