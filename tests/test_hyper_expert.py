@@ -230,7 +230,7 @@ def test_head_products_in_blocks_equal_one_gemm(rows):
     gradient over column blocks, weight gradient in blocks of 16 output rows) equal one GEMM
     each: 1,024 outputs take the column blocks, 300 never do (not a multiple of the block), and
     d_g 37 leaves a last row block that is not full."""
-    from megatron_hypermoe.model import hypernetwork as hn
+    from megatron_hypermoe.model import few_row_gemm as hn
 
     generator = torch.Generator().manual_seed(rows)
     for columns in (1024, 300):
@@ -238,18 +238,18 @@ def test_head_products_in_blocks_equal_one_gemm(rows):
         weight, bias = torch.randn(37, columns, generator=generator), torch.randn(columns)
         grad = torch.randn(columns, rows, generator=generator).t()  # (not contiguous)
         for product in ("forward", "input_grad"):
-            assert hn._blocked(product, h, columns) == (
+            assert hn.blocked(product, h, columns) == (
                 rows < hn.BLOCKED_BELOW_ROWS[product] and columns == 1024)
-        assert hn._blocked("weight_grad", h) == (rows < hn.BLOCKED_BELOW_ROWS["weight_grad"])
-        torch.testing.assert_close(hn._head_product(h, weight, bias), torch.addmm(bias, h, weight))
+        assert hn.blocked("weight_grad", h) == (rows < hn.BLOCKED_BELOW_ROWS["weight_grad"])
+        torch.testing.assert_close(hn.head_product(h, weight, bias), torch.addmm(bias, h, weight))
         # (a sum of 1,024 products per entry, added in another order when blocked)
-        torch.testing.assert_close(hn._head_input_grad(grad, weight), grad @ weight.t(),
+        torch.testing.assert_close(hn.head_input_grad(grad, weight), grad @ weight.t(),
                                    rtol=1e-5, atol=1e-4)
-        weight_grad = hn._head_weight_grad(h, grad)
+        weight_grad = hn.head_weight_grad(h, grad)
         assert weight_grad.shape == (37, columns) and weight_grad.is_contiguous()
         torch.testing.assert_close(weight_grad, h.t() @ grad)
     # Only fp32 on the CPU is blocked (what was measured; bf16 would round each block's sum).
-    assert not any(hn._blocked(product, h.bfloat16(), 1024)
+    assert not any(hn.blocked(product, h.bfloat16(), 1024)
                    for product in ("forward", "input_grad", "weight_grad"))
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from megatron_hypermoe.model.config import HyperMoEConfig
+from megatron_hypermoe.model.few_row_gemm import HeadProduct
 from megatron_hypermoe.parallel.sequence_parallel import mark_sequence_parallel
 
 HYPERFANIN_SCALE = 1e-3
@@ -55,94 +56,11 @@ def init_head_weight_(weight: torch.Tensor, head: str, config: HyperMoEConfig,
     return weight.uniform_(-bound, bound, generator=generator)
 
 
-# The heads multiply few codes (one row per generated HyperExpert: 8 at top-1 of 8, times the
-# layers when the model generates them together) with a very wide weight [d_g, d*r]. On the CPU
-# MKL runs such few-row GEMMs at a fraction of its rate; split into blocks they run up to 2x
-# faster. Measured on 2 cores (AMD EPYC, torch 2.13 + MKL, the trainer's allocator settings),
-# d_g 128, median ms as one GEMM -> in blocks, for 8 / 32 / 128 rows:
-#   49,152 outputs (GPT-2 width): forward 2.22 -> 1.40 / 4.30 -> 3.45 / 13.9 -> 10.8,
-#     input gradient 1.71 -> 1.35 / 3.57 -> 3.16 / 10.45 -> 10.04,
-#     weight gradient 2.99 -> 1.52 / 6.05 -> 4.08 / 12.0 -> 25.1;
-#   16,384 outputs: forward 0.48 -> 0.33 / 1.11 -> 0.84, input gradient 0.33 -> 0.26 / 0.83 ->
-#     0.76, weight gradient 0.68 -> 0.32 / 0.75 -> 1.19;
-#   131,072 outputs (hidden 2048): forward 8.84 -> 6.37 / 13.9 -> 11.1, input gradient 4.80 ->
-#     4.06 / 9.29 -> 8.39, weight gradient 6.28 -> 4.04 / 13.8 -> 17.9.
-# Blocks stop paying at 1,024 rows (forward), 128 (input gradient; 336 rows: 23.8 -> 24.0) and
-# 32 (weight gradient), the limits below. GPUs need none of this, and other dtypes do not take
-# MKL's sgemm (the input gradient's sum over blocks would also round each block in bf16).
-BLOCKED_BELOW_ROWS = {"forward": 1024, "input_grad": 128, "weight_grad": 32}
-BLOCK_COLUMNS = {"forward": 256, "input_grad": 512}
-
-
-def _blocked(product: str, rows: torch.Tensor, columns: int = None) -> bool:
-    """Whether ``product`` of the heads is taken in blocks for ``rows`` (the codes or their
-    gradient) on this device and with this many outputs."""
-    if rows.device.type != "cpu" or rows.dtype != torch.float32 \
-            or rows.shape[0] >= BLOCKED_BELOW_ROWS[product]:
-        return False
-    block = BLOCK_COLUMNS.get(product)
-    return block is None or (columns % block == 0 and columns > block)
-
-
-def _column_blocks(weight: torch.Tensor, block: int) -> torch.Tensor:
-    """[d_g, N] viewed as N/block matrices [d_g, block] (no copy)."""
-    return weight.view(weight.shape[0], -1, block).transpose(0, 1)
-
-
-def _head_product(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """bias + h @ weight: [K, d_g] x [d_g, N] -> [K, N]; blocked, one batched GEMM over column
-    blocks."""
-    if not _blocked("forward", h, weight.shape[1]):
-        return torch.addmm(bias, h, weight)
-    blocks = _column_blocks(weight, BLOCK_COLUMNS["forward"])
-    out = torch.baddbmm(bias.view(blocks.shape[0], 1, -1), h.expand(blocks.shape[0], *h.shape),
-                        blocks)
-    return out.transpose(0, 1).reshape(h.shape[0], weight.shape[1])
-
-
-def _head_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad @ weight^T: [K, N] x [N, d_g] -> [K, d_g]; blocked, the sum over column blocks of
-    one batched GEMM."""
-    if not _blocked("input_grad", grad, weight.shape[1]):
-        return grad @ weight.t()
-    blocks = _column_blocks(weight, BLOCK_COLUMNS["input_grad"])  # [B, d_g, block]
-    grad_blocks = grad.reshape(grad.shape[0], blocks.shape[0], -1).transpose(0, 1)
-    return torch.bmm(grad_blocks, blocks.transpose(1, 2)).sum(0)
-
-
-def _head_weight_grad(h: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """h^T @ grad: [d_g, K] x [K, N] -> [d_g, N]; blocked, in blocks of 16 output rows. h^T is
-    made contiguous: autograd's product on the transposed view ran 2-4x slower on the CPU."""
-    h_t = h.t().contiguous()
-    if not _blocked("weight_grad", h):
-        return h_t @ grad
-    out = grad.new_empty(h_t.shape[0], grad.shape[1])
-    for start in range(0, h_t.shape[0], 16):
-        torch.mm(h_t[start:start + 16], grad, out=out[start:start + 16])
-    return out
-
-
-class _HeadProduct(torch.autograd.Function):
-    """h @ weight + bias with the few-row products above."""
-
-    @staticmethod
-    def forward(ctx, h, weight, bias):
-        ctx.save_for_backward(h, weight)
-        return _head_product(h, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, weight = ctx.saved_tensors
-        grad_h = _head_input_grad(grad, weight) if ctx.needs_input_grad[0] else None
-        grad_weight = _head_weight_grad(h, grad) if ctx.needs_input_grad[1] else None
-        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_h, grad_weight, grad_bias
-
-
 class HyperHead(nn.Module):
     """A linear head h -> h @ weight + bias whose weight is stored [in, out], not nn.Linear's
     [out, in]: out is huge (d*r) and the batch tiny (one row per selected set), and this layout
-    makes the generated HyperExperts plain row-major views of the product."""
+    makes the generated HyperExperts plain row-major views of the product. The product is
+    :mod:`megatron_hypermoe.model.few_row_gemm`'s (blocked on the CPU)."""
 
     def __init__(self, head: str, in_features: int, out_features: int, config: HyperMoEConfig):
         super().__init__()
@@ -153,7 +71,7 @@ class HyperHead(nn.Module):
             init_head_weight_(self.weight, head, config)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return _HeadProduct.apply(h, self.weight, self.bias)
+        return HeadProduct.apply(h, self.weight, self.bias)
 
 
 class ExpertSelectionEmbedding(nn.Module):
