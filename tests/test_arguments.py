@@ -19,7 +19,7 @@ from tests.helpers import TINY_MODEL, tiny_run
 
 
 def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
-    from megatron_hypermoe.training.checkpointing import read_latest
+    from megatron_hypermoe.training.checkpoint.files import read_latest
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=re.escape(
@@ -96,7 +96,7 @@ def test_args_for_model_records_the_flags_model_config_reads(moe_type):
         args_for_model,
         model_config,
     )
-    from megatron_hypermoe.training.checkpointing import checkpoint_shape
+    from megatron_hypermoe.training.checkpoint.compatibility import checkpoint_shape
 
     args = parse_args([*tiny_run(moe_type), "--mock-data", "--train-iters", "1"])
     args.padded_vocab_size = 128
@@ -197,7 +197,10 @@ def test_a_moe_checkpoint_resumes_without_hyper_flags_and_ignores_old_recorded_o
     """The shape check compares the HyperMoE sizes only for the variants that read them: a
     `moe` checkpoint recorded before this rule (with --hyper-hidden-size -5 among its args)
     resumes with no --hyper-* flag, a hypermoe one still needs its sizes."""
-    from megatron_hypermoe.training.checkpointing import check_model_shape, checkpoint_shape
+    from megatron_hypermoe.training.checkpoint.compatibility import (
+        check_model_shape,
+        checkpoint_shape,
+    )
 
     moe = parse_args([*tiny_run("moe"), "--mock-data", "--train-iters", "1"])
     moe.padded_vocab_size = 128
@@ -259,7 +262,7 @@ def test_optimizer_groups_give_exactly_the_generating_weights_their_multiplier(
 
 
 def test_resuming_with_other_optimizer_groups_is_refused_in_one_line():
-    from megatron_hypermoe.training.checkpointing import check_optimizer_groups
+    from megatron_hypermoe.training.checkpoint.compatibility import check_optimizer_groups
 
     run = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", "--hyper-lr-mult", "1"])
     check_optimizer_groups({"args": {"hyper_lr_mult": 1.0}}, run)

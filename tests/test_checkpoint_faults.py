@@ -20,9 +20,9 @@ import torch
 
 from megatron_hypermoe.errors import ArgumentError, CheckpointError
 from megatron_hypermoe.parallel.distributed import free_port
-from megatron_hypermoe.training import checkpoint_files
 from megatron_hypermoe.training.arguments import parse_args
-from megatron_hypermoe.training.checkpoint_files import (
+from megatron_hypermoe.training.checkpoint import files as checkpoint_files
+from megatron_hypermoe.training.checkpoint.files import (
     META_FILE,
     complete_iterations,
     publish,
@@ -148,7 +148,7 @@ def test_save_retain_keeps_the_newest_and_the_one_latest_names(tmp_path):
 
 
 def test_latest_naming_a_missing_directory_is_one_line_with_the_step_to_load(tmp_path):
-    from megatron_hypermoe.training.checkpointing import read_latest
+    from megatron_hypermoe.training.checkpoint.files import read_latest
 
     for iteration in (2, 4):
         _write_checkpoint(tmp_path, tag_for(iteration), "old")
@@ -331,7 +331,7 @@ def tiny_engine(megatron_single_process, tmp_path):
 ])
 def test_a_damaged_file_in_the_newest_checkpoint_is_named_with_the_step_to_load(
         name, damage, tiny_engine, tmp_path):
-    from megatron_hypermoe.training.checkpointing import (
+    from megatron_hypermoe.training.checkpoint.save_load import (
         TrainState,
         load_checkpoint,
         save_checkpoint,
@@ -379,7 +379,7 @@ def _tiny_engine_as_the_trainer_builds_it(save, *flags):
 
 @pytest.fixture(scope="module")
 def layout_free_saved(megatron_single_process, tmp_path_factory):
-    from megatron_hypermoe.training.checkpointing import TrainState, save_checkpoint
+    from megatron_hypermoe.training.checkpoint.save_load import TrainState, save_checkpoint
 
     save = tmp_path_factory.mktemp("layout_free") / "ckpt"
     engine, args = _tiny_engine_as_the_trainer_builds_it(save)
@@ -454,7 +454,7 @@ def test_a_damaged_layout_free_file_is_named_with_the_step_to_load(case, layout_
     """The reshard path's files as the same-layout ones: a truncated, damaged (also where
     safetensors finds it only when the tensor is read) or missing file is one line naming it
     and the iteration to load instead, and that one loads."""
-    from megatron_hypermoe.training.checkpointing import load_checkpoint
+    from megatron_hypermoe.training.checkpoint.save_load import load_checkpoint
 
     engine, args = resharding_engine
     load, path, said = _damage_a_copy(layout_free_saved, tmp_path, case)

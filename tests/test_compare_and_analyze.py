@@ -46,7 +46,7 @@ def test_quick_comparison_writes_report_and_plot_with_every_variant(dataset, tmp
 def test_upcycled_comparison_starts_every_variant_from_the_dense_source(dataset, tmp_path):
     """--upcycle-from-dense: the sparse variant's experts are copies of the trained dense MLP,
     and its second phase continues from there (lower perplexity than the source reached)."""
-    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+    from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
 
     data_path = dataset[dataset.index("--data-path") + 1]
     tokenizer = dataset[dataset.index("--tokenizer-model") + 1]

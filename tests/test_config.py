@@ -60,7 +60,7 @@ def test_the_hyper_sizes_are_defined_once():
     from megatron_hypermoe.hf.configuration_hypermoe import HyperMoeConfig
     from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, HYPER_SIZES
     from megatron_hypermoe.training.arguments import HYPER_FLAG_DEFAULTS, parse_args
-    from megatron_hypermoe.training.checkpointing import SHAPE_FIELDS
+    from megatron_hypermoe.training.checkpoint.compatibility import SHAPE_FIELDS
 
     paper = {size.name: size.default for size in HYPER_SIZES}
     assert paper == {"hyper_adapter_dim": 64, "hyper_hidden_size": 128,

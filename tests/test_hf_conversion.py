@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from megatron_hypermoe.conversion.export import export_checkpoint
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.inference.model_source import build_megatron_model, load_hf_model
-from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
 from tests.helpers import (
     TINY,
     TINY_MODEL,

@@ -349,7 +349,7 @@ def imported(hf_source, tmp_path_factory):
 
 def checkpoint_logits(save, ids):
     from megatron_hypermoe.inference.model_source import build_megatron_model
-    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+    from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
 
     model, _ = build_megatron_model(read_checkpoint(str(save)))
     return megatron_logits(model, ids)
@@ -423,7 +423,7 @@ def test_every_layout_imports_the_same_weights(family, layout, hf_source, import
     """Imported under TP=2 (sequence parallel) or EP=2: the checkpoint holds the one-process
     import's weights bit for bit, computes the same logits and exports the source again."""
     from megatron_hypermoe.conversion.export import export_checkpoint
-    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+    from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
 
     one = read_checkpoint(str(imported(family))).state
     other = read_checkpoint(str(imported(family, layout))).state
@@ -463,7 +463,7 @@ def test_upcycled_moe_computes_what_the_source_computes(family, target, hf_sourc
     the side path is there, with its other parts initialised (--hyper-init), and adds exactly 0
     until it trains."""
     from megatron_hypermoe.inference.model_source import load_hf_model
-    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+    from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
 
     convert(hf_source(family), tmp_path / "up", *upcycle_flags(target))
     checkpoint = read_checkpoint(str(tmp_path / "up"))
@@ -491,7 +491,7 @@ def test_upcycled_moe_computes_what_the_source_computes(family, target, hf_sourc
 def test_upcycling_in_every_layout_gives_the_same_checkpoint(layout, hf_source, tmp_path):
     """The added side path is drawn by global name and the rest is the source's: a TP=2 or
     EP=2 upcycle holds the one-process upcycle's weights bit for bit."""
-    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+    from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
 
     nproc, flags = LAYOUTS[layout]
     convert(hf_source("qwen2_moe"), tmp_path / "one", *upcycle_flags("hypermoe_normal"))
@@ -503,7 +503,7 @@ def test_upcycling_in_every_layout_gives_the_same_checkpoint(layout, hf_source, 
 
 def model_flags(save):
     """The trainer's model flags of a checkpoint (what a run that --loads it must give)."""
-    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+    from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
 
     args = read_checkpoint(str(save)).meta["args"]
     flags = ["--moe-type", args["moe_type"]]
@@ -541,7 +541,7 @@ def test_upcycled_moe_trains_on_and_exports_to_the_hypermoe_class(family, hf_sou
     the same weights."""
     from megatron_hypermoe.conversion.export import export_checkpoint
     from megatron_hypermoe.inference.model_source import build_megatron_model
-    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+    from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
     from tests.hf_compat_check import record_ids
 
     convert(hf_source(family), tmp_path / "up", *upcycle_flags("hypermoe_normal"),
@@ -592,7 +592,7 @@ def test_a_trained_moe_exports_to_qwen_and_back(family, dataset, tmp_path):
     (our logits, 1e-5), and converts back to the same weights."""
     from megatron_hypermoe.conversion.export import export_checkpoint
     from megatron_hypermoe.inference.model_source import load_hf_model
-    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+    from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
     from tests.helpers import tiny_run
 
     pretrain(*tiny_run("moe"), *dataset, *TRAINED_EXPORTS[family], "--train-iters", "2",

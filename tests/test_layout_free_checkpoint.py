@@ -1,4 +1,4 @@
-"""Layout-free checkpoints (training/layout_free_checkpoint.py): the state by global name, which
+"""Layout-free checkpoints (training/checkpoint/layout_free.py): the state by global name, which
 path a load takes, and resumes in another layout that reproduce the uninterrupted run."""
 
 import json
@@ -46,7 +46,7 @@ def test_state_round_trip_and_the_next_step_match(saved, resumed, tmp_path):
     and the module's weights come back exactly into an engine of another ZeRO stage/wrapper,
     and the next step (which reads the moments and the step) gives the same weights."""
     from megatron_hypermoe.compat.deepspeed import optimizer_step_count
-    from megatron_hypermoe.training.layout_free_checkpoint import (
+    from megatron_hypermoe.training.checkpoint.layout_free import (
         restore_layout_free,
         save_layout_free,
     )
@@ -107,7 +107,7 @@ def _run(tp=1, ep=1, dp=1, zero=1, divisible_by=128, padded=512, pp=1):
 
 
 def test_load_path_is_chosen_by_layout(tmp_path, capsys):
-    from megatron_hypermoe.training.layout_free_checkpoint import needs_reshard, rng_carries_over
+    from megatron_hypermoe.training.checkpoint.layout_free import needs_reshard, rng_carries_over
 
     old, new = tmp_path / "old", tmp_path / "new"
     (new / "layout_free").mkdir(parents=True)
@@ -147,7 +147,7 @@ def test_load_path_is_chosen_by_layout(tmp_path, capsys):
 
 
 def test_vocabulary_padding_change_names_the_divisor():
-    from megatron_hypermoe.training.layout_free_checkpoint import vocab_padding_message
+    from megatron_hypermoe.training.checkpoint.layout_free import vocab_padding_message
 
     # vocabulary 1025: TP 2 pads to 1280, TP 1 to 1152; divisor 256 at TP 1 gives 1280
     message = vocab_padding_message(_meta(tp=2, padded=1280), _run(tp=1, padded=1152))

@@ -268,7 +268,10 @@ def test_a_checkpoint_does_not_resume_with_another_architecture():
     """The new fields are part of the checkpoint's shape; an MoE checkpoint loaded as HyperMoE
     without --finetune says how to start one from it. (Older checkpoints, which recorded none
     of them, are compared on the fields they have.)"""
-    from megatron_hypermoe.training.checkpointing import check_model_shape, checkpoint_shape
+    from megatron_hypermoe.training.checkpoint.compatibility import (
+        check_model_shape,
+        checkpoint_shape,
+    )
 
     base = ["--mock-data", "--train-iters", "1", "--moe-type", "moe"]
     saved = {"model": checkpoint_shape(parse_args(base))}

@@ -254,7 +254,10 @@ def test_recompute_is_not_part_of_a_checkpoint_and_round_trips():
     importer's flags-from-config give the recompute fields back, also from a config object that
     did not come from flags (megatron-core's own default fills recompute_modules)."""
     from megatron_hypermoe.training.arguments import args_for_model
-    from megatron_hypermoe.training.checkpointing import check_model_shape, checkpoint_shape
+    from megatron_hypermoe.training.checkpoint.compatibility import (
+        check_model_shape,
+        checkpoint_shape,
+    )
     from tests.helpers import EP_RECOMPUTE_CASES, tiny_config
 
     plain = flags_args()

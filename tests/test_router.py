@@ -226,7 +226,7 @@ def test_export_refuses_routing_hugging_face_cannot_compute(flags, message, moe_
     from megatron_hypermoe.conversion.export import check_representable
     from megatron_hypermoe.errors import CheckpointError
     from megatron_hypermoe.training.arguments import parse_args
-    from megatron_hypermoe.training.checkpoint_reader import Checkpoint
+    from megatron_hypermoe.training.checkpoint.reader import Checkpoint
 
     def checkpoint(extra):
         args = parse_args([*tiny_run(moe_type), "--mock-data", "--train-iters", "1",

@@ -479,7 +479,7 @@ def test_router_options_train_through_the_entry_point(dataset, tmp_path):
     """Megatron-DeepSpeed's capacity aliases and Megatron-LM's router flags together in one
     HyperMoE run: the sequence aux loss is logged under its name, the expert bias moves every
     step and is saved with the checkpoint."""
-    from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+    from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
 
     metrics, save = tmp_path / "metrics.jsonl", tmp_path / "ckpt"
     pretrain(*TINY_MODEL, *dataset, "--train-iters", "3", "--global-batch-size", "4",

@@ -26,7 +26,7 @@ from megatron_hypermoe.data.tokenizer_files import checked_training_tokenizer, w
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.hf.mapping import NameMapShape, to_hf, unrepresentable
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, gates_renormalised
-from megatron_hypermoe.training.checkpoint_reader import Checkpoint, read_checkpoint
+from megatron_hypermoe.training.checkpoint.reader import Checkpoint, read_checkpoint
 
 HF_FILES_DIRECTORY = os.path.dirname(os.path.abspath(megatron_hypermoe.hf.__file__))
 REMOTE_CODE_FILES = ("configuration_hypermoe.py", "modeling_hypermoe.py")

@@ -293,7 +293,7 @@ def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[
     from megatron_hypermoe.model.initialization import load_global_state
     from megatron_hypermoe.parallel.experts import global_name_function
     from megatron_hypermoe.training.arguments import args_for_model
-    from megatron_hypermoe.training.checkpointing import TrainState, save_checkpoint
+    from megatron_hypermoe.training.checkpoint.save_load import TrainState, save_checkpoint
     from megatron_hypermoe.training.setup import build_engine, build_model, initialize_parallel
 
     hf_config = read_hf_config(hf_dir)

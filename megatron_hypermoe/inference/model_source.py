@@ -72,7 +72,7 @@ def load_model(args) -> LoadedModel:
     if args.load:
         from megatron_hypermoe.data.tokenizer_files import checked_training_tokenizer
         from megatron_hypermoe.parallel.distributed import initialize_distributed
-        from megatron_hypermoe.training.checkpoint_reader import read_checkpoint
+        from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
 
         checkpoint = read_checkpoint(args.load, args.iteration)
         _, tokenizer = checked_training_tokenizer(

@@ -121,3 +121,14 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def global_rank() -> int:
+    """This process's rank in the world (0 outside torch.distributed: one process)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def print_rank0(*values, **kwargs) -> None:
+    """print on global rank 0 only, flushed (the one place the package prints once per job)."""
+    if global_rank() == 0:
+        print(*values, **kwargs, flush=True)

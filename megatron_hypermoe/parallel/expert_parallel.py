@@ -13,7 +13,7 @@ c. DeepSpeed turns its MoE handling on only when it finds its own MoE class: dur
    ``deepspeed.initialize`` it is shown megatron's MoELayer as well
    (:func:`deepspeed_recognises_megatron_moe`).
 d. DeepSpeed saves module weights from data-parallel rank 0 only, so each EP rank checkpoints
-   its own experts by global id (``training/expert_checkpoint.py``).
+   its own experts by global id (``training/checkpoint/experts.py``).
 
 Checked by the EP tests: EP=2 vs EP=1 losses and gradient norms, and EP=2 resume.
 """

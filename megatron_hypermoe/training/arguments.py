@@ -39,7 +39,7 @@ from megatron_hypermoe.model.recompute import (
 )
 from megatron_hypermoe.parallel.distributed import add_distributed_args, check_distributed_args
 from megatron_hypermoe.parallel.pipeline import add_pipeline_args, check_pipeline_args
-from megatron_hypermoe.training.checkpoint_files import (
+from megatron_hypermoe.training.checkpoint.files import (
     add_checkpoint_file_args,
     check_checkpoint_file_args,
 )

@@ -26,7 +26,7 @@ from megatron_hypermoe.model.generation import generate_ids
 from megatron_hypermoe.model.gpt import causal_attention_mask, kernels_line
 from megatron_hypermoe.model.router import finish_router_step
 from megatron_hypermoe.model.side_path import record_side_path_statistics
-from megatron_hypermoe.parallel.distributed import distributed_timeout
+from megatron_hypermoe.parallel.distributed import distributed_timeout, print_rank0
 from megatron_hypermoe.parallel.peers import PeerWatch
 from megatron_hypermoe.parallel.pipeline import (
     allreduce_shared_grads,
@@ -35,9 +35,9 @@ from megatron_hypermoe.parallel.pipeline import (
     run_schedule,
 )
 from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
-from megatron_hypermoe.training.checkpointing import (
+from megatron_hypermoe.training.checkpoint.files import latest_iteration
+from megatron_hypermoe.training.checkpoint.save_load import (
     TrainState,
-    latest_iteration,
     load_checkpoint,
     save_checkpoint,
 )
@@ -73,11 +73,6 @@ class LogWindows:
         self.event_time = self.console_time = time.time()
         self.iterations_since_event = self.iterations_since_console = 0
         self.console_aux = {}
-
-
-def print_rank0(*values, **kwargs):
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*values, **kwargs, flush=True)
 
 
 def model_output(model, batch, device):

@@ -18,12 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 import pretrain_gpt_hypermoe  # noqa: E402
-from megatron_hypermoe.training import checkpointing  # noqa: E402
+from megatron_hypermoe.training.checkpoint import files, save_load  # noqa: E402
 
 
 def stall(marker, iteration):
-    stall_in = checkpointing.tag_for(int(iteration)) + checkpointing.PARTIAL
-    save_rng_state = checkpointing.save_rng_state
+    stall_in = files.tag_for(int(iteration)) + files.PARTIAL
+    save_rng_state = save_load.save_rng_state  # the name save_load calls
 
     def stalling_save_rng_state(directory):
         if os.path.basename(directory) == stall_in:
@@ -31,7 +31,7 @@ def stall(marker, iteration):
             time.sleep(600)  # killed here
         save_rng_state(directory)
 
-    checkpointing.save_rng_state = stalling_save_rng_state
+    save_load.save_rng_state = stalling_save_rng_state
 
 
 def fail(rank):

@@ -24,8 +24,8 @@ from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
 from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim
 from megatron_hypermoe.training.arguments import model_config, recorded_args
-from megatron_hypermoe.training.checkpointing import META_FILE, read_latest, tag_for
-from megatron_hypermoe.training.expert_checkpoint import expert_file_name
+from megatron_hypermoe.training.checkpoint.experts import expert_file_name
+from megatron_hypermoe.training.checkpoint.files import META_FILE, read_latest, tag_for
 
 
 @dataclasses.dataclass

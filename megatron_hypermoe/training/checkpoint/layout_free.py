@@ -52,13 +52,14 @@ from megatron_hypermoe.compat.deepspeed import (
     optimizer_step_count,
 )
 from megatron_hypermoe.errors import CheckpointError
+from megatron_hypermoe.parallel.distributed import print_rank0
 from megatron_hypermoe.parallel.experts import (
     global_name_function,
     is_expert_parameter,
     tensor_parallel_size_and_rank,
 )
 from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim, shard
-from megatron_hypermoe.training.expert_checkpoint import this_rank_expert_file_name
+from megatron_hypermoe.training.checkpoint.experts import this_rank_expert_file_name
 
 DIRECTORY = "layout_free"
 INDEX_FILE = "index.json"
@@ -139,11 +140,6 @@ def needs_reshard(meta: dict, args, directory: str, load_optimizer: bool) -> boo
         print_rank0("RNG states are per rank and do not carry over to another layout: dropout "
                      "and sampling continue from fresh streams of --seed")
     return True
-
-
-def print_rank0(line: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(line, flush=True)
 
 
 def vocab_padding_message(meta: dict, args) -> str:

@@ -18,14 +18,17 @@ names are the writer's:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from megatron_hypermoe.errors import ArgumentError, CheckpointError
 
 META_FILE = "hypermoe_checkpoint.json"
+CHECKPOINT_FORMAT = "megatron-hypermoe-checkpoint"
+CHECKPOINT_VERSION = 1
 LATEST_FILE = "latest"
 MEGATRON_LATEST_FILE = "latest_checkpointed_iteration.txt"
 PARTIAL, OLD, REMOVING = ".partial", ".old", ".removing"
@@ -195,3 +198,35 @@ def resolve_load_tag(load_dir: str, step: Optional[int]) -> str:
                               + other_checkpoint_hint(load_dir,
                                                       int(match.group(1)) if match else None))
     return tag
+
+
+def read_latest(load_dir: str, step: Optional[int] = None) -> Tuple[str, dict]:
+    """(tag, metadata) of the newest complete checkpoint under load_dir (``step``: of that
+    iteration's, as --ckpt-step)."""
+    tag = resolve_load_tag(load_dir, step)
+    meta_path = os.path.join(load_dir, tag, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"--load {load_dir}: checkpoint {tag} has no {META_FILE}; it was "
+                              "not written by this trainer or is incomplete")
+    with open(meta_path) as handle:
+        try:
+            meta = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{meta_path} is not valid JSON (truncated or damaged); "
+                                  + other_checkpoint_hint(load_dir, iteration_of(tag))) from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{meta_path} is not a {CHECKPOINT_FORMAT} file")
+    return tag, meta
+
+
+def iteration_of(tag: str) -> Optional[int]:
+    digits = tag.split("_", 1)[-1].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def latest_iteration(load_dir: Optional[str]) -> Optional[int]:
+    """The newest complete checkpoint's iteration, or None if load_dir has none (yet)."""
+    if not load_dir or not os.path.isfile(os.path.join(load_dir, LATEST_FILE)):
+        return None
+    _, meta = read_latest(load_dir)
+    return meta["train_state"]["iteration"]
