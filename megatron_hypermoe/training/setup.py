@@ -19,7 +19,11 @@ from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.initialization import initialize_from_global_names
 from megatron_hypermoe.parallel.deepspeed_mpu import MegatronMPU
-from megatron_hypermoe.parallel.distributed import distributed_timeout, initialize_distributed
+from megatron_hypermoe.parallel.distributed import (
+    distributed_timeout,
+    initialize_distributed,
+    print_rank0,
+)
 from megatron_hypermoe.parallel.expert_parallel import (
     deepspeed_recognises_megatron_moe,
     register_expert_parallel,
@@ -107,9 +111,8 @@ def build_optimizer(param_groups, args):
         return torch.optim.AdamW(param_groups, fused=on_cpu or None, **kwargs)
     from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-    if torch.distributed.get_rank() == 0:
-        print("--optimizer-cpu-offload: loading DeepSpeed's CPUAdam (JIT-built on first use, "
-              "a minute or two; then cached in TORCH_EXTENSIONS_DIR)", flush=True)
+    print_rank0("--optimizer-cpu-offload: loading DeepSpeed's CPUAdam (JIT-built on first use, "
+                "a minute or two; then cached in TORCH_EXTENSIONS_DIR)")
     return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
 
 
