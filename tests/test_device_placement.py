@@ -75,7 +75,7 @@ def test_collectives_of_setup_and_logging_take_device_tensors(accelerator, monke
     import megatron_hypermoe.parallel.pipeline as pipeline
     from megatron_hypermoe.training.arguments import args_for_model
     from megatron_hypermoe.training.flops import parameter_counts
-    from megatron_hypermoe.training.metrics import (
+    from megatron_hypermoe.training.metrics.probes import (
         ExpertLoadCounter,
         side_path_values,
         take_aux_losses,

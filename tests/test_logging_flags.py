@@ -9,7 +9,7 @@ import pytest
 
 from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.training.arguments import parse_args
-from megatron_hypermoe.training.metrics import console_line, tensorboard_scalars
+from megatron_hypermoe.training.metrics.writers import console_line, tensorboard_scalars
 from tests.helpers import TINY_MODEL
 
 
@@ -88,3 +88,25 @@ def test_aux_loss_scale_reaches_megatron_whenever_it_changes(held, monkeypatch):
     for scale in (0.5, 0.5, 0.25, 2.0):
         Trainer.set_aux_loss_scale(fake, MoEAuxLossAutoScaler, scale)
         assert MoEAuxLossAutoScaler.main_loss_backward_scale.item() == scale
+
+
+def test_console_line_averages_aux_losses_over_the_events_since_the_last_line():
+    """--log-interval 4 with --tensorboard-log-interval 3: the console line at iteration 4 spans
+    the event at 3 (3 iterations) and the one at 4 (1 iteration): an iteration-weighted mean."""
+    from megatron_hypermoe.training.metrics.windows import LogWindows
+
+    log = LogWindows(log_interval=4, tensorboard_log_interval=3, scalar_writers=True)
+    assert [log.due(i) for i in (1, 3, 4, 6, 12)] == [
+        (False, False), (False, True), (True, False), (False, True), (True, True)]
+    assert LogWindows(4, 3, scalar_writers=False).due(3) == (False, False)
+    start = log.event_time
+    for _ in range(3):
+        log.count_iteration()
+    assert log.take_event(start + 3.0) == (3.0, 3)
+    log.add_event_aux({"aux_loss": 1.0}, 3)
+    log.count_iteration()
+    assert log.take_event(start + 5.0) == (2.0, 1)
+    log.add_event_aux({"aux_loss": 5.0}, 1)
+    elapsed, iterations, mean_aux = log.take_console(start + 5.0)
+    assert (elapsed, iterations, mean_aux) == (5.0, 4, {"aux_loss": 2.0})
+    assert log.take_console(start + 6.0)[1:] == (0, {})

@@ -143,7 +143,7 @@ def test_hypermoe_side_path_is_recomputed(mode, recomputed, monkeypatch):
 def test_expert_loads_and_aux_loss_are_counted_once():
     """A recomputed forward re-runs the router: the logged expert loads and load-balancing loss
     must still count each routed token once."""
-    from megatron_hypermoe.training.metrics import ExpertLoadCounter, take_aux_losses
+    from megatron_hypermoe.training.metrics.probes import ExpertLoadCounter, take_aux_losses
 
     logged = []
     for flags in ((), MODES["full-uniform"], MODES["selective-moe"]):

@@ -193,7 +193,7 @@ def test_expert_bias_moves_against_the_steps_load_and_counters_reset():
     ("sinkhorn", set()), ("none", set())])
 def test_each_balancing_type_is_logged_under_its_own_name(types, logged):
     from megatron_hypermoe.model.router import finish_router_step
-    from megatron_hypermoe.training.metrics import AUX_LOSS_KEYS, take_aux_losses
+    from megatron_hypermoe.training.metrics.probes import AUX_LOSS_KEYS, take_aux_losses
 
     coeff = 0.0 if types == "sinkhorn" else [1e-2] * len(types) if isinstance(types, list) \
         else 1e-2

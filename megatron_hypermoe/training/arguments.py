@@ -50,7 +50,7 @@ from megatron_hypermoe.training.lr_schedule import (
     finalize_lr_schedule_args,
 )
 from megatron_hypermoe.training.megatron_flags import add_megatron_flags, check_megatron_flags
-from megatron_hypermoe.training.metrics import add_logging_args, finalize_logging_args
+from megatron_hypermoe.training.metrics.writers import add_logging_args, finalize_logging_args
 from megatron_hypermoe.training.router_arguments import (
     ROUTER_CONFIG_FLAGS,
     add_router_args,

@@ -3,7 +3,7 @@
 One iteration = gradient-accumulation micro-batches, then one optimizer step. DeepSpeed's ZeRO
 optimizer checks gradients for inf/NaN and skips such a step (the iteration is counted as
 skipped); too many in a row stop the run. Everything before the first step (process groups,
-model, engine) is ``training/setup.py``; what is logged and how, ``training/metrics.py``.
+model, engine) is ``training/setup.py``; what is logged and how, ``training/metrics/``.
 """
 
 from __future__ import annotations
@@ -44,16 +44,16 @@ from megatron_hypermoe.training.checkpoint.save_load import (
 from megatron_hypermoe.training.ds_config import engine_summary_lines
 from megatron_hypermoe.training.flops import parameter_counts, training_flops_per_iteration
 from megatron_hypermoe.training.lr_schedule import LRSchedule
-from megatron_hypermoe.training.metrics import (
+from megatron_hypermoe.training.metrics.probes import (
     AUX_LOSS_KEYS,
     AuxLossesPaused,
     ExpertLoadCounter,
-    MetricsWriter,
-    ProgressBar,
     expert_load_values,
     side_path_values,
     take_aux_losses,
 )
+from megatron_hypermoe.training.metrics.windows import LogWindows
+from megatron_hypermoe.training.metrics.writers import MetricsWriter, ProgressBar
 from megatron_hypermoe.training.node_storage import build_training_datasets, check_save_is_shared
 from megatron_hypermoe.training.setup import (
     build_engine,
@@ -64,15 +64,6 @@ from megatron_hypermoe.training.setup import (
 
 # Megatron measures --exit-duration-in-mins from the earliest moment it can: program start.
 START_TIME = time.time()
-
-
-class LogWindows:
-    """Since the last logging event / the last console line: time, iterations, aux-loss sums."""
-
-    def __init__(self):
-        self.event_time = self.console_time = time.time()
-        self.iterations_since_event = self.iterations_since_console = 0
-        self.console_aux = {}
 
 
 def model_output(model, batch, device):
@@ -359,20 +350,13 @@ class Trainer:
         writes per --tensorboard-log-interval); the console line averages timing and aux losses
         over the iterations since the last line (per --log-interval). Collective."""
         now = time.time()
-        values, aux = self.training_values(loss, lr, now - log.event_time,
-                                           log.iterations_since_event)
-        for name, value in aux.items():
-            log.console_aux[name] = log.console_aux.get(name, 0.0) + \
-                value * log.iterations_since_event
-        log.event_time, log.iterations_since_event = now, 0
+        elapsed, iterations = log.take_event(now)
+        values, aux = self.training_values(loss, lr, elapsed, iterations)
+        log.add_event_aux(aux, iterations)
         console_values = None
         if console:
-            console_values = {**values,
-                              **self.timing_values(now - log.console_time,
-                                                   log.iterations_since_console),
-                              **{name: total / log.iterations_since_console
-                                 for name, total in log.console_aux.items()}}
-            log.console_time, log.iterations_since_console, log.console_aux = now, 0, {}
+            elapsed, iterations, mean_aux = log.take_console(now)
+            console_values = {**values, **self.timing_values(elapsed, iterations), **mean_aux}
         iteration = self.state.iteration
         prefix = f" iteration {iteration:8d}/{self.args.train_iters:8d}"
         self.metrics.log(iteration, values, prefix, console_values=console_values,
@@ -394,26 +378,22 @@ class Trainer:
         args = self.args
         batches = iter(self.train_loader())
         consecutive_skips = 0
-        log = LogWindows()
-        scalar_writers = MetricsWriter.writes_scalars(args)
+        log = LogWindows(args.log_interval, args.tensorboard_log_interval,
+                         MetricsWriter.writes_scalars(args))
         progress = ProgressBar(args.train_iters, self.state.iteration, self.rank == 0)
         if args.manual_gc:
             # Python's collector pauses each rank at a different moment, and the others wait
             # for it at the next collective; collect at the same iteration everywhere instead.
             gc.disable()
         while self.state.iteration < args.train_iters:
-            upcoming = self.state.iteration + 1
-            logged = upcoming % args.log_interval == 0 or \
-                (scalar_writers and upcoming % args.tensorboard_log_interval == 0)
-            record_side_path_statistics(self.model, logged)
+            record_side_path_statistics(self.model, any(log.due(self.state.iteration + 1)))
             loss, lr, skipped = self.train_step(batches)
             self.state.iteration += 1
             if args.manual_gc and args.manual_gc_interval and \
                     self.state.iteration % args.manual_gc_interval == 0:
                 gc.collect()
             self.state.consumed_train_samples += args.global_batch_size
-            log.iterations_since_event += 1
-            log.iterations_since_console += 1
+            log.count_iteration()
             if skipped:
                 self.state.skipped_iterations += 1
                 consecutive_skips += 1
@@ -427,8 +407,7 @@ class Trainer:
             else:
                 consecutive_skips = 0
             progress.update(self.state.iteration)
-            console = self.state.iteration % args.log_interval == 0
-            scalars = scalar_writers and self.state.iteration % args.tensorboard_log_interval == 0
+            console, scalars = log.due(self.state.iteration)
             if console or scalars:
                 self.log_training(log, loss, lr, console, scalars)
             if args.eval_interval and self.state.iteration % args.eval_interval == 0:

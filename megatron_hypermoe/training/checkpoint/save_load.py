@@ -57,7 +57,7 @@ from megatron_hypermoe.training.checkpoint.layout_free import (
 )
 from megatron_hypermoe.training.checkpoint.rng import load_rng_state, rng_path, save_rng_state
 from megatron_hypermoe.training.lr_schedule import SCHEDULER_STATE_KEY
-from megatron_hypermoe.training.metrics import jsonable_args
+from megatron_hypermoe.training.metrics.writers import jsonable_args
 
 
 @dataclasses.dataclass
