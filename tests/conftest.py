@@ -1,9 +1,9 @@
-"""Fixtures shared across test files (helpers without a pytest scope are in helpers.py)."""
+"""Fixtures shared across test files (what needs no pytest scope is in tests/support/)."""
 
 import pytest
 import torch
 
-from tests.helpers import make_documents, write_jsonl
+from tests.support.corpus import make_documents, write_jsonl
 
 
 def pytest_collection_modifyitems(config, items):

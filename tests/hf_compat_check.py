@@ -42,7 +42,9 @@ EXPORTS = {"dense": ("dense", []), "moe": ("moe", []), "hypermoe": ("hypermoe", 
 
 
 def make_exports(root):
-    from tests.helpers import tiny_run  # not at the top: recording runs under transformers 4
+    from tests.support.tiny_model import (
+        tiny_run,  # not at the top: recording runs under transformers 4
+    )
 
     tiny = ["--mock-data", "--vocab-size", "250", "--train-iters", "1"]
     environment = {**os.environ, "DS_ACCELERATOR": "cpu"}

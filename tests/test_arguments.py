@@ -15,7 +15,7 @@ from megatron_hypermoe.errors import (
 )
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, HYPER_SIZES, VARIANT_HYPER_FIELDS
 from megatron_hypermoe.training.arguments import parse_args
-from tests.helpers import TINY_MODEL, tiny_run
+from tests.support.tiny_model import TINY_MODEL, tiny_run
 
 
 def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
@@ -244,7 +244,7 @@ def test_optimizer_groups_give_exactly_the_generating_weights_their_multiplier(
     """The hypernetwork's fc and four head weights, and nothing else, get lr_mult; at 1 there
     is no extra group (checkpoints keep their optimizer layout)."""
     from megatron_hypermoe.training.setup import optimizer_param_groups
-    from tests.helpers import tiny_model
+    from tests.support.tiny_model import tiny_model
 
     model, _ = tiny_model("hypermoe")
     names = {id(p): n for n, p in model.named_parameters()}

@@ -8,7 +8,8 @@ import torch
 from megatron_hypermoe.errors import ConfigError
 from megatron_hypermoe.model.attention import SDPAttention
 from megatron_hypermoe.model.generation import generate_ids
-from tests.helpers import assert_close_relative, batch, lm_loss, tiny_model
+from tests.support.hyper_expert_cases import assert_close_relative
+from tests.support.tiny_model import batch, lm_loss, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 

@@ -6,7 +6,7 @@ import importlib.util
 import pytest
 
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES
-from tests.helpers import REPO_ROOT
+from tests.support.processes import REPO_ROOT
 
 
 def load_script(name):
@@ -152,7 +152,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line():
     import subprocess
     import sys
 
-    from tests.helpers import environment
+    from tests.support.processes import environment
 
     result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py")],
                             env={**environment(), "CUDA_VISIBLE_DEVICES": ""},
@@ -169,7 +169,7 @@ def test_fast_path_benchmark_reports_its_keys(tmp_path):
     import subprocess
     import sys
 
-    from tests.helpers import REPO_ROOT, environment
+    from tests.support.processes import REPO_ROOT, environment
 
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_fast_path.py"), "--json",

@@ -31,15 +31,9 @@ from megatron_hypermoe.training.checkpoint.files import (
     retain_newest,
     tag_for,
 )
-from tests.helpers import (
-    REPO_ROOT,
-    TINY_MODEL,
-    environment,
-    error_line,
-    pretrain,
-    pretrain_command,
-    read_metrics,
-)
+from tests.support.processes import REPO_ROOT, environment, error_line, pretrain, pretrain_command
+from tests.support.run_outputs import read_metrics
+from tests.support.tiny_model import TINY_MODEL
 
 RUN = [*TINY_MODEL, "--mock-data"]
 WORKER = REPO_ROOT / "tests" / "workers" / "checkpoint_write_fault.py"

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO_ROOT, environment, pretrain, tiny_run
+from tests.support.processes import REPO_ROOT, environment, pretrain
+from tests.support.tiny_model import tiny_run
 
 pytestmark = pytest.mark.slow
 

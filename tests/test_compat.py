@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import megatron_hypermoe.compat.megatron_core as cpu_compat
-from tests.helpers import run_torchrun
+from tests.support.processes import run_torchrun
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -118,7 +118,7 @@ def test_alltoall_dispatcher_builds_without_cuda_stream_and_runs():
     # Its EP=2 split handling (numpy splits) runs in test_parallel_equivalence.
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
-    from tests.helpers import batch, lm_loss, tiny_model
+    from tests.support.tiny_model import batch, lm_loss, tiny_model
 
     assert isinstance(MoEAlltoAllTokenDispatcher.cuda_dtoh_stream, str)
 

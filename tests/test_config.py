@@ -4,7 +4,7 @@ import pytest
 
 from megatron_hypermoe.errors import ConfigError
 from megatron_hypermoe.model.config import HyperMoEConfig, make_config
-from tests.helpers import TINY
+from tests.support.tiny_model import TINY
 
 
 @pytest.mark.parametrize("overrides,message", [

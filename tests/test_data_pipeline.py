@@ -22,7 +22,8 @@ from megatron_hypermoe.data.gpt_data import (
 )
 from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
 from megatron_hypermoe.errors import DataError
-from tests.helpers import REPO_ROOT, make_documents, write_jsonl
+from tests.support.corpus import make_documents, write_jsonl
+from tests.support.processes import REPO_ROOT
 from tools import merge_datasets, preprocess_data, train_tokenizer
 
 

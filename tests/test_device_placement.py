@@ -7,7 +7,7 @@ import torch
 
 from megatron_hypermoe.model.generation import generate_ids
 from tests.emulated_accelerator import DEVICE, devices_of, emulated_accelerator
-from tests.helpers import batch, lm_loss, tiny_model
+from tests.support.tiny_model import batch, lm_loss, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 

@@ -23,7 +23,8 @@ from megatron_hypermoe.training.ds_config import (
     decision_table,
     resolve_config,
 )
-from tests.helpers import REPO_ROOT, TINY_MODEL, batch, child_environment, tiny_run
+from tests.support.processes import REPO_ROOT, child_environment
+from tests.support.tiny_model import TINY_MODEL, batch, tiny_run
 
 # Read by deepspeed.initialize rather than DeepSpeedConfig (the probe below cannot see them).
 READ_OUTSIDE_DEEPSPEED_CONFIG = {"sequence_parallel_size", "data_parallel_size"}

@@ -31,7 +31,8 @@ from megatron_hypermoe.training.arguments import (
     parse_args,
 )
 from megatron_hypermoe.training.megatron_flags import FIXED
-from tests.helpers import REPO_ROOT, tiny_run
+from tests.support.processes import REPO_ROOT
+from tests.support.tiny_model import tiny_run
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 

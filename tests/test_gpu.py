@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.helpers import (
+from tests.support.hyper_expert_cases import (
     HYPER_EXPERT_CASES,
     assert_close_relative,
     hyper_parts,
@@ -71,7 +71,7 @@ def test_grouped_hyper_expert_in_bf16_equals_fp64_on_cuda(form, monkeypatch):
     per-token form in fp64: output, input gradient, the weight gradients of the 2-D x 2-D
     grouped product (zero for empty groups) and the fp32-summed bias gradients."""
     import megatron_hypermoe.model.grouped_gemm as gg
-    from tests.helpers import check_grouped_hyper_expert_against_fp64
+    from tests.support.hyper_expert_cases import check_grouped_hyper_expert_against_fp64
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     if form == "loop":
@@ -80,7 +80,7 @@ def test_grouped_hyper_expert_in_bf16_equals_fp64_on_cuda(form, monkeypatch):
 
 
 def test_bf16_hypermoe_gpt_forward_backward_on_cuda(megatron_single_process):
-    from tests.helpers import batch, lm_loss, tiny_model
+    from tests.support.tiny_model import batch, lm_loss, tiny_model
 
     model, _ = tiny_model("hypermoe", moe_router_topk=2, bf16=True,
                           params_dtype=torch.bfloat16)
@@ -101,7 +101,7 @@ def test_grouped_experts_in_bf16_equal_sequential_mlp_on_cuda(form, megatron_sin
     3 x 15 tokens (rows padded for torch._grouped_mm): loss and every gradient within bf16
     rounding."""
     import megatron_hypermoe.model.grouped_gemm as gg
-    from tests.helpers import batch, lm_loss, tiny_model
+    from tests.support.tiny_model import batch, lm_loss, tiny_model
 
     if form == "loop":
         monkeypatch.setattr(gg, "native_grouped_mm", lambda *args: False)
@@ -131,7 +131,8 @@ def test_bf16_training_run_on_cuda(tmp_path):
     import subprocess
     import sys
 
-    from tests.helpers import REPO_ROOT, TINY_MODEL
+    from tests.support.processes import REPO_ROOT
+    from tests.support.tiny_model import TINY_MODEL
 
     metrics = tmp_path / "metrics.jsonl"
     result = subprocess.run(
@@ -154,7 +155,8 @@ def test_fp16_run_accumulates_and_reduces_gradients_in_fp32_on_cuda(zero_stage, 
     import subprocess
     import sys
 
-    from tests.helpers import REPO_ROOT, TINY_MODEL
+    from tests.support.processes import REPO_ROOT
+    from tests.support.tiny_model import TINY_MODEL
 
     metrics = tmp_path / "metrics.jsonl"
     result = subprocess.run(
@@ -174,7 +176,7 @@ def gpu_pretrain(*flags, nproc=1, timeout=300):
     """The trainer on this machine's GPU(s) (NCCL, DeepSpeed's CUDA accelerator); its output."""
     import subprocess
 
-    from tests.helpers import child_environment, pretrain_command
+    from tests.support.processes import child_environment, pretrain_command
 
     result = subprocess.run(pretrain_command(nproc) + list(flags), env=child_environment(),
                             capture_output=True, text=True, timeout=timeout)
@@ -184,7 +186,7 @@ def gpu_pretrain(*flags, nproc=1, timeout=300):
 
 
 def bf16_run(dataset, *flags):
-    from tests.helpers import TINY_MODEL
+    from tests.support.tiny_model import TINY_MODEL
 
     return [*TINY_MODEL, *dataset, "--bf16", "--global-batch-size", "4", *flags]
 
@@ -192,7 +194,7 @@ def bf16_run(dataset, *flags):
 def test_save_same_layout_and_layout_free_resume_on_cuda(dataset, tmp_path):
     """ZeRO-2 bf16 on the GPU: an interrupted run resumes in its own layout (DeepSpeed's files)
     and in another (ZeRO-1, from the layout-free files) where the uninterrupted one went."""
-    from tests.helpers import read_metrics
+    from tests.support.run_outputs import read_metrics
 
     run = bf16_run(dataset, "--train-iters", "4", "--lr-warmup-iters", "1")
     gpu_pretrain(*run, "--zero-stage", "2", "--metrics-file", str(tmp_path / "full.jsonl"))
@@ -213,7 +215,7 @@ def test_save_same_layout_and_layout_free_resume_on_cuda(dataset, tmp_path):
 
 def test_recompute_trains_as_without_on_cuda(dataset, tmp_path):
     """Full-layer and selective (moe) recomputation give the losses of a run without."""
-    from tests.helpers import read_metrics
+    from tests.support.run_outputs import read_metrics
 
     # (ZeRO-1: ZeRO-2 refuses recomputed HyperMoE layers, see model/recompute.py)
     run = bf16_run(dataset, "--train-iters", "3", "--zero-stage", "1")
@@ -238,7 +240,8 @@ def test_sampling_after_training_on_cuda(dataset, tmp_path):
 
 def test_bf16_run_at_sequence_4096_on_cuda(tmp_path):
     """The sequence length of Megatron-LM's Mixtral recipe, one micro-batch per step."""
-    from tests.helpers import read_metrics, tiny_flags
+    from tests.support.run_outputs import read_metrics
+    from tests.support.tiny_model import tiny_flags
 
     metrics = tmp_path / "metrics.jsonl"
     gpu_pretrain(*tiny_flags(hidden_size=256, ffn_hidden_size=512, num_attention_heads=8),
@@ -258,7 +261,7 @@ def test_bf16_run_at_sequence_4096_on_cuda(tmp_path):
 def test_two_gpus_train_like_one(layout, dataset, tmp_path):
     """torchrun on 2 GPUs (NCCL): PP=2, TP=2 with sequence parallelism, EP=2 give the losses of
     one GPU (bf16 tolerance)."""
-    from tests.helpers import read_metrics
+    from tests.support.run_outputs import read_metrics
 
     run = bf16_run(dataset, "--train-iters", "3", "--global-batch-size", "4")
     gpu_pretrain(*run, "--zero-stage", "1", "--metrics-file", str(tmp_path / "one.jsonl"))

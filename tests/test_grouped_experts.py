@@ -11,7 +11,8 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 
 import megatron_hypermoe.model.grouped_gemm as gg
 from megatron_hypermoe.model.grouped_experts import GroupedGemmExperts
-from tests.helpers import assert_close_relative, batch, lm_loss, tiny_model
+from tests.support.hyper_expert_cases import assert_close_relative
+from tests.support.tiny_model import batch, lm_loss, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 

@@ -17,14 +17,13 @@ from megatron_hypermoe.conversion.export import export_checkpoint
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.inference.model_source import build_megatron_model, load_hf_model
 from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
-from tests.helpers import (
+from tests.support.processes import pretrain, run_tool
+from tests.support.tiny_model import (
     TINY,
     TINY_MODEL,
     hf_logits,
     megatron_logits,
-    pretrain,
     random_tokens,
-    run_tool,
     tiny_run,
 )
 
@@ -372,8 +371,8 @@ def test_the_export_tokenizer_loads_with_transformers_alone(tokenizer_directory,
     import sys
 
     from megatron_hypermoe.data.tokenizer_files import hf_directory_tokenizer
-    from tests.helpers import REPO_ROOT
     from tests.hf_compat_check import TOKENIZER_TEXTS
+    from tests.support.processes import REPO_ROOT
 
     directories = [str(tokenizer_directory(kind)) for kind in TOKENIZER_KINDS]
     environment = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",

@@ -21,15 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_hypermoe.errors import ArgumentError, CheckpointError
-from tests.helpers import (
-    REPO_ROOT,
-    environment,
-    free_port,
-    hf_logits,
-    megatron_logits,
-    pretrain,
-    random_tokens,
-)
+from tests.support.processes import REPO_ROOT, environment, free_port, pretrain
+from tests.support.tiny_model import hf_logits, megatron_logits, random_tokens
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -239,7 +232,7 @@ def test_import_refuses_what_it_cannot_hold(problem, message, tmp_path):
 
 def make_tokenizer_model(tmp_path):
     """A SentencePiece model of 400 pieces (padded to the models' 512)."""
-    from tests.helpers import make_documents, write_jsonl
+    from tests.support.corpus import make_documents, write_jsonl
     from tools import train_tokenizer
 
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(100, seed=1))
@@ -273,7 +266,7 @@ EXPORT_CASES = {
 @pytest.mark.parametrize("case", EXPORT_CASES)
 def test_export_picks_the_family_that_holds_the_model_exactly(case):
     from megatron_hypermoe.conversion.export import hf_family
-    from tests.helpers import tiny_config
+    from tests.support.tiny_model import tiny_config
 
     fields, expected = EXPORT_CASES[case]
     config = tiny_config("moe", **fields)
@@ -289,7 +282,7 @@ def test_export_picks_the_family_that_holds_the_model_exactly(case):
 
 def test_a_dense_model_with_qk_norm_is_refused_as_llama():
     from megatron_hypermoe.conversion.export import hf_family
-    from tests.helpers import tiny_config
+    from tests.support.tiny_model import tiny_config
 
     assert hf_family(tiny_config("dense", add_qkv_bias=True)) == "llama"
     with pytest.raises(CheckpointError, match="this dense model has q/k norm, which llama "
@@ -593,7 +586,7 @@ def test_a_trained_moe_exports_to_qwen_and_back(family, dataset, tmp_path):
     from megatron_hypermoe.conversion.export import export_checkpoint
     from megatron_hypermoe.inference.model_source import load_hf_model
     from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
-    from tests.helpers import tiny_run
+    from tests.support.tiny_model import tiny_run
 
     pretrain(*tiny_run("moe"), *dataset, *TRAINED_EXPORTS[family], "--train-iters", "2",
              "--global-batch-size", "4", "--lr", "1e-2", "--save", str(tmp_path / "trained"))

@@ -8,7 +8,7 @@ import torch
 
 from megatron_hypermoe.hf.mapping import NameMapShape, to_hf
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, gates_renormalised, routing_fields
-from tests.helpers import VOCAB, hf_logits, megatron_logits, random_tokens, tiny_model
+from tests.support.tiny_model import VOCAB, hf_logits, megatron_logits, random_tokens, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 

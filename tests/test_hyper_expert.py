@@ -13,7 +13,7 @@ from megatron_hypermoe.model.hyper_expert import (
     hyper_expert_output,
     selected_set_index,
 )
-from tests.helpers import (
+from tests.support.hyper_expert_cases import (
     HYPER_EXPERT_CASES,
     assert_close_relative,
     check_grouped_hyper_expert_against_fp64,

@@ -11,7 +11,8 @@ from collections import defaultdict
 
 import pytest
 
-from tests.helpers import REPO_ROOT, TINY
+from tests.support.processes import REPO_ROOT
+from tests.support.tiny_model import TINY
 
 PACKAGE = "megatron_hypermoe"
 
@@ -181,7 +182,7 @@ def test_every_main_is_a_tool_and_reports_user_errors_in_one_line():
 @pytest.mark.slow
 @pytest.mark.parametrize("tool", ["evaluate.py", "convert_checkpoint_to_hf.py"])
 def test_a_tool_turns_a_user_error_into_one_line_and_exit_1(tool, tmp_path):
-    from tests.helpers import run_tool
+    from tests.support.processes import run_tool
 
     rest = ["--input", tmp_path / "x.txt"] if tool == "evaluate.py" else \
         ["--output", tmp_path / "out"]

@@ -10,7 +10,9 @@ import torch
 
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.training.arguments import parse_args
-from tests.helpers import TINY_MODEL, pretrain, read_metrics, relative
+from tests.support.processes import pretrain
+from tests.support.run_outputs import read_metrics, relative
+from tests.support.tiny_model import TINY_MODEL
 from tests.test_ds_config import build_tiny_engine, one_step
 
 

@@ -10,7 +10,7 @@ import pytest
 from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.metrics.writers import console_line, tensorboard_scalars
-from tests.helpers import TINY_MODEL
+from tests.support.tiny_model import TINY_MODEL
 
 
 def args_for(*flags):

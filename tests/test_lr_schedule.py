@@ -12,7 +12,7 @@ import torch
 from megatron_hypermoe.errors import ArgumentError, CheckpointError
 from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.lr_schedule import LRSchedule, scheduler_steps
-from tests.helpers import TINY_MODEL
+from tests.support.tiny_model import TINY_MODEL
 
 BATCH = 4  # global batch of the runs below (micro-batch 2 x 2 accumulation steps)
 HYPER_MULT = 0.25

@@ -12,7 +12,7 @@ from megatron_hypermoe.model.config import num_hypermoe_parameters
 from megatron_hypermoe.model.gpt import HyperMoEGPTModel
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
 from megatron_hypermoe.model.initialization import initialize_from_global_names
-from tests.helpers import SEQ, batch, lm_loss, tiny_model
+from tests.support.tiny_model import SEQ, batch, lm_loss, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 

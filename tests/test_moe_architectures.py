@@ -19,13 +19,12 @@ from megatron_hypermoe.model.initialization import (
     zero_side_path_output_,
 )
 from megatron_hypermoe.training.arguments import moe_layer_freq_value, parse_args
-from tests.helpers import (
+from tests.support.processes import pretrain
+from tests.support.run_outputs import read_metrics, relative
+from tests.support.tiny_model import (
     MEGATRON_KERNELS,
     batch,
     lm_loss,
-    pretrain,
-    read_metrics,
-    relative,
     tiny_config,
     tiny_model,
     tiny_run,

@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from megatron_hypermoe.parallel.distributed import TIMEOUT_SECONDS_VARIABLE, free_port
-from tests.helpers import REPO_ROOT, environment, error_line, read_metrics, relative
+from tests.support.processes import REPO_ROOT, environment, error_line
+from tests.support.run_outputs import read_metrics, relative
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 

@@ -33,7 +33,8 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO_ROOT, TINY_MODEL, child_environment
+from tests.support.processes import REPO_ROOT, child_environment
+from tests.support.tiny_model import TINY_MODEL
 
 SKIPPED = 2  # the iteration whose step is skipped in the one-process runs
 ITERS = 4

@@ -1,11 +1,11 @@
 """Invariant 9: an expert-parallel run computes what a single-rank run computes. The EP=2 runs
 take the default SDPA attention and grouped-GEMM experts, the one-process reference megatron's
-DotProductAttention and SequentialMLP (tests/helpers.py: EP_REFERENCE_OVERRIDES)."""
+DotProductAttention and SequentialMLP (tests/support/ep_cases.py: EP_REFERENCE_OVERRIDES)."""
 
 import pytest
 import torch
 
-from tests.helpers import (
+from tests.support.ep_cases import (
     EP_CAPACITY_CASES,
     EP_CASES,
     EP_IMPL_CASES,
@@ -13,8 +13,8 @@ from tests.helpers import (
     EP_REFERENCE_OVERRIDES,
     ep_case_model,
     loss_and_global_grads,
-    run_torchrun,
 )
+from tests.support.processes import run_torchrun
 
 
 def assert_relative(actual, expected, tol, what):

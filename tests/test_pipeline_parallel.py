@@ -5,15 +5,9 @@ in one process. (The Hugging Face export of a PP=2 checkpoint: tests/test_hf_con
 import pytest
 from safetensors import safe_open
 
-from tests.helpers import (
-    MEGATRON_KERNELS,
-    TINY_MODEL,
-    pretrain,
-    read_metrics,
-    relative,
-    run_torchrun,
-    tiny_run,
-)
+from tests.support.processes import pretrain, run_torchrun
+from tests.support.run_outputs import read_metrics, relative
+from tests.support.tiny_model import MEGATRON_KERNELS, TINY_MODEL, tiny_run
 from tests.test_training import assert_resumed_like, generated_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]

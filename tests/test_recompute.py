@@ -13,7 +13,7 @@ from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
 from megatron_hypermoe.model.memory import SavedActivationBytes
 from megatron_hypermoe.training.arguments import model_config, parse_args
-from tests.helpers import SEQ, TINY_MODEL, VOCAB, batch, lm_loss, tiny_run
+from tests.support.tiny_model import SEQ, TINY_MODEL, VOCAB, batch, lm_loss, tiny_run
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
@@ -258,7 +258,8 @@ def test_recompute_is_not_part_of_a_checkpoint_and_round_trips():
         check_model_shape,
         checkpoint_shape,
     )
-    from tests.helpers import EP_RECOMPUTE_CASES, tiny_config
+    from tests.support.ep_cases import EP_RECOMPUTE_CASES
+    from tests.support.tiny_model import tiny_config
 
     plain = flags_args()
     configs = [tiny_config(), *(tiny_config(**fields)
@@ -277,7 +278,8 @@ def test_run_resumes_under_recompute_and_matches_the_run_without(tmp_path):
     """Through the trainer and DeepSpeed: a checkpoint saved without recomputation resumes
     under Megatron-DeepSpeed's --checkpoint-activations, and the iterations after it match the
     run that went on without (loss, aux loss, gradient norm, expert loads)."""
-    from tests.helpers import pretrain, read_metrics
+    from tests.support.processes import pretrain
+    from tests.support.run_outputs import read_metrics
 
     common = [*TINY_MODEL, "--mock-data", "--train-iters", "4", "--save", str(tmp_path / "ckpt")]
     pretrain(*common, "--save-interval", "2", "--metrics-file", str(tmp_path / "plain.jsonl"))

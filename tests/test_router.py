@@ -12,11 +12,12 @@ from megatron.core.transformer.moe.moe_utils import get_capacity, get_default_pg
 from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_hypermoe.model.router import TopKRouterBeforeCapacity, capacity_factor_with_minimum
-from tests.helpers import batch, ep_case_model, lm_loss, tiny_config, tiny_run
+from tests.support.ep_cases import ep_case_model
+from tests.support.tiny_model import batch, lm_loss, tiny_config, tiny_run
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
-TOKENS = 2 * 16  # helpers.batch(): 2 sequences of 16
+TOKENS = 2 * 16  # tests/support/tiny_model.py batch(): 2 sequences of 16
 DROPPING = dict(moe_expert_capacity_factor=0.5)  # 32 x 2 / 4 x 0.5 = 8 of ~16 per expert
 
 

@@ -13,20 +13,9 @@ import pytest
 import torch
 
 from megatron_hypermoe.parallel.distributed import free_port
-from tests.helpers import (
-    MEGATRON_KERNELS,
-    REPO_ROOT,
-    TINY_MODEL,
-    environment,
-    error_line,
-    pretrain,
-    pretrain_command,
-    read_metrics,
-    relative,
-    tensorboard_tags,
-    tiny_flags,
-    tiny_run,
-)
+from tests.support.processes import REPO_ROOT, environment, error_line, pretrain, pretrain_command
+from tests.support.run_outputs import read_metrics, relative, tensorboard_tags
+from tests.support.tiny_model import MEGATRON_KERNELS, TINY_MODEL, tiny_flags, tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +106,7 @@ def test_tensorboard_interval_log_switches_and_wandb_offline(dataset, tmp_path):
     """--tensorboard-log-interval sets when TensorBoard and W&B (offline, no network) get the
     training scalars, the same tags in both; without the --log-* switches the timers, ppl and
     throughput stay out of them and off the console, and stay in --metrics-file."""
-    from tests.helpers import wandb_history
+    from tests.support.run_outputs import wandb_history
 
     metrics, tb, wandb_dir = tmp_path / "metrics.jsonl", tmp_path / "tb", tmp_path / "wandb"
     output = pretrain(*TINY_MODEL, *dataset, "--train-iters", "6", "--log-interval", "3",
@@ -454,7 +443,7 @@ def test_tensor_and_expert_parallel_checkpoint_resumes(dataset, tmp_path):
     ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--zero-stage", "1"],
 ], ids=["ep2-zero2", "tp2-zero1"])
 def test_hyper_lr_mult_reaches_its_group_at_every_step_and_after_resume(layout, tmp_path):
-    from tests.helpers import run_torchrun
+    from tests.support.processes import run_torchrun
 
     run_torchrun(2, "lr_groups.py", "--save", str(tmp_path / "ckpt"), "--", *layout,
                  timeout=240)

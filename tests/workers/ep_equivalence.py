@@ -13,15 +13,15 @@ from megatron.core import parallel_state
 
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
 from megatron_hypermoe.parallel.experts import is_expert_parameter
-from tests.helpers import (
+from tests.support.ep_cases import (
     EP_CAPACITY_CASES,
     EP_CASES,
     EP_IMPL_CASES,
     EP_RECOMPUTE_CASES,
     ep_case_model,
     loss_and_global_grads,
-    tiny_model,
 )
+from tests.support.tiny_model import tiny_model
 
 
 def main():

@@ -14,7 +14,7 @@ import os
 from megatron_hypermoe.parallel.distributed import destroy_distributed
 from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.trainer import Trainer
-from tests.helpers import TINY_MODEL
+from tests.support.tiny_model import TINY_MODEL
 
 STEPS_BEFORE_SAVE, STEPS = 3, 5
 

@@ -18,7 +18,7 @@ from megatron_hypermoe.parallel.sequence_parallel import (
     allreduce_sequence_parallel_grads_in_backward,
 )
 from megatron_hypermoe.parallel.tensor_sharding import partition_dim
-from tests.helpers import tiny_config, tiny_model
+from tests.support.tiny_model import tiny_config, tiny_model
 
 
 def check_uneven_gather(rank):
