@@ -11,7 +11,7 @@ sequence 4096 and 8192) and the training-step benchmark in bf16 (HyperMoE over M
 then writes a results page with the machine, every step's outcome
 and the numbers against the targets (HyperMoE <= 1.15x the MoE, the paper's figure). A step
 that fails or runs out of time is reported as such and the page is still written, so the device
-time is never lost. On an offline GPU node: `bash benchmarks/gpu_run.sh` (README).
+time is never lost. On an offline GPU node: `bash benchmarks/gpu_run.sh` (docs/gpu.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 # Every node needs the same checkout, .venv and data paths; --save must be on a filesystem every
 # node mounts (checked before the first step); --data-cache-path may be shared or node-local.
 # The global batch is split over all ranks (data parallel, ZeRO-2); rerunning the same command
-# resumes from --save (SIGTERM makes the trainer save and exit 0). See README, "Several nodes".
+# resumes from --save (SIGTERM makes the trainer save and exit 0). See docs/parallelism.md,
+# "Several nodes".
 #
 #   deepspeed, from one node (ssh to every host of the hostfile, "host slots=N" per line):
 #     HOSTFILE=hostfile DATA_PREFIX=... TOKENIZER=... bash examples/pretrain_hypermoe_multinode.sh

@@ -21,7 +21,7 @@ HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
 MASTER_ADDR=${MASTER_ADDR:-${HOSTS%%$'\n'*}}
 export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}
 # One task per node; SLURM_NODEID is that node's rank. --kill-on-bad-exit ends the other nodes'
-# launchers when one fails (a lost node: see README, "Several nodes").
+# launchers when one fails (a lost node: see docs/parallelism.md, "A lost node").
 srun --nodes="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
   bash -c 'NODE_RANK=$SLURM_NODEID exec bash examples/pretrain_hypermoe_multinode.sh "$@"' \
   _ "$@"

@@ -22,9 +22,9 @@ def test_every_flag_of_the_megatron_scripts_is_same_fixed_or_refused():
     assert not missing, f"declare these in megatron_flags.py or implement them: {missing}"
 
 
-def test_readme_holds_the_generated_flag_table():
-    readme = (REPO_ROOT / "README.md").read_text()
-    assert markdown_table(build_parser()) in readme, \
+def test_docs_page_holds_the_generated_flag_table():
+    page = (REPO_ROOT / "docs" / "coming-from-megatron.md").read_text()
+    assert markdown_table(build_parser()) in page, \
         "regenerate it: python tools/megatron_flag_table.py"
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Print README.md's table of Megatron-LM / Megatron-DeepSpeed flags: what each does here (same,
-fixed by the architecture, refused and why), from megatron_hypermoe/training/megatron_flags.py.
+"""Print docs/coming-from-megatron.md's table of Megatron-LM / Megatron-DeepSpeed flags: what
+each does here (same, fixed by the architecture, refused and why), from
+megatron_hypermoe/training/megatron_flags.py.
 
     python tools/megatron_flag_table.py
 """

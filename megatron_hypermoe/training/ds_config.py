@@ -174,9 +174,11 @@ SECTION_KEYS = {
         "parameter_alignment": Rule(HONOURED, "align partitions"),
         "compute_grad_norm": Rule(REFUSED, "the trainer clips by (--clip-grad) and logs the "
                                            "global gradient norm"),
-        "elastic_checkpoint": Rule(REFUSED, "a checkpoint is resumed with the layout it was "
-                                            "saved with (convert through the Hugging Face "
-                                            "format to change it)"),
+        "elastic_checkpoint": Rule(REFUSED, "DeepSpeed's elastic ZeRO checkpoints are not "
+                                            "what this trainer writes or reads; any checkpoint "
+                                            "resumes in another layout (TP/EP/PP/DP/ZeRO stage) "
+                                            "from its layout_free/ files: load it with the new "
+                                            "layout's flags"),
         "offload_param": Rule(REFUSED, "parameter offload needs ZeRO stage 3, which MoE models "
                                        "cannot use: use --optimizer-cpu-offload"),
         "zenflow": Rule(REFUSED, "ZenFlow's stale-gradient optimizer is not tested with MoE "
@@ -222,10 +224,11 @@ SECTION_KEYS = {
     },
     "checkpoint": {
         "tag_validation": Rule(HONOURED, "check every rank saves the same tag"),
-        "load_universal": Rule(REFUSED, "universal checkpoints are not read: resume with the "
-                                        "layout a checkpoint was saved with, or convert through "
-                                        "tools/convert_checkpoint_to_hf.py and "
-                                        "convert_hf_to_checkpoint.py (any TP/EP layout)"),
+        "load_universal": Rule(REFUSED, "DeepSpeed's universal checkpoints are not what this "
+                                        "trainer writes or reads; any checkpoint resumes in "
+                                        "another layout (TP/EP/PP/DP/ZeRO stage) from its "
+                                        "layout_free/ files: load it with the new layout's "
+                                        "flags"),
         "use_node_local_storage": Rule(REFUSED, "the checkpoint's metadata and expert files are "
                                                 "written to the shared --save directory"),
         "parallel_write": Rule(REFUSED, "pipeline parallelism only"),
@@ -237,7 +240,8 @@ SECTION_KEYS = {
 
 
 def decision_table():
-    """(key, action, note) for every key, sections' keys as ``section.key`` (for the README)."""
+    """(key, action, note) for every key, sections' keys as ``section.key`` (the table in
+    docs/deepspeed-config.md)."""
     rows = []
     for key, rule in TOP_LEVEL_KEYS.items():
         rows.append((key, rule.action, rule.note))

@@ -10,8 +10,8 @@ scripts we mirror (:data:`SOURCES`) is one of:
 - **refused**: a feature not offered here: any use stops the run with the reason
   (:data:`REFUSED`).
 
-``python tools/megatron_flag_table.py`` prints the README's table from these declarations (a
-test keeps the two equal).
+``python tools/megatron_flag_table.py`` prints the table in docs/coming-from-megatron.md from
+these declarations (a test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ REFUSED: Tuple[RefusedFlag, ...] = (
     RefusedFlag("--cross-entropy-fusion-impl", "the fused cross entropy needs Transformer "
                 "Engine or Apex; the loss is megatron-core's unfused one"),
     RefusedFlag("--ckpt-format", "checkpoints are DeepSpeed's layout with per-rank experts "
-                "(docs/CHECKPOINTS.md); convert with tools/ instead"),
+                "(docs/checkpoints.md); convert with tools/ instead"),
     RefusedFlag("--auto-detect-ckpt-format", "checkpoints have one format (DeepSpeed's)",
                 SWITCH),
     RefusedFlag("--tp-comm-overlap", "needs Transformer Engine's userbuffers", SWITCH),
