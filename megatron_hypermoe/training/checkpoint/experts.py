@@ -61,7 +61,7 @@ def restore_local_experts(engine, directory: str, num_experts: int) -> None:
     wanted = _global_expert_state(engine.module, num_experts)
     found = set()
     # Every EP rank's file of this rank's expert-TP shard (a checkpoint of another EP size
-    # loads through layout_free_checkpoint.py instead).
+    # loads through layout_free.py instead).
     expert_tp_rank = parallel_state.get_expert_tensor_parallel_rank()
     own_shard = f"experts_*ep_rank_*_tp_rank_{expert_tp_rank:02d}.safetensors"
     with torch.no_grad():

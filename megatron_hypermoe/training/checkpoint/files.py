@@ -1,6 +1,6 @@
 """Checkpoint directories under --save: which ones count, how a new one is published, which old
 ones are kept, and which one --load takes. File-system only (rank 0 calls the writers); what a
-checkpoint holds is ``checkpointing.py``.
+checkpoint holds is ``save_load.py``; the metadata file is read here (``read_latest``).
 
 A checkpoint is COMPLETE when its directory is named ``iter_NNNNNNN`` and holds the metadata
 file: directories only get that name by a rename after every rank has written everything. Other
