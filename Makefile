@@ -38,7 +38,10 @@ demo: setup
 	bash examples/pretrain_tiny_cpu.sh
 
 # The CPU suite hides any GPU, so it tests the same code paths on every machine.
-CPU_PYTEST = CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest
+# TEST_WORKERS pytest-xdist workers (tests/conftest.py lets one multi-process test run at a time
+# and one-process tests two at a time); TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+CPU_PYTEST = CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(TEST_WORKERS)
 lint: setup
 	$(VENV)/bin/ruff check .
 

@@ -1,9 +1,46 @@
 """Fixtures shared across test files (what needs no pytest scope is in tests/support/)."""
 
+import fcntl
+import os
+import tempfile
+
 import pytest
 import torch
 
 from tests.support.corpus import make_documents, write_jsonl
+
+# `make test` runs the suite on two pytest-xdist workers. Tests that launch several processes
+# (marked multiprocess) already use every core, and some time heartbeats: each holds this lock
+# exclusively while the other worker waits; one-process tests share it and run two at a time.
+# The lock covers a test's whole protocol, so module fixtures that launch ranks are inside it.
+TEST_LOCK_VARIABLE = "HYPERMOE_TEST_LOCK"
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput") and TEST_LOCK_VARIABLE not in os.environ:
+        handle, path = tempfile.mkstemp(prefix="hypermoe-tests-", suffix=".lock")
+        os.close(handle)
+        os.environ[TEST_LOCK_VARIABLE] = path  # the workers, started later, inherit it
+        config.hypermoe_test_lock = path
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "hypermoe_test_lock", None)
+    if path is not None:
+        os.environ.pop(TEST_LOCK_VARIABLE, None)
+        os.remove(path)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    path = os.environ.get(TEST_LOCK_VARIABLE)
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        exclusive = item.get_closest_marker("multiprocess") is not None
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield  # released when the file closes
 
 
 def pytest_collection_modifyitems(config, items):

@@ -253,6 +253,7 @@ def test_bf16_run_at_sequence_4096_on_cuda(tmp_path):
 
 
 # Two GPUs (skipped on one): the layouts a node runs ---------------------------------------------
+@pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2", "--zero-stage", "1"],
                                     ["--tensor-model-parallel-size", "2", "--sequence-parallel"],

@@ -218,8 +218,9 @@ def test_every_layout_trains_the_architecture_like_one_process_and_resumes_in_on
     EP=2 in each stage) puts the dense layer and an MoE layer on stage 0, two MoE layers on
     stage 1. Its step-2 checkpoint (the defaults: SDPA, grouped experts) resumes in one process
     with megatron's kernels through the layout-free path: steps 3 and 4 equal the uninterrupted
-    run's (weights; Adam's moments, step and schedule). (The plain architecture's layouts:
-    tests/test_training.py and tests/test_pipeline_parallel.py.)"""
+    run's (weights; Adam's moments, step and schedule). These are the suite's TP=2 x EP=2 and
+    PP=2 x EP=2 equivalence runs (the plain architecture's 2-rank layouts:
+    tests/test_training.py and tests/test_pipeline_parallel.py)."""
     reference, sample = one_process
     metrics = tmp_path / "run.jsonl"
     output = pretrain(*tiny_run("hypermoe"), *ARCHITECTURE_FLAGS, *dataset, *COMMON, *layout,

@@ -275,6 +275,7 @@ def test_a_non_finite_gradient_under_a_finite_loss_skips_the_step(one_rank_runs)
     _check_as_if_never_taken(run, one_rank_runs["reference"])
 
 
+@pytest.mark.multiprocess
 def test_a_fault_on_one_rank_of_two_skips_the_step_on_both(tmp_path):
     """Two data-parallel ranks (ZeRO 1), 7 iterations; faults on rank 1 only: a NaN loss at 2
     (--inject-nan-loss-at in rank 1's process alone), +inf in the gradient of a parameter that
