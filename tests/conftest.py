@@ -13,19 +13,23 @@ from tests.support.corpus import make_documents, write_jsonl
 # (marked multiprocess) already use every core, and some time heartbeats: each holds this lock
 # exclusively while the other worker waits; one-process tests share it and run two at a time.
 # The lock covers a test's whole protocol, so module fixtures that launch ranks are inside it.
+# The controller makes the lock file and hands it to the workers in the environment; each
+# worker takes it out again, so no process a test starts (a nested pytest) waits on it.
 TEST_LOCK_VARIABLE = "HYPERMOE_TEST_LOCK"
 
 
 def pytest_configure(config):
-    if not hasattr(config, "workerinput") and TEST_LOCK_VARIABLE not in os.environ:
+    if hasattr(config, "workerinput"):
+        config.hypermoe_test_lock = os.environ.pop(TEST_LOCK_VARIABLE, None)
+    elif config.getoption("numprocesses", None):
         handle, path = tempfile.mkstemp(prefix="hypermoe-tests-", suffix=".lock")
         os.close(handle)
         os.environ[TEST_LOCK_VARIABLE] = path  # the workers, started later, inherit it
-        config.hypermoe_test_lock = path
+        config.hypermoe_lock_file = path
 
 
 def pytest_unconfigure(config):
-    path = getattr(config, "hypermoe_test_lock", None)
+    path = getattr(config, "hypermoe_lock_file", None)
     if path is not None:
         os.environ.pop(TEST_LOCK_VARIABLE, None)
         os.remove(path)
@@ -33,8 +37,8 @@ def pytest_unconfigure(config):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    path = os.environ.get(TEST_LOCK_VARIABLE)
-    if path is None:
+    path = getattr(item.config, "hypermoe_test_lock", None)
+    if path is None:  # one process runs every test
         yield
         return
     with open(path, "a") as handle:
