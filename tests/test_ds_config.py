@@ -13,15 +13,14 @@ import torch
 
 from megatron_hypermoe.errors import ArgumentError, DeepSpeedConfigError
 from megatron_hypermoe.training.arguments import parse_args
-from megatron_hypermoe.training.ds_config import (
+from megatron_hypermoe.training.ds_config import decision_table, resolve_config
+from megatron_hypermoe.training.ds_config_keys import (
     CHECKED,
     HONOURED,
     REFUSED,
     SECTION_KEYS,
     STAGE3,
     TOP_LEVEL_KEYS,
-    decision_table,
-    resolve_config,
 )
 from tests.support.processes import REPO_ROOT, child_environment
 from tests.support.tiny_model import TINY_MODEL, batch, tiny_run

@@ -30,7 +30,7 @@ from megatron_hypermoe.training.arguments import (
     padded_vocab_size,
     parse_args,
 )
-from megatron_hypermoe.training.megatron_flags import FIXED
+from megatron_hypermoe.training.megatron_flag_tables import FIXED
 from tests.support.processes import REPO_ROOT
 from tests.support.tiny_model import tiny_run
 

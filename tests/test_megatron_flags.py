@@ -9,7 +9,8 @@ import pytest
 
 from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.training.arguments import build_parser, parse_args
-from megatron_hypermoe.training.megatron_flags import FIXED, REFUSED, flag_table, markdown_table
+from megatron_hypermoe.training.megatron_flag_tables import FIXED, REFUSED
+from megatron_hypermoe.training.megatron_flags import flag_table, markdown_table
 from tests.support.processes import REPO_ROOT, environment, pretrain
 from tests.support.run_outputs import read_metrics
 from tests.support.tiny_model import TINY_MODEL
