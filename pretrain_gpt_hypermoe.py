@@ -16,9 +16,9 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megatron_hypermoe.cli.arguments import parse_args, run_config
 from megatron_hypermoe.errors import UserError, exit_on_user_error
 from megatron_hypermoe.parallel.distributed import destroy_distributed
-from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.trainer import Trainer
 
 
@@ -27,11 +27,16 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     args = parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    trainer = Trainer(args)
+    if args.local_rank is not None:
+        # An older deepspeed launcher passes --local_rank only; a newer one also sets the
+        # variable, which then agrees.
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    run = run_config(args)
+    trainer = Trainer(run)
     signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
     try:
         trainer.setup()
-        if args.eval_only:
+        if run.training.eval_only:
             trainer.log_evaluation(trainer.evaluate())
         elif trainer.train():
             trainer.finish()

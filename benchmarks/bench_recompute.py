@@ -19,10 +19,10 @@ import time
 
 import torch
 
+from megatron_hypermoe.cli.arguments import model_config, parse_args
 from megatron_hypermoe.model.gpt import build_gpt_model, causal_attention_mask
 from megatron_hypermoe.model.memory import SavedActivationBytes
 from megatron_hypermoe.parallel.distributed import destroy_distributed, initialize_distributed
-from megatron_hypermoe.training.arguments import model_config, parse_args
 
 MODES = {
     "none": [],

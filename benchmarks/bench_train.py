@@ -34,7 +34,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from megatron_hypermoe.training.arguments import parse_args  # noqa: E402 (after DS_ACCELERATOR)
+from megatron_hypermoe.cli.arguments import parse_run_config  # noqa: E402 (after DS_ACCELERATOR)
 from megatron_hypermoe.training.trainer import Trainer  # noqa: E402
 
 COMMON = ["--num-experts", "8", "--mock-data", "--vocab-size", "4096", "--lr", "3e-4", "--seed",
@@ -79,7 +79,7 @@ def bench_run(flags, variants, steps, bf16, label):
     trainers, batches = {}, {}
     for variant in variants:
         precision = ["--bf16"] if bf16 else []
-        trainer = Trainer(parse_args(flags + ["--moe-type", variant] + precision))
+        trainer = Trainer(parse_run_config(flags + ["--moe-type", variant] + precision))
         trainer.setup()
         trainers[variant], batches[variant] = trainer, iter(trainer.train_loader())
     times = {v: [] for v in variants}
@@ -95,10 +95,10 @@ def bench_run(flags, variants, steps, bf16, label):
     summary = {}
     for variant, trainer in trainers.items():
         seconds = statistics.median(times[variant])
-        run = trainer.args
+        run = trainer.run
         summary[variant] = dict(
             ms_per_iter=1000 * seconds,
-            tokens_per_s=run.global_batch_size * run.seq_length / seconds,
+            tokens_per_s=run.training.global_batch_size * run.data.seq_length / seconds,
             gflops=trainer.flops_per_iteration / seconds / 1e9,
             parameters=sum(p.numel() for p in trainer.model.parameters()),
         )

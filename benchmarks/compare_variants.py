@@ -61,7 +61,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
-from megatron_hypermoe.training.arguments import HYPER_LR_MULT_DEFAULT, variants_reading
+from megatron_hypermoe.cli.arguments import HYPER_LR_MULT_DEFAULT, variants_reading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("hypermoe", "moe", "moe_adapter", "dense")

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from megatron_hypermoe.cli.arguments import parse_args
 from megatron_hypermoe.errors import (
     ArgumentError,
     CheckpointError,
@@ -14,7 +15,6 @@ from megatron_hypermoe.errors import (
     DeepSpeedConfigError,
 )
 from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, HYPER_SIZES, VARIANT_HYPER_FIELDS
-from megatron_hypermoe.training.arguments import parse_args
 from tests.support.tiny_model import TINY_MODEL, tiny_run
 
 
@@ -34,7 +34,7 @@ def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
      "'optimizer' is not supported here: the trainer builds AdamW"),
 ])
 def test_bad_deepspeed_config_is_refused(content, message, tmp_path):
-    from megatron_hypermoe.training.ds_config import resolve_config
+    from megatron_hypermoe.cli.deepspeed_config import resolve_config
 
     config = tmp_path / "ds.json"
     config.write_text(content)
@@ -48,7 +48,7 @@ def test_bad_deepspeed_config_is_refused(content, message, tmp_path):
 def test_matching_deepspeed_config_file_is_used(tmp_path):
     """The file's extra settings reach the config DeepSpeed is built with; the flags fill in
     the rest."""
-    from megatron_hypermoe.training.ds_config import resolve_config
+    from megatron_hypermoe.cli.deepspeed_config import resolve_config
 
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2,
@@ -77,7 +77,7 @@ def test_inconsistent_flags_give_one_line_errors(flags, message):
 
 
 def test_a_model_config_the_flags_cannot_build_is_a_one_line_error():
-    from megatron_hypermoe.training.arguments import model_config
+    from megatron_hypermoe.cli.arguments import model_config
 
     args = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
                        "--moe-router-topk", "5"])
@@ -90,29 +90,24 @@ def test_a_model_config_the_flags_cannot_build_is_a_one_line_error():
 def test_args_for_model_records_the_flags_model_config_reads(moe_type):
     """The importer records a model built from a config as flags: model_config must give the
     config back, and a run with the same flags must pass the checkpoint's shape check."""
-    from megatron_hypermoe.training.arguments import (
-        MODEL_CONFIG_FLAGS,
-        MOE_CONFIG_FLAGS,
-        args_for_model,
-        model_config,
-    )
+    from megatron_hypermoe.cli.arguments import args_for_model, run_config
     from megatron_hypermoe.training.checkpoint.compatibility import checkpoint_shape
+    from megatron_hypermoe.training.config import MODEL_FLAGS, MOE_FLAGS
 
     args = parse_args([*tiny_run(moe_type), "--mock-data", "--train-iters", "1"])
-    args.padded_vocab_size = 128
-    config = model_config(args)
-    recorded = args_for_model(config, 1, seq_length=args.seq_length, seed=args.seed,
-                              mock_data=True, train_iters=1, micro_batch_size=2)
-    recorded.padded_vocab_size = 128
-    table = {**MODEL_CONFIG_FLAGS, **(MOE_CONFIG_FLAGS if moe_type != "dense" else {})}
-    again = model_config(recorded)
+    run = run_config(args).with_vocab(100)
+    config = run.model
+    recorded = run_config(args_for_model(config, 1, seq_length=args.seq_length, seed=args.seed,
+                                         mock_data=True, train_iters=1,
+                                         micro_batch_size=2)).with_vocab(100)
+    table = {**MODEL_FLAGS, **(MOE_FLAGS if moe_type != "dense" else {})}
     for flag, field in table.items():
-        assert getattr(again, field) == getattr(config, field), flag
+        assert getattr(recorded.model, field) == getattr(config, field), flag
     # (a dense model has no expert fields: the recorded flags keep their defaults there)
-    relevant = [f for f in checkpoint_shape(args) if moe_type != "dense" or
-                f not in MOE_CONFIG_FLAGS and f != "moe_router_topk"]
-    assert {f: checkpoint_shape(recorded)[f] for f in relevant} == \
-        {f: checkpoint_shape(args)[f] for f in relevant}
+    shape, recorded_shape = checkpoint_shape(run.to_flags()), checkpoint_shape(recorded.to_flags())
+    relevant = [f for f in shape if moe_type != "dense" or
+                f not in MOE_FLAGS and f != "moe_router_topk"]
+    assert {f: recorded_shape[f] for f in relevant} == {f: shape[f] for f in relevant}
 
 
 @pytest.mark.parametrize("flags,world_size,message", [
@@ -145,7 +140,10 @@ def test_unsupported_parallel_layouts_are_refused(flags, world_size, message):
 
 # Options to reproduce the authors' runs ---------------------------------------------------------
 def test_hyper_lr_mult_takes_a_number_or_the_one_over_d_g_rule():
-    from megatron_hypermoe.training.arguments import hyper_lr_mult
+    from megatron_hypermoe.cli.arguments import run_config
+
+    def hyper_lr_mult(args):  # resolved once, into the optimizer's config
+        return run_config(args).optimizer.hyper_lr_mult
 
     base = [*TINY_MODEL, "--mock-data", "--train-iters", "1"]
     assert hyper_lr_mult(parse_args(base + ["--hyper-lr-mult", "1"])) == 1.0  # the paper's
@@ -197,19 +195,18 @@ def test_a_moe_checkpoint_resumes_without_hyper_flags_and_ignores_old_recorded_o
     """The shape check compares the HyperMoE sizes only for the variants that read them: a
     `moe` checkpoint recorded before this rule (with --hyper-hidden-size -5 among its args)
     resumes with no --hyper-* flag, a hypermoe one still needs its sizes."""
+    from megatron_hypermoe.cli.arguments import parse_run_config
     from megatron_hypermoe.training.checkpoint.compatibility import (
         check_model_shape,
         checkpoint_shape,
     )
 
-    moe = parse_args([*tiny_run("moe"), "--mock-data", "--train-iters", "1"])
-    moe.padded_vocab_size = 128
-    assert not any(name in checkpoint_shape(moe) for name in HYPER_SIZE_NAMES)
-    old_moe = {**checkpoint_shape(moe), "hyper_hidden_size": -5, "hyper_adapter_dim": 64}
+    moe = parse_run_config([*tiny_run("moe"), "--mock-data", "--train-iters", "1"]).with_vocab(100)
+    assert not any(name in checkpoint_shape(moe.to_flags()) for name in HYPER_SIZE_NAMES)
+    old_moe = {**checkpoint_shape(moe.to_flags()), "hyper_hidden_size": -5, "hyper_adapter_dim": 64}
     check_model_shape({"model": old_moe}, moe)
-    hyper = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1"])
-    hyper.padded_vocab_size = 128
-    saved = {**checkpoint_shape(hyper), "hyper_hidden_size": 32}
+    hyper = parse_run_config([*TINY_MODEL, "--mock-data", "--train-iters", "1"]).with_vocab(100)
+    saved = {**checkpoint_shape(hyper.to_flags()), "hyper_hidden_size": 32}
     with pytest.raises(CheckpointError, match="checkpoint has hyper_hidden_size=32 but the flags "
                                               "give 16: pass --hyper-hidden-size 32"):
         check_model_shape({"model": saved}, hyper)
@@ -221,7 +218,7 @@ def test_a_moe_checkpoint_resumes_without_hyper_flags_and_ignores_old_recorded_o
     (["--moe-router-renormalize"], 1, True, True),
 ])
 def test_routing_flags_reach_the_config(flags, topk, pre_softmax, renormalize):
-    from megatron_hypermoe.training.arguments import model_config
+    from megatron_hypermoe.cli.arguments import model_config
 
     config = model_config(parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
                                       "--moe-router-topk", str(topk), *flags]))
@@ -230,7 +227,7 @@ def test_routing_flags_reach_the_config(flags, topk, pre_softmax, renormalize):
 
 
 def test_post_softmax_top1_is_a_one_line_error_pointing_at_renormalize():
-    from megatron_hypermoe.training.arguments import model_config
+    from megatron_hypermoe.cli.arguments import model_config
 
     args = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
                        "--moe-router-topk", "1", "--no-moe-router-pre-softmax"])
@@ -262,22 +259,24 @@ def test_optimizer_groups_give_exactly_the_generating_weights_their_multiplier(
 
 
 def test_resuming_with_other_optimizer_groups_is_refused_in_one_line():
+    from megatron_hypermoe.cli.arguments import parse_run_config
     from megatron_hypermoe.training.checkpoint.compatibility import check_optimizer_groups
 
-    run = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", "--hyper-lr-mult", "1"])
+    run = parse_run_config([*TINY_MODEL, "--mock-data", "--train-iters", "1",
+                            "--hyper-lr-mult", "1"])
     check_optimizer_groups({"args": {"hyper_lr_mult": 1.0}}, run)
     check_optimizer_groups({"args": {}}, run)  # written before the flag existed: it trained with 1
-    scaled = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1",
-                         "--hyper-lr-mult", "0.5"])
+    scaled = parse_run_config([*TINY_MODEL, "--mock-data", "--train-iters", "1",
+                               "--hyper-lr-mult", "0.5"])
     check_optimizer_groups({"args": {"hyper_lr_mult": "1/d_g", "hyper_hidden_size": 16}},
                            scaled)
     with pytest.raises(CheckpointError, match="trained with --hyper-lr-mult 1, this run has 0.5"
                                               ".*pass --hyper-lr-mult 1 to keep.*--no-load-optim"):
         check_optimizer_groups({"args": {"hyper_lr_mult": 1.0}}, scaled)
-    default = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1"])
+    default = parse_run_config([*TINY_MODEL, "--mock-data", "--train-iters", "1"])
     with pytest.raises(CheckpointError, match="trained with --hyper-lr-mult 1, this run has "):
         check_optimizer_groups({"args": {}}, default)  # the default changed since: said, not lost
-    moe = parse_args([*tiny_run("moe"), "--mock-data", "--train-iters", "1"])
+    moe = parse_run_config([*tiny_run("moe"), "--mock-data", "--train-iters", "1"])
     check_optimizer_groups({"args": {"moe_type": "moe"}}, moe)
 
 
@@ -321,7 +320,7 @@ BASE = [*TINY_MODEL, "--mock-data", "--train-iters", "1"]
           moe_min_capacity=None)),
 ])
 def test_router_flags_reach_the_model_config(flags, fields):
-    from megatron_hypermoe.training.arguments import model_config
+    from megatron_hypermoe.cli.arguments import model_config
 
     config = model_config(parse_args(BASE + flags))
     assert {name: getattr(config, name) for name in fields} == fields
@@ -367,13 +366,17 @@ def test_moe_flags_are_refused_for_a_dense_run(flags):
 def test_a_checkpoint_from_before_the_router_flags_loads_with_the_routing_it_trained_with():
     """Recorded args without the router flags (an older checkpoint): the model config is the
     one it was built with then (aux_loss hard-coded, no capacity, softmax)."""
-    from megatron_hypermoe.training.arguments import model_config, recorded_args
-    from megatron_hypermoe.training.router_arguments import ROUTER_CONFIG_FLAGS
+    from megatron_hypermoe.cli.arguments import run_config
+    from megatron_hypermoe.training.config import MOE_FLAGS, RunConfig
 
-    args = parse_args(BASE)
-    args.padded_vocab_size = 128
-    old = {k: v for k, v in vars(args).items() if k not in ROUTER_CONFIG_FLAGS}
-    config = model_config(recorded_args(old))
+    router_flags = [flag for flag in MOE_FLAGS if flag.startswith(("moe_router_", "moe_expert_",
+                                                                 "moe_pad_", "moe_token_drop",
+                                                                 "moe_input_jitter"))
+                    and flag not in ("moe_router_topk", "moe_router_pre_softmax",
+                                     "moe_router_renormalize")]
+    recorded = run_config(parse_args(BASE)).with_vocab(100).to_flags()
+    old = {k: v for k, v in recorded.items() if k not in router_flags}
+    config = RunConfig.from_flags(old).model
     assert (config.moe_router_load_balancing_type, config.moe_aux_loss_coeff,
             config.moe_expert_capacity_factor, config.moe_router_score_function,
             config.moe_router_enable_expert_bias) == ("aux_loss", 1e-2, None, "softmax", False)

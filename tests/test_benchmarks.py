@@ -39,21 +39,22 @@ def test_compare_variants_specs_become_trainer_flags():
 
 def test_compare_variants_trainer_accepts_every_option():
     """Each option's flag parses in the trainer and reaches the run."""
-    from megatron_hypermoe.training.arguments import hyper_lr_mult, model_config, parse_args
+    from megatron_hypermoe.cli.arguments import parse_run_config
 
     compare = load_script("compare_variants")
     args = compare.parse_args(["--quick"])
     flags = compare.variant_flags("hypermoe:r=16,dg=32,init=normal,lr=1/d_g,renorm", args)
-    run = parse_args(flags + ["--mock-data", "--train-iters", "1"])
-    config = model_config(run)
+    run = parse_run_config(flags + ["--mock-data", "--train-iters", "1"])
+    config = run.model
     assert (config.hyper_adapter_dim, config.hyper_hidden_size, config.hyper_init,
-            config.moe_router_renormalize, hyper_lr_mult(run)) == (16, 32, "normal", True, 1 / 32)
+            config.moe_router_renormalize, run.optimizer.hyper_lr_mult) == \
+        (16, 32, "normal", True, 1 / 32)
 
 
 def test_compare_variants_runs_differ_only_in_what_makes_the_variant():
     """The MoE, static-adapter and HyperMoE runs of the study get the same flags but their
     own (parsed and compared field by field: a flag one variant silently lacked would show)."""
-    from megatron_hypermoe.training.arguments import parse_args
+    from megatron_hypermoe.cli.arguments import parse_args
 
     compare = load_script("compare_variants")
     args = compare.parse_args(["--quick"])

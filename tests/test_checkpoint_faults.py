@@ -3,7 +3,7 @@ checkpoint loadable, a damaged or missing newest checkpoint is named in one line
 iteration to load instead (--ckpt-step), re-saving an iteration never leaves 'latest' on a
 missing directory, --save-retain keeps the newest N."""
 
-import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,9 +18,9 @@ import time
 import pytest
 import torch
 
+from megatron_hypermoe.cli.arguments import parse_args
 from megatron_hypermoe.errors import ArgumentError, CheckpointError
 from megatron_hypermoe.parallel.distributed import free_port
-from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.checkpoint import files as checkpoint_files
 from megatron_hypermoe.training.checkpoint.files import (
     META_FILE,
@@ -304,16 +304,21 @@ def test_ckpt_step_resumes_the_previous_checkpoint_exactly_and_resaves_over_a_da
 
 
 # A damaged checkpoint, in process ---------------------------------------------------------------
+def with_checkpoint(run, **fields):
+    """``run`` with these --load/--ckpt-step... fields (configs are frozen)."""
+    return dataclasses.replace(run, checkpoint=dataclasses.replace(run.checkpoint, **fields))
+
+
 @pytest.fixture
 def tiny_engine(megatron_single_process, tmp_path):
-    from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
+    from megatron_hypermoe.cli.arguments import parse_run_config
     from megatron_hypermoe.training.setup import build_engine, build_model
 
     save = str(tmp_path / "ckpt")
-    args = parse_args([*RUN, "--train-iters", "1", "--save", save, "--load", save])
-    args.padded_vocab_size = padded_vocab_size(64, args)
-    engine, _ = build_engine(build_model(model_config(args), args), args)
-    return engine, args
+    run = parse_run_config([*RUN, "--train-iters", "1", "--save", save, "--load",
+                            save]).with_vocab(64)
+    engine, _ = build_engine(build_model(run), run)
+    return engine, run
 
 
 @pytest.mark.parametrize("name,damage", [
@@ -331,9 +336,9 @@ def test_a_damaged_file_in_the_newest_checkpoint_is_named_with_the_step_to_load(
         save_checkpoint,
     )
 
-    engine, args = tiny_engine
+    engine, run = tiny_engine
     for iteration in (2, 4):
-        save_checkpoint(engine, args, TrainState(iteration=iteration))
+        save_checkpoint(engine, run, TrainState(iteration=iteration))
     path = tmp_path / "ckpt" / tag_for(4) / name
     size = os.path.getsize(path)
     if damage == "truncate":
@@ -342,13 +347,12 @@ def test_a_damaged_file_in_the_newest_checkpoint_is_named_with_the_step_to_load(
     else:
         path.write_bytes(bytes(size))
     with pytest.raises(CheckpointError) as caught:
-        load_checkpoint(engine, args)
+        load_checkpoint(engine, run)
     message = str(caught.value)
     assert str(path) in message and "truncated or damaged" in message, message
     assert message.endswith("pass --ckpt-step 2 to load the checkpoint of iteration 2 instead")
     assert "\n" not in message
-    args.ckpt_step = 2
-    assert load_checkpoint(engine, args).iteration == 2
+    assert load_checkpoint(engine, with_checkpoint(run, ckpt_step=2)).iteration == 2
 
 
 # A damaged file of the reshard path (layout_free/), resumed in another layout ---------------------
@@ -358,17 +362,17 @@ RESHARD_TO = ["--zero-stage", "2"]
 
 
 def _tiny_engine_as_the_trainer_builds_it(save, *flags):
-    """The engine and args of ``pretrain_gpt_hypermoe.py RUN --save/--load save *flags`` (same
+    """The engine and config of ``pretrain_gpt_hypermoe.py RUN --save/--load save *flags`` (same
     padded vocabulary), so that the trainer's command line loads what it saves."""
+    from megatron_hypermoe.cli.arguments import parse_run_config
     from megatron_hypermoe.data.tokenizer import build_tokenizer
-    from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
     from megatron_hypermoe.training.setup import build_engine, build_model
 
-    args = parse_args([*RUN, "--train-iters", "4", "--save", str(save), "--load", str(save),
-                       *flags])
-    args.padded_vocab_size = padded_vocab_size(build_tokenizer(args).vocab_size, args)
-    engine, _ = build_engine(build_model(model_config(args), args), args)
-    return engine, args
+    run = parse_run_config([*RUN, "--train-iters", "4", "--save", str(save), "--load",
+                            str(save), *flags])
+    run = run.with_vocab(build_tokenizer(run.tokenizer).vocab_size)
+    engine, _ = build_engine(build_model(run), run)
+    return engine, run
 
 
 @pytest.fixture(scope="module")
@@ -376,9 +380,9 @@ def layout_free_saved(megatron_single_process, tmp_path_factory):
     from megatron_hypermoe.training.checkpoint.save_load import TrainState, save_checkpoint
 
     save = tmp_path_factory.mktemp("layout_free") / "ckpt"
-    engine, args = _tiny_engine_as_the_trainer_builds_it(save)
+    engine, run = _tiny_engine_as_the_trainer_builds_it(save)
     for iteration in (2, 4):
-        save_checkpoint(engine, args, TrainState(iteration=iteration))
+        save_checkpoint(engine, run, TrainState(iteration=iteration))
     assert (save / tag_for(4) / "layout_free" / "index.json").is_file()
     return save
 
@@ -450,12 +454,11 @@ def test_a_damaged_layout_free_file_is_named_with_the_step_to_load(case, layout_
     and the iteration to load instead, and that one loads."""
     from megatron_hypermoe.training.checkpoint.save_load import load_checkpoint
 
-    engine, args = resharding_engine
+    engine, run = resharding_engine
     load, path, said = _damage_a_copy(layout_free_saved, tmp_path, case)
-    args = copy.copy(args)
-    args.load = str(load)
+    run = with_checkpoint(run, load=str(load))
     with pytest.raises(CheckpointError) as caught:
-        load_checkpoint(engine, args)
+        load_checkpoint(engine, run)
     if case != "index.json-missing":  # (without its index, the path is not taken)
         assert "resharding from TP 1 EP 1 DP 1 ZeRO 1 to TP 1 EP 1 DP 1 ZeRO 2" in \
             capsys.readouterr().out
@@ -463,8 +466,7 @@ def test_a_damaged_layout_free_file_is_named_with_the_step_to_load(case, layout_
     assert message.startswith(said), message
     assert message.endswith("pass --ckpt-step 2 to load the checkpoint of iteration 2 instead")
     assert "\n" not in message
-    args.ckpt_step = 2
-    assert load_checkpoint(engine, args).iteration == 2
+    assert load_checkpoint(engine, with_checkpoint(run, ckpt_step=2)).iteration == 2
 
 
 @pytest.mark.slow

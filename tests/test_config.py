@@ -57,9 +57,9 @@ def test_the_hyper_sizes_are_defined_once():
     shipped Hugging Face configuration keeps its own defaults, which must be the same."""
     import inspect
 
+    from megatron_hypermoe.cli.arguments import HYPER_FLAG_DEFAULTS, parse_args
     from megatron_hypermoe.hf.configuration_hypermoe import HyperMoeConfig
     from megatron_hypermoe.model.config import HYPER_SIZE_NAMES, HYPER_SIZES
-    from megatron_hypermoe.training.arguments import HYPER_FLAG_DEFAULTS, parse_args
     from megatron_hypermoe.training.checkpoint.compatibility import SHAPE_FIELDS
 
     paper = {size.name: size.default for size in HYPER_SIZES}

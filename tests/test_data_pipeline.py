@@ -43,8 +43,10 @@ def sp_args(corpus):
 
 
 def tok_namespace(tokenizer_type, tokenizer_model=None, vocab_file=None, merge_file=None):
-    return argparse.Namespace(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
-                              vocab_file=vocab_file, merge_file=merge_file)
+    from megatron_hypermoe.data.tokenizer import TokenizerConfig
+
+    return TokenizerConfig(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
+                           vocab_file=vocab_file, merge_file=merge_file)
 
 
 def run_preprocess(corpus, inputs, prefix, *extra):

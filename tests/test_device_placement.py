@@ -73,7 +73,7 @@ def test_collectives_of_setup_and_logging_take_device_tensors(accelerator, monke
     """Under pipeline parallelism the parameter count and the logged per-layer values are summed
     over the stages: the parameter count all-reduced a host tensor (NCCL refuses it)."""
     import megatron_hypermoe.parallel.pipeline as pipeline
-    from megatron_hypermoe.training.arguments import args_for_model
+    from megatron_hypermoe.cli.arguments import run_config_for_model
     from megatron_hypermoe.training.flops import parameter_counts
     from megatron_hypermoe.training.metrics.probes import (
         ExpertLoadCounter,
@@ -86,8 +86,8 @@ def test_collectives_of_setup_and_logging_take_device_tensors(accelerator, monke
     tokens, positions, labels = (t.to(accelerator) for t in batch())
     lm_loss(model, tokens, positions, labels).backward()
     monkeypatch.setattr(pipeline, "pipeline_size", lambda: 2)  # the stage sums run
-    args = args_for_model(config, world_size=1, train_iters=1, mock_data=True)
-    total, active = parameter_counts(model, args)
+    run = run_config_for_model(config, world_size=1, train_iters=1, mock_data=True)
+    total, active = parameter_counts(model, run)
     assert total == sum(p.numel() for p in model.parameters()) and 0 < active < total
     assert len(side_path_values(model)["hyper_output_rms"]) == 2
     assert load.take().sum().item() == tokens.numel() * 2 * 2  # top-2, 2 layers

@@ -11,10 +11,9 @@ import sys
 import pytest
 import torch
 
-from megatron_hypermoe.errors import ArgumentError, DeepSpeedConfigError
-from megatron_hypermoe.training.arguments import parse_args
-from megatron_hypermoe.training.ds_config import decision_table, resolve_config
-from megatron_hypermoe.training.ds_config_keys import (
+from megatron_hypermoe.cli.arguments import parse_args
+from megatron_hypermoe.cli.deepspeed_config import decision_table, resolve_config
+from megatron_hypermoe.cli.deepspeed_config_keys import (
     CHECKED,
     HONOURED,
     REFUSED,
@@ -22,6 +21,7 @@ from megatron_hypermoe.training.ds_config_keys import (
     STAGE3,
     TOP_LEVEL_KEYS,
 )
+from megatron_hypermoe.errors import ArgumentError, DeepSpeedConfigError
 from tests.support.processes import REPO_ROOT, child_environment
 from tests.support.tiny_model import TINY_MODEL, batch, tiny_run
 
@@ -195,12 +195,12 @@ HONOURED_FILE = {
 
 
 def build_tiny_engine(flags):
-    from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
+    from megatron_hypermoe.cli.arguments import parse_run_config
     from megatron_hypermoe.training.setup import build_engine, build_model
 
-    args = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", *flags])
-    args.padded_vocab_size = padded_vocab_size(64, args)
-    return build_engine(build_model(model_config(args), args), args)
+    run = parse_run_config([*TINY_MODEL, "--mock-data", "--train-iters", "1",
+                            *flags]).with_vocab(64)
+    return build_engine(build_model(run), run)
 
 
 def one_step(engine):
@@ -243,7 +243,7 @@ def test_honoured_keys_reach_the_engine_and_bf16_zero2_reduces_in_fp32(tmp_path)
     (["--grad-reduce-in-bf16"], torch.bfloat16, "DeepSpeedZeroOptimizer"),
 ])
 def test_bf16_zero1_gradients_accumulate_in_fp32_unless_asked(flags, accum, wrapper):
-    from megatron_hypermoe.training.ds_config import describe_precision
+    from megatron_hypermoe.training.setup import describe_precision
 
     engine, optimizer = build_tiny_engine(["--bf16", "--zero-stage", "1", *flags])
     assert type(optimizer).__name__ == wrapper

@@ -15,22 +15,17 @@ changed nothing in it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import re
 
 import pytest
 import torch
 
+from megatron_hypermoe.cli.arguments import build_parser, parse_args, run_config
+from megatron_hypermoe.cli.megatron_flag_tables import FIXED
 from megatron_hypermoe.errors import UserError
 from megatron_hypermoe.model.config import MOE_TYPES
-from megatron_hypermoe.training.arguments import (
-    build_parser,
-    hyper_lr_mult,
-    model_config,
-    padded_vocab_size,
-    parse_args,
-)
-from megatron_hypermoe.training.megatron_flag_tables import FIXED
 from tests.support.processes import REPO_ROOT
 from tests.support.tiny_model import tiny_run
 
@@ -84,7 +79,7 @@ PERFORMANCE_ONLY = {
 }
 
 # Megatron switches that state what this trainer always does (Megatron's FIXED flags in
-# training/megatron_flags.py are the same kind, accepted at that one value only): nothing to
+# cli/megatron_flags.py are the same kind, accepted at that one value only): nothing to
 # change, by design.
 STATES_WHAT_THE_TRAINER_DOES = {
     "disable_moe_token_dropping": "Megatron-DeepSpeed's 'no capacity', the default here; refused "
@@ -128,7 +123,6 @@ def user_value(action, default) -> list:
 def fingerprint(args) -> str:
     """A digest of everything the flags decide before the first step."""
     from megatron_hypermoe.data.tokenizer import build_tokenizer
-    from megatron_hypermoe.training.ds_config import resolve_config
     from megatron_hypermoe.training.lr_schedule import LRSchedule
     from megatron_hypermoe.training.node_storage import dataset_config_and_sizes
     from megatron_hypermoe.training.setup import (
@@ -137,10 +131,11 @@ def fingerprint(args) -> str:
         optimizer_param_groups,
     )
 
-    tokenizer = build_tokenizer(args)
-    args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
-    config = model_config(args)
-    model = build_model(config, args)
+    run = run_config(args)
+    tokenizer = build_tokenizer(run.tokenizer)
+    run = run.with_vocab(tokenizer.vocab_size)
+    config = run.model
+    model = build_model(run)
     digest = hashlib.sha256()
 
     def add(*items):
@@ -154,19 +149,19 @@ def fingerprint(args) -> str:
     add(sorted((k, getattr(v, "__name__", v)) for k, v in vars(config).items()
                if not k.startswith("_")))
     def fresh_optimizer():
-        groups = optimizer_param_groups(model, args.weight_decay,
-                                        args.expert_model_parallel_size > 1, hyper_lr_mult(args))
+        groups = optimizer_param_groups(model, run.optimizer.weight_decay,
+                                        run.parallel.ep > 1, run.optimizer.hyper_lr_mult)
         # (the same AdamW update with --optimizer-cpu-offload, DeepSpeed's CPUAdam JIT-built on
         # first use: its offload is in the DeepSpeed config below)
-        return groups, build_optimizer(groups, argparse.Namespace(
-            **{**vars(args), "optimizer_cpu_offload": False}))
+        return groups, build_optimizer(groups, dataclasses.replace(
+            run.optimizer, optimizer_cpu_offload=False))
 
     groups, optimizer = fresh_optimizer()
     add([(g["name"], len(g["params"]), g.get("lr_mult"), g.get("wd_mult")) for g in groups],
         sorted(optimizer.defaults.items()))
-    schedule = LRSchedule(optimizer, args)
-    for _ in range(args.train_iters):
-        schedule.step(args.global_batch_size)
+    schedule = LRSchedule(optimizer, run)
+    for _ in range(run.training.train_iters):
+        schedule.step(run.training.global_batch_size)
         add([(round(g["lr"], 12), round(g["weight_decay"], 12))
              for g in optimizer.param_groups])
     # a resume from a checkpoint whose schedule had three times the peak lr: refused, or the
@@ -174,14 +169,15 @@ def fingerprint(args) -> str:
     # (--use-checkpoint-opt_param-scheduler)
     saved = schedule.state_dict()
     saved["max_lr"] *= 3
-    resumed = LRSchedule(fresh_optimizer()[1], args)
+    resumed = LRSchedule(fresh_optimizer()[1], run)
     try:
         resumed.load_state_dict(saved)
         add(resumed.lr)
     except UserError as error:
         add(type(error).__name__)
-    add(resolve_config(args))
-    data_config, sizes = dataset_config_and_sizes(args, tokenizer)
+    add(run.deepspeed.engine_config())
+    data_config, sizes = dataset_config_and_sizes(run.data, run.training, run.tokenizer,
+                                                  tokenizer)
     add(sorted((k, v) for k, v in vars(data_config).items()
                if k not in ("tokenizer", "path_to_cache")), sizes)
     return digest.hexdigest()

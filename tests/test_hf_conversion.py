@@ -143,16 +143,16 @@ def test_the_authors_setting_travels_through_hf_and_back(checkpoint, exported, t
     """--hyper-init, --hyper-lr-mult and the renormalised top-1 gate are recorded in the
     checkpoint, written to config.json, and read back by the importer."""
     recorded = read_checkpoint(str(checkpoint("hypermoe_authors"))).meta["args"]
+    one_over_d_g = 1 / recorded["hyper_hidden_size"]  # the rule, resolved once (cli/)
     assert (recorded["hyper_init"], recorded["hyper_lr_mult"],
-            recorded["moe_router_renormalize"]) == ("normal", "1/d_g", True)
+            recorded["moe_router_renormalize"]) == ("normal", one_over_d_g, True)
     config = json.loads((exported("hypermoe_authors") / "config.json").read_text())
     assert (config["hyper_init"], config["hyper_lr_mult"], config["norm_topk_prob"],
-            config["num_experts_per_tok"]) == ("normal", "1/d_g", True, 1)
+            config["num_experts_per_tok"]) == ("normal", one_over_d_g, True, 1)
     convert_back(exported("hypermoe_authors"), tmp_path / "back")
-    back = read_checkpoint(str(tmp_path / "back"))
-    assert (back.args.hyper_init, back.args.hyper_lr_mult, back.args.moe_router_renormalize) \
-        == ("normal", "1/d_g", True)
-    assert back.model_config().moe_router_renormalize
+    back = read_checkpoint(str(tmp_path / "back")).run
+    assert (back.model.hyper_init, back.optimizer.hyper_lr_mult,
+            back.model.moe_router_renormalize) == ("normal", one_over_d_g, True)
 
 
 def test_native_exports_have_no_custom_code_and_hypermoe_has_the_documented_keys(exported):
@@ -296,8 +296,8 @@ def tokenizer_directory(exported, dataset, tmp_path_factory):
     hypermoe export's own (the SentencePiece BPE of tools/train_tokenizer.py), or those that
     write_tokenizer_files writes for a unigram SentencePiece model or a GPT-2 byte-level BPE
     trained on the same corpus."""
-    from megatron_hypermoe.data.tokenizer import build_tokenizer
-    from megatron_hypermoe.data.tokenizer_files import tokenizer_args, write_tokenizer_files
+    from megatron_hypermoe.data.tokenizer import TokenizerConfig, build_tokenizer
+    from megatron_hypermoe.data.tokenizer_files import write_tokenizer_files
 
     corpus = dataset[dataset.index("--data-path") + 1].replace("ds_text_document",
                                                                 "corpus.jsonl")
@@ -314,7 +314,7 @@ def tokenizer_directory(exported, dataset, tmp_path_factory):
                 assert train_tokenizer.main(["--input", corpus, "--vocab-size", "350",
                                              "--model-type", "unigram",
                                              "--model-prefix", str(root / "unigram")]) == 0
-                args = tokenizer_args("SentencePieceTokenizer", str(root / "unigram.model"))
+                config = TokenizerConfig("SentencePieceTokenizer", str(root / "unigram.model"))
             else:
                 from tokenizers import ByteLevelBPETokenizer
 
@@ -322,11 +322,11 @@ def tokenizer_directory(exported, dataset, tmp_path_factory):
                 bpe.train_from_iterator([json.loads(line)["text"] for line in open(corpus)],
                                         vocab_size=300, special_tokens=["<|endoftext|>"])
                 bpe.save_model(str(root))
-                args = tokenizer_args("GPT2BPETokenizer", vocab_file=str(root / "vocab.json"),
-                                      merge_file=str(root / "merges.txt"))
+                config = TokenizerConfig("GPT2BPETokenizer", vocab_file=str(root / "vocab.json"),
+                                         merge_file=str(root / "merges.txt"))
             made[kind] = root / kind
             made[kind].mkdir()
-            write_tokenizer_files(args, build_tokenizer(args), str(made[kind]))
+            write_tokenizer_files(config, build_tokenizer(config), str(made[kind]))
         return made[kind]
     return make
 
@@ -427,7 +427,8 @@ def test_export_refusals(problem, message, checkpoint, corpus_file, tmp_path):
         shutil.copytree(load, copy)
         meta_path = copy / "iter_0000002" / "hypermoe_checkpoint.json"
         meta = json.loads(meta_path.read_text())
-        meta["args"]["moe_router_topk"] = 1
+        # what a top-1 run records (its default routing: pre-softmax, not renormalised)
+        meta["args"].update(moe_router_topk=1, moe_router_pre_softmax=True)
         meta_path.write_text(json.dumps(meta))
         load = str(copy)
     elif problem == "output_exists":
@@ -458,6 +459,7 @@ def test_import_refusals(exported, tmp_path):
                           "--num-experts", "4", "--hyper-hidden-size", "8", expect=1)
     assert "--hyper-hidden-size does not apply to --moe-type moe: drop it" in output, output
     assert not (tmp_path / "d").exists()
+    from megatron_hypermoe.cli.arguments import run_config_for_model
     from megatron_hypermoe.conversion.import_hf import import_hf
     from megatron_hypermoe.errors import ArgumentError
 
@@ -466,7 +468,8 @@ def test_import_refusals(exported, tmp_path):
                                             ("moe", {}, 1.0, "--hyper-lr-mult")):
         with pytest.raises(ArgumentError, match=f"{flag} does not apply to --moe-type {moe_type}"):
             import_hf(str(exported("dense")), str(tmp_path / "e"), upcycle=True,
-                      moe_type=moe_type, upcycle_fields=fields, hyper_lr_mult=lr_mult)
+                      moe_type=moe_type, upcycle_fields=fields, hyper_lr_mult=lr_mult,
+                      run_config_for_model=run_config_for_model)
         assert not (tmp_path / "e").exists()
 
 
@@ -481,7 +484,8 @@ def test_rope_theta_and_rms_norm_eps_round_trip(name, exported, tmp_path):
     (changed / "config.json").write_text(json.dumps(config))
     convert_back(changed, tmp_path / "ours")
     checkpoint = read_checkpoint(str(tmp_path / "ours"))
-    assert (checkpoint.args.rotary_base, checkpoint.args.norm_epsilon) == (500000.0, 1e-3)
+    assert (checkpoint.run.model.rotary_base, checkpoint.run.model.layernorm_epsilon) == \
+        (500000.0, 1e-3)
     ids = tokens()
     ours = megatron_logits(build_megatron_model(checkpoint)[0], ids)
     theirs = hf_logits(load_hf_model(str(changed)), ids)

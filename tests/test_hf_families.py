@@ -163,6 +163,7 @@ def test_olmoe_is_refused_in_one_line_with_the_reason(tmp_path):
     differ unless every head has the same RMS, so the import is refused before any work."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
+    from megatron_hypermoe.cli.arguments import run_config_for_model
     from megatron_hypermoe.conversion.import_hf import import_hf
 
     config = OlmoeConfig(**{k: v for k, v in COMMON.items() if k != "rope_theta"},
@@ -171,7 +172,7 @@ def test_olmoe_is_refused_in_one_line_with_the_reason(tmp_path):
     assert tuple(hf.model.layers[0].self_attn.q_norm.weight.shape) == (32,)  # not head_dim 8
     directory = save_hf_model(hf, tmp_path / "olmoe")
     with pytest.raises(CheckpointError) as error:
-        import_hf(str(directory), str(tmp_path / "out"))
+        import_hf(str(directory), str(tmp_path / "out"), run_config_for_model=run_config_for_model)
     message = str(error.value)
     assert "\n" not in message and "OLMoE" in message
     assert "normalises the whole q and k projections" in message
@@ -187,16 +188,18 @@ def test_olmoe_is_refused_in_one_line_with_the_reason(tmp_path):
                                         "routing (norm_topk_prob=False); drop it"),
 ])
 def test_upcycling_an_moe_refuses_to_change_its_experts_or_routing(change, message, tmp_path):
+    from megatron_hypermoe.cli.arguments import run_config_for_model
     from megatron_hypermoe.conversion.import_hf import import_hf
 
     directory = save_hf_model(make_hf_model("qwen2_moe"), tmp_path / "hf")
     with pytest.raises(ArgumentError, match=message.replace("(", r"\(").replace(")", r"\)")):
         import_hf(str(directory), str(tmp_path / "out"), upcycle=True, moe_type="hypermoe",
-                  upcycle_fields=change)
+                  upcycle_fields=change, run_config_for_model=run_config_for_model)
     # the same expert count and top-k as the source's are no change
     with pytest.raises(CheckpointError, match="adds nothing"):
         import_hf(str(directory), str(tmp_path / "out"), upcycle=True, moe_type="moe",
-                  upcycle_fields=dict(num_moe_experts=4, moe_router_topk=2))
+                  upcycle_fields=dict(num_moe_experts=4, moe_router_topk=2),
+                  run_config_for_model=run_config_for_model)
     assert not (tmp_path / "out").exists()
 
 
@@ -210,6 +213,7 @@ def test_upcycling_an_moe_refuses_to_change_its_experts_or_routing(change, messa
 def test_import_refuses_what_it_cannot_hold(problem, message, tmp_path):
     from safetensors.torch import save_file
 
+    from megatron_hypermoe.cli.arguments import run_config_for_model
     from megatron_hypermoe.conversion.import_hf import import_hf
 
     hf = make_hf_model("qwen3_moe")
@@ -226,7 +230,7 @@ def test_import_refuses_what_it_cannot_hold(problem, message, tmp_path):
     save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(make_tokenizer_model(tmp_path), directory / "tokenizer.model")
     with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        import_hf(str(directory), str(tmp_path / "out"))
+        import_hf(str(directory), str(tmp_path / "out"), run_config_for_model=run_config_for_model)
     assert not (tmp_path / "out").exists()
 
 

@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
+from megatron_hypermoe.cli.arguments import parse_run_config
 from megatron_hypermoe.errors import CheckpointError
-from megatron_hypermoe.training.arguments import parse_args
 from tests.support.processes import pretrain
 from tests.support.run_outputs import read_metrics, relative
 from tests.support.tiny_model import TINY_MODEL
@@ -53,10 +53,10 @@ def test_state_round_trip_and_the_next_step_match(saved, resumed, tmp_path):
         save_layout_free,
     )
 
-    args = parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "1", *saved])
+    run = parse_run_config([*TINY_MODEL, "--mock-data", "--train-iters", "1", *saved])
     engine, optimizer = build_tiny_engine(saved)
     _train(engine, 2)
-    save_layout_free(engine, args, str(tmp_path))
+    save_layout_free(engine, run.parallel, str(tmp_path))
     index = json.loads((tmp_path / "layout_free" / "index.json").read_text())
     assert index["step"] == 2 and index["engine"]["global_steps"] == 2
     before = _full_state(engine)
@@ -101,11 +101,17 @@ def _meta(tp=1, ep=1, dp=1, zero=1, divisible_by=128, padded=512, pp=None):
     return {"args": recorded, "data_parallel_size": dp, "model": {"padded_vocab_size": padded}}
 
 
-def _run(tp=1, ep=1, dp=1, zero=1, divisible_by=128, padded=512, pp=1):
-    return types.SimpleNamespace(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                 data_parallel_size=dp, zero_stage=zero,
-                                 make_vocab_size_divisible_by=divisible_by,
-                                 padded_vocab_size=padded, pipeline_model_parallel_size=pp)
+def _run(tp=1, ep=1, dp=1, zero=1, pp=1):
+    from megatron_hypermoe.parallel.layout import ParallelLayout
+
+    return ParallelLayout(tp=tp, ep=ep, dp=dp, zero=zero, pp=pp)
+
+
+def _vocab_run(tp=1, padded=512, divisible_by=128):
+    from megatron_hypermoe.training.config import EmbeddingConfig
+
+    return types.SimpleNamespace(parallel=_run(tp=tp), embedding=EmbeddingConfig(
+        padded_vocab_size=padded, make_vocab_size_divisible_by=divisible_by))
 
 
 def test_load_path_is_chosen_by_layout(tmp_path, capsys):
@@ -152,14 +158,14 @@ def test_vocabulary_padding_change_names_the_divisor():
     from megatron_hypermoe.training.checkpoint.layout_free import vocab_padding_message
 
     # vocabulary 1025: TP 2 pads to 1280, TP 1 to 1152; divisor 256 at TP 1 gives 1280
-    message = vocab_padding_message(_meta(tp=2, padded=1280), _run(tp=1, padded=1152))
+    message = vocab_padding_message(_meta(tp=2, padded=1280), _vocab_run(tp=1, padded=1152))
     assert message.endswith("pass --make-vocab-size-divisible-by 256")
     assert "checkpoint has padded_vocab_size=1280 but the flags give 1152" in message
     # TP 4 keeps TP 2's multiple 256 with 64 x 4
-    assert vocab_padding_message(_meta(tp=2, padded=1280), _run(tp=4, padded=1536)) \
+    assert vocab_padding_message(_meta(tp=2, padded=1280), _vocab_run(tp=4, padded=1536)) \
         .endswith("--make-vocab-size-divisible-by 64")
     assert "use a TP that divides 1280" in vocab_padding_message(
-        _meta(tp=1, divisible_by=1280, padded=1280), _run(tp=3, padded=1152))
+        _meta(tp=1, divisible_by=1280, padded=1280), _vocab_run(tp=3, padded=1152))
 
 
 # Resume in another layout == the uninterrupted run ------------------------------------------------

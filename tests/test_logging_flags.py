@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from megatron_hypermoe.cli.arguments import parse_run_config
 from megatron_hypermoe.errors import ArgumentError
-from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.metrics.writers import console_line, tensorboard_scalars
 from tests.support.tiny_model import TINY_MODEL
 
 
 def args_for(*flags):
-    return parse_args([*TINY_MODEL, "--mock-data", "--train-iters", "2", *flags])
+    return parse_run_config([*TINY_MODEL, "--mock-data", "--train-iters", "2", *flags])
 
 
 def exit_reason(monkeypatch, minutes_since_start, *flags):
@@ -23,7 +23,7 @@ def exit_reason(monkeypatch, minutes_since_start, *flags):
     from megatron_hypermoe.training import trainer
 
     monkeypatch.setattr(trainer, "START_TIME", time.time() - 60 * minutes_since_start)
-    fake = SimpleNamespace(args=args_for(*flags), stop_requested=False,
+    fake = SimpleNamespace(run=args_for(*flags), stop_requested=False,
                            stop_vote=trainer.StopVote("cpu"), state=SimpleNamespace(iteration=3))
     assert trainer.Trainer._exit_reason(fake) is None  # cast, nothing agreed yet
     return trainer.Trainer._exit_reason(fake)
@@ -42,17 +42,17 @@ VALUES = {"lm_loss": 2.0, "ms_per_iter": 10.0, "tokens_per_s": 100.0, "tflops_pe
 
 def test_log_switches_choose_what_console_and_tensorboard_show(tmp_path):
     plain = args_for("--tensorboard-dir", str(tmp_path))
-    assert "TFLOP/s" not in console_line("x", VALUES, plain)
-    assert set(tensorboard_scalars(VALUES, plain)) == {"lm loss", "lm loss validation"}
+    assert "TFLOP/s" not in console_line("x", VALUES, plain.logging)
+    assert set(tensorboard_scalars(VALUES, plain.logging)) == {"lm loss", "lm loss validation"}
     everything = args_for("--tensorboard-dir", str(tmp_path), "--log-throughput",
                           "--log-timers-to-tensorboard", "--log-batch-size-to-tensorboard",
                           "--log-validation-ppl-to-tensorboard")
-    assert "0.5000 TFLOP/s/device" in console_line("x", VALUES, everything)
-    assert set(tensorboard_scalars(VALUES, everything)) == {
+    assert "0.5000 TFLOP/s/device" in console_line("x", VALUES, everything.logging)
+    assert set(tensorboard_scalars(VALUES, everything.logging)) == {
         "lm loss", "lm loss validation", "iteration-time", "tokens-per-second",
         "TFLOPs-per-device", "batch-size", "lm loss validation ppl"}
     timers_only = args_for("--tensorboard-dir", str(tmp_path), "--log-timers-to-tensorboard")
-    assert "TFLOPs-per-device" not in tensorboard_scalars(VALUES, timers_only)  # as Megatron
+    assert "TFLOPs-per-device" not in tensorboard_scalars(VALUES, timers_only.logging)
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_hypermoe.cli.arguments import parse_run_config
 from megatron_hypermoe.errors import ArgumentError, CheckpointError
-from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.lr_schedule import LRSchedule, scheduler_steps
 from tests.support.tiny_model import TINY_MODEL
 
@@ -19,7 +19,8 @@ HYPER_MULT = 0.25
 
 
 def args_for(*flags):
-    return parse_args([*TINY_MODEL, "--mock-data", "--global-batch-size", str(BATCH), *flags])
+    return parse_run_config([*TINY_MODEL, "--mock-data", "--global-batch-size", str(BATCH),
+                             *flags])
 
 
 def optimizer_like_the_trainers(weight_decay):
@@ -39,23 +40,24 @@ def megatron_reference(args, num_steps, **group):
 
     stand_in = SimpleNamespace(param_groups=[group])
     scheduler = OptimizerParamScheduler(
-        stand_in, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
-        lr_decay_style=args.lr_decay_style, start_wd=args.start_weight_decay,
-        end_wd=args.end_weight_decay, wd_incr_style=args.weight_decay_incr_style,
-        lr_wsd_decay_style=args.lr_wsd_decay_style, **scheduler_steps(args))
+        stand_in, init_lr=args.schedule.lr_warmup_init, max_lr=args.optimizer.lr,
+        min_lr=args.schedule.min_lr,
+        lr_decay_style=args.schedule.lr_decay_style, start_wd=args.schedule.start_weight_decay,
+        end_wd=args.schedule.end_weight_decay, wd_incr_style=args.schedule.weight_decay_incr_style,
+        lr_wsd_decay_style=args.schedule.lr_wsd_decay_style, **scheduler_steps(args))
     scheduler.step(num_steps)
     return stand_in.param_groups[0]
 
 
 def run_schedule(args):
     """The lr and weight decay of each group at each iteration, as the trainer steps it."""
-    optimizer = optimizer_like_the_trainers(args.weight_decay)
+    optimizer = optimizer_like_the_trainers(args.optimizer.weight_decay)
     schedule = LRSchedule(optimizer, args)
     seen = []
-    for iteration in range(args.train_iters + 1):
+    for iteration in range(args.training.train_iters + 1):
         seen.append([(g["lr"], g["weight_decay"]) for g in optimizer.param_groups])
         assert schedule.lr == optimizer.param_groups[0]["lr"]  # the canonical (logged) lr
-        schedule.step(args.global_batch_size)
+        schedule.step(args.training.global_batch_size)
     return seen
 
 
@@ -98,9 +100,9 @@ def test_lr_at_every_iteration_is_megatrons_and_the_formulas(flags, formula):
         assert math.isclose(lr, formula(iteration), rel_tol=1e-12, abs_tol=1e-15), iteration
         # Megatron's per-group bounds: warmup from the shared --lr-warmup-init to mult x --lr
         assert hyper_lr == megatron_reference(args, iteration * BATCH,
-                                              max_lr=HYPER_MULT * args.lr,
-                                              min_lr=HYPER_MULT * args.min_lr)["lr"]
-        if args.lr_warmup_init == 0:
+                                              max_lr=HYPER_MULT * args.optimizer.lr,
+                                              min_lr=HYPER_MULT * args.schedule.min_lr)["lr"]
+        if args.schedule.lr_warmup_init == 0:
             assert math.isclose(hyper_lr, HYPER_MULT * lr, rel_tol=1e-12), iteration
 
 
@@ -110,10 +112,10 @@ def test_sample_and_token_spans_give_the_iteration_schedule():
     by_iters = args_for("--train-iters", "10", "--lr-warmup-iters", "2", "--lr-decay-iters", "8")
     by_samples = args_for("--train-samples", str(10 * BATCH + 3), "--lr-warmup-samples",
                           str(2 * BATCH), "--lr-decay-samples", str(8 * BATCH))
-    tokens = BATCH * by_iters.seq_length
+    tokens = BATCH * by_iters.data.seq_length
     by_tokens = args_for("--train-iters", "10", "--lr-warmup-tokens", str(2 * tokens),
                          "--lr-decay-tokens", str(8 * tokens))
-    assert by_samples.train_iters == 10  # Megatron: samples // global batch
+    assert by_samples.training.train_iters == 10  # Megatron: samples // global batch
     reference = run_schedule(by_iters)
     for other in (by_samples, by_tokens):
         for a, b in zip(reference, run_schedule(other)):

@@ -1,5 +1,5 @@
 """A Megatron-LM user's launch script runs with only the entry point swapped, and no flag is
-parsed and then ignored (megatron_hypermoe/training/megatron_flags.py)."""
+parsed and then ignored (megatron_hypermoe/cli/megatron_flags.py)."""
 
 import json
 import subprocess
@@ -7,10 +7,10 @@ import sys
 
 import pytest
 
+from megatron_hypermoe.cli.arguments import build_parser, parse_args
+from megatron_hypermoe.cli.megatron_flag_tables import FIXED, REFUSED
+from megatron_hypermoe.cli.megatron_flags import flag_table, markdown_table
 from megatron_hypermoe.errors import ArgumentError
-from megatron_hypermoe.training.arguments import build_parser, parse_args
-from megatron_hypermoe.training.megatron_flag_tables import FIXED, REFUSED
-from megatron_hypermoe.training.megatron_flags import flag_table, markdown_table
 from tests.support.processes import REPO_ROOT, environment, pretrain
 from tests.support.run_outputs import read_metrics
 from tests.support.tiny_model import TINY_MODEL
@@ -169,8 +169,8 @@ def test_deprecated_and_deepspeed_recompute_flags_mean_megatron_cores_settings()
 
 
 def test_megatrons_loss_scale_flags_set_deepspeeds_fp16_scaler(tmp_path):
+    from megatron_hypermoe.cli.deepspeed_config import resolve_config
     from megatron_hypermoe.errors import DeepSpeedConfigError
-    from megatron_hypermoe.training.ds_config import resolve_config
 
     args = parse_args(RUNNABLE + ["--fp16", "--hysteresis", "4", "--initial-loss-scale", "4096",
                                   "--loss-scale-window", "500", "--min-loss-scale", "0.5"])

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
 
+from megatron_hypermoe.cli.arguments import moe_layer_freq_value, parse_args
 from megatron_hypermoe.errors import ArgumentError, CheckpointError, ConfigError
 from megatron_hypermoe.model.config import moe_layer_pattern
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
@@ -18,7 +19,6 @@ from megatron_hypermoe.model.initialization import (
     initialize_from_global_names,
     zero_side_path_output_,
 )
-from megatron_hypermoe.training.arguments import moe_layer_freq_value, parse_args
 from tests.support.processes import pretrain
 from tests.support.run_outputs import read_metrics, relative
 from tests.support.tiny_model import (
@@ -268,23 +268,27 @@ def test_a_checkpoint_does_not_resume_with_another_architecture():
     """The new fields are part of the checkpoint's shape; an MoE checkpoint loaded as HyperMoE
     without --finetune says how to start one from it. (Older checkpoints, which recorded none
     of them, are compared on the fields they have.)"""
+    from megatron_hypermoe.cli.arguments import parse_run_config
     from megatron_hypermoe.training.checkpoint.compatibility import (
         check_model_shape,
         checkpoint_shape,
     )
 
+    def run(flags):
+        return parse_run_config(flags).with_vocab(1024)
+
     base = ["--mock-data", "--train-iters", "1", "--moe-type", "moe"]
-    saved = {"model": checkpoint_shape(parse_args(base))}
+    saved = {"model": checkpoint_shape(run(base).to_flags())}
     with pytest.raises(CheckpointError,
                        match="has qk_layernorm=False but the flags give True: drop --qk-layernorm"):
-        check_model_shape(saved, parse_args([*base, "--qk-layernorm"]))
+        check_model_shape(saved, run([*base, "--qk-layernorm"]))
     with pytest.raises(CheckpointError, match=r"has moe_layer_freq=1 .* give \[1, 0, 1, 0\]"):
-        check_model_shape(saved, parse_args([*base, "--num-layers", "4",
-                                             "--moe-layer-freq", "[1, 0, 1, 0]"]))
+        check_model_shape(saved, run([*base, "--num-layers", "4",
+                                      "--moe-layer-freq", "[1, 0, 1, 0]"]))
     with pytest.raises(CheckpointError, match="add --finetune to start one from it"):
-        check_model_shape(saved, parse_args([*base, "--moe-type", "hypermoe"]))
+        check_model_shape(saved, run([*base, "--moe-type", "hypermoe"]))
     old = {"model": {k: v for k, v in saved["model"].items() if k != "qk_layernorm"}}
-    check_model_shape(old, parse_args(base))
+    check_model_shape(old, run(base))
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ loop. The non-finite gradient is injected by a tensor hook the worker puts on on
 registers the hook in that rank's process alone.
 """
 
+import dataclasses
 import math
 import os
 import signal
@@ -101,10 +102,10 @@ def _inject_inf_gradient(trainer, param, at_iterations):
 
 
 def _train(flags, prepare=None):
-    from megatron_hypermoe.training.arguments import parse_args
+    from megatron_hypermoe.cli.arguments import parse_run_config
     from megatron_hypermoe.training.trainer import Trainer
 
-    trainer = Trainer(parse_args(flags, int(os.environ["WORLD_SIZE"])))
+    trainer = Trainer(parse_run_config(flags, int(os.environ["WORLD_SIZE"])))
     trainer.setup()
     records = [{"iteration": 0, **_snapshot(trainer)}]
     step = trainer.train_step
@@ -129,7 +130,7 @@ def _drop_batch_at(iteration):
         def step(batches):
             if trainer.state.iteration + 1 != iteration:
                 return real(batches)
-            for _ in range(trainer.args.gradient_accumulation_steps):
+            for _ in range(trainer.run.training.gradient_accumulation_steps):
                 next(batches)
             return torch.tensor(float("nan")), trainer.schedule.lr, True
         return step
@@ -162,7 +163,9 @@ def _worker(out_dir, scenario):
             own, other, names = _owned_parameters(trainer)
             if rank == 1:
                 assert other is not None, "rank 1 holds every parameter: no cross-rank case"
-                trainer.args.inject_nan_loss_at = [2]
+                run = trainer.run  # --inject-nan-loss-at 2 on this rank only
+                trainer.run = dataclasses.replace(run, training=dataclasses.replace(
+                    run.training, inject_nan_loss_at=(2,)))
                 _inject_inf_gradient(trainer, other, {4})
                 _inject_inf_gradient(trainer, own, {6})
                 results["inf_parameters"] = (names[id(other)], names[id(own)])

@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
+from megatron_hypermoe.cli.arguments import model_config, parse_args, run_config
 from megatron_hypermoe.errors import ArgumentError
 from megatron_hypermoe.model.gpt import build_gpt_model
 from megatron_hypermoe.model.hypermoe_layer import HyperMoELayer
 from megatron_hypermoe.model.memory import SavedActivationBytes
-from megatron_hypermoe.training.arguments import model_config, parse_args
 from tests.support.tiny_model import SEQ, TINY_MODEL, VOCAB, batch, lm_loss, tiny_run
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -253,7 +253,7 @@ def test_recompute_is_not_part_of_a_checkpoint_and_round_trips():
     """A run may resume with another recompute setting (the weights are the same), and the
     importer's flags-from-config give the recompute fields back, also from a config object that
     did not come from flags (megatron-core's own default fills recompute_modules)."""
-    from megatron_hypermoe.training.arguments import args_for_model
+    from megatron_hypermoe.cli.arguments import args_for_model
     from megatron_hypermoe.training.checkpoint.compatibility import (
         check_model_shape,
         checkpoint_shape,
@@ -261,13 +261,13 @@ def test_recompute_is_not_part_of_a_checkpoint_and_round_trips():
     from tests.support.ep_cases import EP_RECOMPUTE_CASES
     from tests.support.tiny_model import tiny_config
 
-    plain = flags_args()
+    plain = run_config(flags_args()).with_vocab(64)
     configs = [tiny_config(), *(tiny_config(**fields)
                                 for _, _, fields in EP_RECOMPUTE_CASES.values())]
     for mode in MODES.values():
-        args = flags_args(*mode)
-        check_model_shape({"model": checkpoint_shape(plain)}, args)  # no error
-        configs.append(model_config(args))
+        run = run_config(flags_args(*mode)).with_vocab(64)
+        check_model_shape({"model": checkpoint_shape(plain.to_flags())}, run)  # no error
+        configs.append(run.model)
     for config in configs:
         again = model_config(args_for_model(config, 1, mock_data=True, train_iters=1))
         assert recompute_fields(again) == recompute_fields(config)

@@ -224,9 +224,9 @@ def test_each_balancing_type_is_logged_under_its_own_name(types, logged):
 def test_export_refuses_routing_hugging_face_cannot_compute(flags, message, moe_type):
     """Refused in one line before anything is read or written; the same model without the
     option passes the check."""
+    from megatron_hypermoe.cli.arguments import parse_args
     from megatron_hypermoe.conversion.export import check_representable
     from megatron_hypermoe.errors import CheckpointError
-    from megatron_hypermoe.training.arguments import parse_args
     from megatron_hypermoe.training.checkpoint.reader import Checkpoint
 
     def checkpoint(extra):

@@ -12,9 +12,10 @@ import argparse
 import os
 import sys
 
+from megatron_hypermoe.cli.model_source_flags import add_checkpoint_choice_args, model_source
 from megatron_hypermoe.errors import exit_on_user_error
 from megatron_hypermoe.inference.analysis import analyze_model, write_analysis
-from megatron_hypermoe.inference.model_source import add_checkpoint_choice_args, load_model
+from megatron_hypermoe.inference.model_source import load_model
 
 
 @exit_on_user_error
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
     add_checkpoint_choice_args(parser)
     args = parser.parse_args(argv)
     args.hf = None
-    loaded = load_model(args)
+    loaded = load_model(model_source(args))
     summary, tokens, moe_type = analyze_model(loaded, args.input, args.json_keys,
                                               args.max_tokens)
     text, written = write_analysis(summary, tokens, moe_type,

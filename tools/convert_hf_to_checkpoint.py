@@ -17,11 +17,15 @@ import sys
 
 import torch
 
+from megatron_hypermoe.cli.arguments import (
+    add_hyper_size_args,
+    hyper_lr_mult_value,
+    run_config_for_model,
+)
 from megatron_hypermoe.conversion.import_hf import import_hf
 from megatron_hypermoe.errors import CheckpointError, exit_on_user_error
 from megatron_hypermoe.model.config import HYPER_INITS, HYPER_SIZE_NAMES
 from megatron_hypermoe.parallel.distributed import destroy_distributed
-from megatron_hypermoe.training.arguments import add_hyper_size_args, hyper_lr_mult_value
 
 
 @exit_on_user_error
@@ -69,7 +73,8 @@ def main(argv=None) -> int:
               upcycle_fields=upcycle_fields, hyper_lr_mult=args.hyper_lr_mult,
               tensor_model_parallel_size=args.tensor_model_parallel_size,
               expert_model_parallel_size=args.expert_model_parallel_size,
-              zero_stage=args.zero_stage, seed=args.seed)
+              zero_stage=args.zero_stage, seed=args.seed,
+              run_config_for_model=run_config_for_model)
     destroy_distributed()
     print(f"wrote checkpoint {args.save}")
     return 0

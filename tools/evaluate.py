@@ -12,9 +12,10 @@ import argparse
 import json
 import sys
 
+from megatron_hypermoe.cli.model_source_flags import add_model_source_args, model_source
 from megatron_hypermoe.errors import exit_on_user_error
 from megatron_hypermoe.inference.evaluation import evaluate_model
-from megatron_hypermoe.inference.model_source import add_model_source_args, load_model
+from megatron_hypermoe.inference.model_source import load_model
 
 
 @exit_on_user_error
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true",
                         help="make the last line a JSON object (ppl, tokens, ...)")
     args = parser.parse_args(argv)
-    loaded = load_model(args)
+    loaded = load_model(model_source(args))
     seq_length = args.seq_length or loaded.max_sequence_length
     result = evaluate_model(loaded, args.input, args.json_keys, seq_length)
     line = f"{result.tokens:,} tokens: loss {result.nll / result.tokens:.4f}, ppl {result.ppl:.3f}"

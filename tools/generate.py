@@ -9,12 +9,9 @@ import sys
 
 import torch
 
+from megatron_hypermoe.cli.model_source_flags import add_model_source_args, model_source
 from megatron_hypermoe.errors import ArgumentError, exit_on_user_error
-from megatron_hypermoe.inference.model_source import (
-    add_model_source_args,
-    as_megatron_callable,
-    load_model,
-)
+from megatron_hypermoe.inference.model_source import as_megatron_callable, load_model
 from megatron_hypermoe.model.generation import generate_ids
 
 
@@ -33,7 +30,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 < args.top_p <= 1.0 or args.temperature <= 0:
         raise ArgumentError("--top-p must be in (0, 1] and --temperature positive")
-    loaded = load_model(args)
+    loaded = load_model(model_source(args))
     tokenizer = loaded.tokenizer
     prompt = tokenizer.tokenize(args.prompt) or [tokenizer.eod]
     new = generate_ids(as_megatron_callable(loaded), prompt, args.max_new_tokens,

@@ -1,16 +1,16 @@
 #!/usr/bin/env python
 """Print docs/coming-from-megatron.md's table of Megatron-LM / Megatron-DeepSpeed flags: what
 each does here (same, fixed by the architecture, refused and why), from
-megatron_hypermoe/training/megatron_flags.py.
+megatron_hypermoe/cli/megatron_flags.py.
 
     python tools/megatron_flag_table.py
 """
 
 import sys
 
+from megatron_hypermoe.cli.arguments import build_parser
+from megatron_hypermoe.cli.megatron_flags import markdown_table
 from megatron_hypermoe.errors import exit_on_user_error
-from megatron_hypermoe.training.arguments import build_parser
-from megatron_hypermoe.training.megatron_flags import markdown_table
 
 
 @exit_on_user_error

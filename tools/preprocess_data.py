@@ -11,9 +11,9 @@ Writes PREFIX_<key>_document.bin/.idx plus a .tokenizer.json sidecar; see
 import argparse
 import sys
 
+from megatron_hypermoe.cli.data_flags import add_tokenizer_args, tokenizer_config
 from megatron_hypermoe.data.corpus import TEXT_SAMPLE_BY
-from megatron_hypermoe.data.preprocess import preprocess
-from megatron_hypermoe.data.tokenizer import add_tokenizer_args
+from megatron_hypermoe.data.preprocess import PreprocessJob, preprocess
 from megatron_hypermoe.errors import exit_on_user_error
 
 
@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = preprocess(args)
+        summary = preprocess(PreprocessJob(
+            input=tuple(args.input), output_prefix=args.output_prefix,
+            tokenizer=tokenizer_config(args), json_keys=tuple(args.json_keys),
+            text_sample_by=args.text_sample_by, skip_bad_lines=args.skip_bad_lines,
+            append_eod=args.append_eod, overwrite=args.overwrite, workers=args.workers,
+            log_interval=args.log_interval))
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from megatron_hypermoe.data.corpus import TEXT_SAMPLE_BY
-from megatron_hypermoe.data.train_tokenizer import train_tokenizer
+from megatron_hypermoe.data.train_tokenizer import TokenizerTrainingJob, train_tokenizer
 from megatron_hypermoe.errors import exit_on_user_error
 
 
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    path = train_tokenizer(args)
+    fields = {name: getattr(args, name) for name in TokenizerTrainingJob.__dataclass_fields__}
+    path = train_tokenizer(TokenizerTrainingJob(**{
+        **fields, "input": tuple(args.input), "json_keys": tuple(args.json_keys)}))
     print(f"wrote {path} (vocab size {args.vocab_size})")
     return 0
 

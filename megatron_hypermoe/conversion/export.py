@@ -87,19 +87,18 @@ def hf_family(config) -> str:
 
 def check_representable(checkpoint: Checkpoint) -> str:
     """The HF family of the checkpoint's model, or a one-line refusal."""
-    args = checkpoint.args
     config = checkpoint.model_config()
     routing = unrepresentable_routing(config)
     if routing:
-        raise CheckpointError(f"this {args.moe_type} model {routing}, which the Hugging Face "
+        raise CheckpointError(f"this {config.moe_type} model {routing}, which the Hugging Face "
                               "model (Mixtral's routing) cannot compute: not exported")
-    if args.moe_type == "moe_adapter":
+    if config.moe_type == "moe_adapter":
         raise CheckpointError("moe_adapter (the static-adapter ablation) has no Hugging Face "
                               "architecture to export to; it exists for benchmarks/"
                               "compare_variants.py")
     family = hf_family(config)
     if family == "mixtral" and not gates_renormalised(config):
-        top1 = "top-1 " if args.moe_router_topk == 1 else ""
+        top1 = "top-1 " if config.moe_router_topk == 1 else ""
         raise CheckpointError(
             f"a {top1}megatron MoE with unrenormalised gates cannot be exported as "
             "MixtralForCausalLM exactly: Mixtral renormalises the selected experts' weights, "
@@ -109,19 +108,19 @@ def check_representable(checkpoint: Checkpoint) -> str:
 
 
 def hf_config(checkpoint: Checkpoint, eod: Optional[int], family: Optional[str] = None) -> dict:
-    args = checkpoint.args
+    run = checkpoint.run
     config = checkpoint.model_config()
     family = family or hf_family(config)
     shape = NameMapShape.of(config, family)
-    dtype = "bfloat16" if checkpoint.meta["args"].get("bf16") else "float32"
+    dtype = "bfloat16" if run.model.bf16 else "float32"
     common = dict(
-        vocab_size=args.padded_vocab_size, hidden_size=args.hidden_size,
-        intermediate_size=config.ffn_hidden_size, num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_attention_heads,
+        vocab_size=run.embedding.padded_vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.ffn_hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_query_groups, head_dim=config.kv_channels,
-        hidden_act="silu", max_position_embeddings=args.max_position_embeddings,
+        hidden_act="silu", max_position_embeddings=run.embedding.max_position_embeddings,
         rms_norm_eps=config.layernorm_epsilon, rope_theta=config.rotary_base,
-        initializer_range=args.init_method_std, tie_word_embeddings=False, use_cache=True,
+        initializer_range=config.init_method_std, tie_word_embeddings=False, use_cache=True,
         torch_dtype=dtype, attention_dropout=0.0,
     )
     if eod is not None:
@@ -129,22 +128,23 @@ def hf_config(checkpoint: Checkpoint, eod: Optional[int], family: Optional[str] 
     if family == "llama":
         return dict(model_type="llama", architectures=["LlamaForCausalLM"],
                     attention_bias=shape.qkv_bias, mlp_bias=False, **common)
-    moe = dict(num_experts_per_tok=args.moe_router_topk,
-               router_aux_loss_coef=args.moe_aux_loss_coeff, output_router_logits=False,
+    moe = dict(num_experts_per_tok=config.moe_router_topk,
+               router_aux_loss_coef=config.moe_aux_loss_coeff, output_router_logits=False,
                sliding_window=None, **common)
     dense_layers = [layer for layer in range(shape.num_layers) if not shape.is_moe_layer(layer)]
     if family == "mixtral":
         moe["intermediate_size"] = config.moe_ffn_hidden_size  # (every layer is an MoE layer)
         return dict(model_type="mixtral", architectures=["MixtralForCausalLM"],
-                    num_local_experts=args.num_experts, **moe)
+                    num_local_experts=config.num_moe_experts, **moe)
     # The MoE layers as Qwen's rule reads them: every layer (decoder_sparse_step 1) but these.
-    qwen = dict(num_experts=args.num_experts, moe_intermediate_size=config.moe_ffn_hidden_size,
+    qwen = dict(num_experts=config.num_moe_experts,
+                moe_intermediate_size=config.moe_ffn_hidden_size,
                 norm_topk_prob=gates_renormalised(config), decoder_sparse_step=1,
                 mlp_only_layers=dense_layers, use_sliding_window=False, **moe)
     if family == "qwen2_moe":
         return dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"],
                     shared_expert_intermediate_size=shape.shared_expert_size,
-                    qkv_bias=shape.qkv_bias, max_window_layers=args.num_layers, **qwen)
+                    qkv_bias=shape.qkv_bias, max_window_layers=config.num_layers, **qwen)
     if family == "qwen3_moe":
         return dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
                     attention_bias=shape.qkv_bias, **qwen)
@@ -152,13 +152,13 @@ def hf_config(checkpoint: Checkpoint, eod: Optional[int], family: Optional[str] 
         model_type="hypermoe", architectures=["HyperMoeForCausalLM"],
         auto_map={"AutoConfig": "configuration_hypermoe.HyperMoeConfig",
                   "AutoModelForCausalLM": "modeling_hypermoe.HyperMoeForCausalLM"},
-        num_local_experts=args.num_experts, norm_topk_prob=gates_renormalised(config),
+        num_local_experts=config.num_moe_experts, norm_topk_prob=gates_renormalised(config),
         moe_intermediate_size=config.moe_ffn_hidden_size,
         shared_expert_intermediate_size=shape.shared_expert_size,
         shared_expert_gate=shape.shared_expert_gate, qkv_bias=shape.qkv_bias,
         qk_norm=shape.qk_layernorm, mlp_only_layers=dense_layers,
         **{name: getattr(config, name) for name in HYPER_SIZE_NAMES},
-        hyper_init=config.hyper_init, hyper_lr_mult=args.hyper_lr_mult, **moe)
+        hyper_init=config.hyper_init, hyper_lr_mult=run.optimizer.hyper_lr_mult, **moe)
 
 
 def write_hf_directory(output: str, state: dict, config: dict, write_extra) -> None:
@@ -193,11 +193,11 @@ def export_checkpoint(load_dir: str, output: str, iteration: Optional[int] = Non
     """Convert; returns the HF config written."""
     checkpoint = read_checkpoint(load_dir, iteration)
     family = check_representable(checkpoint)
-    tokenizer_args, tokenizer = checked_training_tokenizer(
-        checkpoint.args, checkpoint.meta.get("tokenizer"), tokenizer_model)
-    eod = None if tokenizer_args.tokenizer_type == "NullTokenizer" else int(tokenizer.eod)
+    tokenizer_config, tokenizer = checked_training_tokenizer(
+        checkpoint.run.tokenizer, checkpoint.meta.get("tokenizer"), tokenizer_model)
+    eod = None if tokenizer_config.tokenizer_type == "NullTokenizer" else int(tokenizer.eod)
     config = hf_config(checkpoint, eod, family)
     state = to_hf(checkpoint.state, NameMapShape.of(checkpoint.model_config(), family))
     write_hf_directory(output, state, config,
-                       lambda staging: write_tokenizer_files(tokenizer_args, tokenizer, staging))
+                       lambda staging: write_tokenizer_files(tokenizer_config, tokenizer, staging))
     return config

@@ -20,6 +20,7 @@ trains. Only safetensors weights are read: nothing is unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -282,8 +283,11 @@ def _check_hf_weights(hf_dir: str, hf_state: dict, shape: NameMapShape, model_ty
 def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[str] = None,
               upcycle_fields: Optional[dict] = None, hyper_lr_mult=None,
               tensor_model_parallel_size: int = 1, expert_model_parallel_size: int = 1,
-              zero_stage: int = 1, seed: int = 1234) -> str:
+              zero_stage: int = 1, seed: int = 1234, *, run_config_for_model) -> str:
     """Convert (collective under torchrun). Returns the checkpoint directory written.
+    ``run_config_for_model(config, world_size, **flags)``: the command-line boundary's
+    (cli/arguments.py), which validates the run that will resume the checkpoint as a parsed
+    command line would be.
     ``upcycle_fields``: config fields of the upcycled MoE (``num_moe_experts``,
     ``moe_router_topk``, ``moe_router_pre_softmax``, hyper sizes, ``hyper_init``); None values
     are left to the defaults (for an MoE source: to the source's)."""
@@ -292,7 +296,6 @@ def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[
     from megatron_hypermoe.data.tokenizer import tokenizer_fingerprint
     from megatron_hypermoe.model.initialization import load_global_state
     from megatron_hypermoe.parallel.experts import global_name_function
-    from megatron_hypermoe.training.arguments import args_for_model
     from megatron_hypermoe.training.checkpoint.save_load import TrainState, save_checkpoint
     from megatron_hypermoe.training.setup import build_engine, build_model, initialize_parallel
 
@@ -313,23 +316,24 @@ def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[
               and name not in VARIANT_HYPER_FIELDS[target]]
     if hyper_lr_mult is not None and target != "hypermoe":
         unread.append("hyper_lr_mult")
-    if unread:  # as the trainer refuses them (training/arguments.py resolve_hyper_flags)
+    if unread:  # as the trainer refuses them (cli/arguments.py resolve_hyper_flags)
         raise ArgumentError(f"--{unread[0].replace('_', '-')} does not apply to --moe-type "
                             f"{target}: drop it")
     if hyper_lr_mult is None and source == "hypermoe":  # as it trained (1 before it was recorded)
         hyper_lr_mult = hf_config.get("hyper_lr_mult", 1.0)
-    tokenizer_args, tokenizer = hf_directory_tokenizer(hf_dir)
+    tokenizer_config, tokenizer = hf_directory_tokenizer(hf_dir)
     tp, ep = tensor_model_parallel_size, expert_model_parallel_size
     config = megatron_config(hf_config, target, upcycle_fields, tp, ep)
     positions = hf_config["max_position_embeddings"]
-    args = args_for_model(
+    run = run_config_for_model(
         config, int(os.environ.get("WORLD_SIZE", "1")),
         max_position_embeddings=positions, seq_length=positions,
         make_vocab_size_divisible_by=_vocab_divisor(int(tokenizer.vocab_size),
                                                     hf_config["vocab_size"], tp),
-        **vars(tokenizer_args), mock_data=True, train_iters=1, micro_batch_size=1,
+        **dataclasses.asdict(tokenizer_config), mock_data=True, train_iters=1, micro_batch_size=1,
         zero_stage=zero_stage, seed=seed, save=save, hyper_lr_mult=hyper_lr_mult)
-    args.padded_vocab_size = hf_config["vocab_size"]
+    run = dataclasses.replace(run, embedding=dataclasses.replace(
+        run.embedding, padded_vocab_size=hf_config["vocab_size"]))
     source_shape = NameMapShape.of(config, family=model_type)._replace(moe_type=source)
     hf_state = read_hf_weights(hf_dir)
     try:
@@ -341,8 +345,9 @@ def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[
     del hf_state
     if upcycle and source == "dense" and target != "dense":
         state = _upcycle(state, config.num_moe_experts)
-    initialize_parallel(args)
-    model = build_model(config, args, initialize=False)
+    initialize_parallel(run)
+    config = run.model
+    model = build_model(run, initialize=False)
     if upcycle and source != "dense":  # everything but the side path comes from the source
         to_global = global_name_function(config)
         lacking = [to_global(name) for name, _ in model.named_parameters()
@@ -359,8 +364,8 @@ def import_hf(hf_dir: str, save: str, upcycle: bool = False, moe_type: Optional[
         from megatron_hypermoe.model.initialization import zero_side_path_output_
 
         zero_side_path_output_(model)  # the side path adds exactly 0: the source's outputs
-    engine, _ = build_engine(model, args)  # ZeRO's fp32 master weights copy the loaded ones
-    save_checkpoint(engine, args, TrainState(),
-                    tokenizer=tokenizer_fingerprint(tokenizer_args, tokenizer))
+    engine, _ = build_engine(model, run)  # ZeRO's fp32 master weights copy the loaded ones
+    save_checkpoint(engine, run, TrainState(),
+                    tokenizer=tokenizer_fingerprint(tokenizer_config, tokenizer))
     dist.barrier()
     return save

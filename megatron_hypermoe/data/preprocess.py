@@ -11,23 +11,24 @@ so an interrupted or failed run leaves no half-written dataset behind.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
 import sys
 import time
 from itertools import islice
-from typing import Dict, Iterable, Iterator, List, Sequence
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
 from megatron_hypermoe.data.corpus import ReadStats, iter_documents
 from megatron_hypermoe.data.outputs import check_output_paths
 from megatron_hypermoe.data.tokenizer import (
+    TokenizerConfig,
     build_tokenizer,
     tokenizer_fingerprint,
-    validate_tokenizer_args,
+    validate_tokenizer,
 )
 from megatron_hypermoe.errors import DataError
 
@@ -55,9 +56,9 @@ _worker_tokenizer = None
 _worker_append_eod = False
 
 
-def _init_worker(tokenizer_args: dict, append_eod: bool):
+def _init_worker(tokenizer: TokenizerConfig, append_eod: bool):
     global _worker_tokenizer, _worker_append_eod
-    _worker_tokenizer = build_tokenizer(argparse.Namespace(**tokenizer_args))
+    _worker_tokenizer = build_tokenizer(tokenizer)
     _worker_append_eod = append_eod
 
 
@@ -83,15 +84,15 @@ def _chunks(documents: Iterable, size: int) -> Iterator[List[Dict[str, str]]]:
         yield chunk
 
 
-def _tokenized(documents, tokenizer_args: dict, append_eod: bool, workers: int):
+def _tokenized(documents, tokenizer: TokenizerConfig, append_eod: bool, workers: int):
     chunks = _chunks(documents, CHUNK_DOCUMENTS)
     if workers <= 1:
-        _init_worker(tokenizer_args, append_eod)
+        _init_worker(tokenizer, append_eod)
         for chunk in chunks:
             yield from _tokenize_chunk(chunk)
         return
     with multiprocessing.get_context("fork").Pool(
-        workers, initializer=_init_worker, initargs=(tokenizer_args, append_eod)
+        workers, initializer=_init_worker, initargs=(tokenizer, append_eod)
     ) as pool:
         # imap keeps input order, so any worker count writes the same bytes.
         for results in pool.imap(_tokenize_chunk, chunks):
@@ -124,36 +125,49 @@ class _Progress:
             self.bar.close()
 
 
-def preprocess(args) -> dict:
+@dataclasses.dataclass(frozen=True)
+class PreprocessJob:
+    """What tools/preprocess_data.py's flags ask for (the same names)."""
+    input: Tuple[str, ...]
+    output_prefix: str
+    tokenizer: TokenizerConfig
+    json_keys: Tuple[str, ...] = ("text",)
+    text_sample_by: str = "document"
+    skip_bad_lines: bool = False
+    append_eod: bool = False
+    overwrite: bool = False
+    workers: int = 1
+    log_interval: int = 1000
+
+
+def preprocess(job: PreprocessJob) -> dict:
     """Run the conversion; returns a summary. Raises DataError on bad input."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    validate_tokenizer_args(args)
-    if args.workers < 1:
-        raise DataError(f"--workers {args.workers} must be at least 1")
-    finals = output_files(args.output_prefix, args.json_keys)
-    check_output_paths(finals, args.overwrite, args.output_prefix, "--output-prefix")
+    validate_tokenizer(job.tokenizer)
+    if job.workers < 1:
+        raise DataError(f"--workers {job.workers} must be at least 1")
+    finals = output_files(job.output_prefix, job.json_keys)
+    check_output_paths(finals, job.overwrite, job.output_prefix, "--output-prefix")
 
-    tokenizer = build_tokenizer(args)
+    tokenizer = build_tokenizer(job.tokenizer)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    tokenizer_args = {k: getattr(args, k) for k in
-                      ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file")}
     suffix = f".tmp-{os.getpid()}"
     temporaries = {path: path + suffix for path in finals}
-    prefixes = {key: output_prefix_for_key(args.output_prefix, key) for key in args.json_keys}
+    prefixes = {key: output_prefix_for_key(job.output_prefix, key) for key in job.json_keys}
     stats = ReadStats()
-    empty = {key: 0 for key in args.json_keys}
-    written = {key: 0 for key in args.json_keys}
+    empty = {key: 0 for key in job.json_keys}
+    written = {key: 0 for key in job.json_keys}
     tokens = 0
     builders = {}
-    progress = _Progress(args.log_interval)
+    progress = _Progress(job.log_interval)
     try:
         builders = {key: IndexedDatasetBuilder(temporaries[prefix + ".bin"], dtype=dtype)
                     for key, prefix in prefixes.items()}
-        documents = iter_documents(args.input, args.json_keys, args.skip_bad_lines,
-                                   args.text_sample_by, stats)
+        documents = iter_documents(job.input, job.json_keys, job.skip_bad_lines,
+                                   job.text_sample_by, stats)
         for index, encoded in enumerate(
-                _tokenized(documents, tokenizer_args, args.append_eod, args.workers), start=1):
+                _tokenized(documents, job.tokenizer, job.append_eod, job.workers), start=1):
             for key, ids in encoded.items():
                 if ids.size == 0:
                     empty[key] += 1
@@ -163,14 +177,14 @@ def preprocess(args) -> dict:
                 tokens += int(ids.size)
             progress.update(index, tokens)
         if stats.documents == 0:
-            raise DataError(f"no documents found in {' '.join(args.input)}; check --input")
+            raise DataError(f"no documents found in {' '.join(job.input)}; check --input")
         for key, prefix in prefixes.items():
             if written[key] == 0:
                 raise DataError(f"every document's {key!r} field is empty; check --json-keys")
             builders[key].finalize(temporaries[prefix + ".idx"])
             with open(temporaries[sidecar_path(prefix)], "w") as handle:
-                json.dump(dict(tokenizer_fingerprint(args, tokenizer), json_key=key,
-                               append_eod=bool(args.append_eod)), handle, indent=1)
+                json.dump(dict(tokenizer_fingerprint(job.tokenizer, tokenizer), json_key=key,
+                               append_eod=bool(job.append_eod)), handle, indent=1)
         for key, prefix in prefixes.items():  # .idx last: a reader needs both
             for path in (prefix + ".bin", sidecar_path(prefix), prefix + ".idx"):
                 os.replace(temporaries[path], path)

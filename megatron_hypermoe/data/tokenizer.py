@@ -1,16 +1,18 @@
-"""Tokenizer flags and construction, shared by preprocessing, training and the tools.
+"""Tokenizer construction, shared by preprocessing, training and the tools.
 
-The same flags build the same tokenizer everywhere (Megatron-LM's names: --tokenizer-type,
---tokenizer-model, --vocab-file, --merge-file), through megatron-core's own ``build_tokenizer``.
+The same :class:`TokenizerConfig` (the flags --tokenizer-type, --tokenizer-model, --vocab-file,
+--merge-file, --vocab-size: cli/data_flags.py) builds the same tokenizer everywhere, through
+megatron-core's own ``build_tokenizer``.
 ``tokenizer_fingerprint`` identifies a tokenizer by content, so a dataset preprocessed with one
 tokenizer is refused when training with another.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
 import os
+import types
 from typing import Optional
 
 from megatron_hypermoe.errors import DataError
@@ -22,19 +24,13 @@ TOKENIZER_TYPES = (*SENTENCEPIECE_TYPES, "HuggingFaceTokenizer", "GPT2BPETokeniz
                    "NullTokenizer")
 
 
-def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, required=False,
-                       help="SentencePieceTokenizer, GPTSentencePieceTokenizer or "
-                            "Llama2Tokenizer (--tokenizer-model FILE.model), "
-                            "HuggingFaceTokenizer (--tokenizer-model DIR), "
-                            "GPT2BPETokenizer (--vocab-file and --merge-file), "
-                            "NullTokenizer (--vocab-size; ids only, for --mock-data)")
-    group.add_argument("--tokenizer-model", help="SentencePiece .model file or HF tokenizer dir")
-    group.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
-    group.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer's vocabulary")
-    return parser
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    tokenizer_type: Optional[str] = None
+    tokenizer_model: Optional[str] = None  # SentencePiece .model file or HF tokenizer directory
+    vocab_file: Optional[str] = None  # GPT-2 BPE vocab.json
+    merge_file: Optional[str] = None  # GPT-2 BPE merges.txt
+    vocab_size: Optional[int] = None  # NullTokenizer's vocabulary
 
 
 def _require(value: Optional[str], flag: str, tokenizer_type: str, kind: str = "file"):
@@ -51,42 +47,42 @@ FILES_READ = {**{kind: ("tokenizer_model",) for kind in SENTENCEPIECE_TYPES},
               "GPT2BPETokenizer": ("vocab_file", "merge_file"), "NullTokenizer": ()}
 
 
-def validate_tokenizer_args(args) -> None:
-    kind = args.tokenizer_type
+def validate_tokenizer(config: TokenizerConfig) -> None:
+    kind = config.tokenizer_type
     if kind is None:
         raise DataError("--tokenizer-type is required: one of " + ", ".join(TOKENIZER_TYPES))
     for dest in ("tokenizer_model", "vocab_file", "merge_file"):
-        if getattr(args, dest, None) and dest not in FILES_READ[kind]:
+        if getattr(config, dest) and dest not in FILES_READ[kind]:
             raise DataError(f"--{dest.replace('_', '-')} is not read by --tokenizer-type {kind}: "
                             "drop it or pick the type that reads it")
     if kind in SENTENCEPIECE_TYPES:
-        _require(args.tokenizer_model, "--tokenizer-model", kind)
+        _require(config.tokenizer_model, "--tokenizer-model", kind)
     elif kind == "HuggingFaceTokenizer":
-        _require(args.tokenizer_model, "--tokenizer-model", kind, kind="dir")
+        _require(config.tokenizer_model, "--tokenizer-model", kind, kind="dir")
     elif kind == "GPT2BPETokenizer":
-        _require(args.vocab_file, "--vocab-file", kind)
-        _require(args.merge_file, "--merge-file", kind)
-    elif kind == "NullTokenizer" and not getattr(args, "vocab_size", None):
+        _require(config.vocab_file, "--vocab-file", kind)
+        _require(config.merge_file, "--merge-file", kind)
+    elif kind == "NullTokenizer" and not config.vocab_size:
         raise DataError("--tokenizer-type NullTokenizer needs --vocab-size")
 
 
-def build_tokenizer(args):
+def build_tokenizer(config: TokenizerConfig):
     """megatron-core's tokenizer for these flags (it has .tokenize, .detokenize, .eod,
     .vocab_size)."""
     from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer as mcore_build
 
-    validate_tokenizer_args(args)
-    if args.tokenizer_type == "GPT2BPETokenizer":
-        return _build_gpt2_bpe(args, mcore_build)
-    megatron_args = _megatron_tokenizer_args(args.tokenizer_type, args.tokenizer_model,
-                                             args.vocab_file, args.merge_file)
-    megatron_args.vocab_size = getattr(args, "vocab_size", None)
-    if args.tokenizer_type == "HuggingFaceTokenizer":
+    validate_tokenizer(config)
+    if config.tokenizer_type == "GPT2BPETokenizer":
+        return _build_gpt2_bpe(config, mcore_build)
+    megatron_args = _megatron_tokenizer_args(config.tokenizer_type, config.tokenizer_model,
+                                             config.vocab_file, config.merge_file)
+    megatron_args.vocab_size = config.vocab_size
+    if config.tokenizer_type == "HuggingFaceTokenizer":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never ask the hub
     return mcore_build(megatron_args)
 
 
-def _build_gpt2_bpe(args, mcore_build):
+def _build_gpt2_bpe(config: TokenizerConfig, mcore_build):
     # megatron-core 0.16.1's GPT2BPETokenizer fetches the "gpt2" config from the Hugging Face
     # Hub even when given vocab and merges (and passes the merges under a misspelt keyword).
     # Build the same byte-level BPE locally and hand it to megatron's HuggingFaceTokenizer.
@@ -94,7 +90,7 @@ def _build_gpt2_bpe(args, mcore_build):
 
     from transformers import GPT2Tokenizer
 
-    hf_tokenizer = GPT2Tokenizer(vocab=args.vocab_file, merges=args.merge_file)
+    hf_tokenizer = GPT2Tokenizer(vocab=config.vocab_file, merges=config.merge_file)
     with tempfile.TemporaryDirectory() as directory:
         hf_tokenizer.save_pretrained(directory)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,7 +99,7 @@ def _build_gpt2_bpe(args, mcore_build):
 
 def _megatron_tokenizer_args(tokenizer_type, tokenizer_model, vocab_file=None, merge_file=None):
     """The namespace megatron-core's build_tokenizer reads (Megatron-LM's argument names)."""
-    return argparse.Namespace(
+    return types.SimpleNamespace(
         tokenizer_type=tokenizer_type,
         tokenizer_model=tokenizer_model,
         vocab_file=vocab_file,
@@ -129,23 +125,23 @@ def _hash_files(paths) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_fingerprint(args, tokenizer) -> dict:
+def tokenizer_fingerprint(config: TokenizerConfig, tokenizer) -> dict:
     """What identifies the tokenizer a dataset was written with."""
-    if args.tokenizer_type == "NullTokenizer":
+    if config.tokenizer_type == "NullTokenizer":
         files = []
-    elif args.tokenizer_type in SENTENCEPIECE_TYPES:
-        files = [args.tokenizer_model]
-    elif args.tokenizer_type == "GPT2BPETokenizer":
-        files = [args.vocab_file, args.merge_file]
+    elif config.tokenizer_type in SENTENCEPIECE_TYPES:
+        files = [config.tokenizer_model]
+    elif config.tokenizer_type == "GPT2BPETokenizer":
+        files = [config.vocab_file, config.merge_file]
     else:
         files = sorted(
-            os.path.join(args.tokenizer_model, name)
-            for name in os.listdir(args.tokenizer_model)
+            os.path.join(config.tokenizer_model, name)
+            for name in os.listdir(config.tokenizer_model)
             if name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model",
                         "tokenizer_config.json", "special_tokens_map.json")
         )
     return {
-        "tokenizer_type": args.tokenizer_type,
+        "tokenizer_type": config.tokenizer_type,
         "vocab_size": int(tokenizer.vocab_size),
         "eod": int(tokenizer.eod),
         "sha256": _hash_files(files),

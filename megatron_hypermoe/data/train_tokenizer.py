@@ -8,8 +8,10 @@ pieces). Output PREFIX.model / PREFIX.vocab appears atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
+from typing import Tuple
 
 from megatron_hypermoe.data.corpus import iter_documents
 from megatron_hypermoe.data.outputs import check_output_paths
@@ -44,37 +46,53 @@ def _record_final_prefix(model_path: str, final_prefix: str) -> None:
         handle.write(model.SerializeToString())
 
 
-def train_tokenizer(args) -> str:
+@dataclasses.dataclass(frozen=True)
+class TokenizerTrainingJob:
+    """What tools/train_tokenizer.py's flags ask for (the same names)."""
+    input: Tuple[str, ...]
+    vocab_size: int
+    model_prefix: str
+    json_keys: Tuple[str, ...] = ("text",)
+    text_sample_by: str = "document"
+    skip_bad_lines: bool = False
+    model_type: str = "bpe"
+    character_coverage: float = 1.0
+    input_sentence_size: int = 2_000_000
+    seed: int = 1234
+    overwrite: bool = False
+
+
+def train_tokenizer(job: TokenizerTrainingJob) -> str:
     import sentencepiece as spm
 
-    if args.vocab_size < 16:
-        raise DataError(f"--vocab-size {args.vocab_size} is too small; use at least 16")
-    outputs = [args.model_prefix + ".model", args.model_prefix + ".vocab"]
-    check_output_paths(outputs, args.overwrite, args.model_prefix, "--model-prefix")
-    directory = os.path.dirname(os.path.abspath(args.model_prefix))
+    if job.vocab_size < 16:
+        raise DataError(f"--vocab-size {job.vocab_size} is too small; use at least 16")
+    outputs = [job.model_prefix + ".model", job.model_prefix + ".vocab"]
+    check_output_paths(outputs, job.overwrite, job.model_prefix, "--model-prefix")
+    directory = os.path.dirname(os.path.abspath(job.model_prefix))
 
     count = 0
 
     def sentences():
         nonlocal count
-        for document in iter_documents(args.input, args.json_keys, args.skip_bad_lines,
-                                       args.text_sample_by):
+        for document in iter_documents(job.input, job.json_keys, job.skip_bad_lines,
+                                       job.text_sample_by):
             for text in document.fields.values():
                 for piece in _pieces(text):
                     count += 1
                     yield piece
 
-    spm.set_random_generator_seed(args.seed)  # sampling and shuffling: same flags, same model
+    spm.set_random_generator_seed(job.seed)  # sampling and shuffling: same flags, same model
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         scratch_prefix = os.path.join(scratch, "tokenizer")
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=sentences(),
                 model_prefix=scratch_prefix,
-                vocab_size=args.vocab_size,
-                model_type=args.model_type,
-                character_coverage=args.character_coverage,
-                input_sentence_size=args.input_sentence_size,
+                vocab_size=job.vocab_size,
+                model_type=job.model_type,
+                character_coverage=job.character_coverage,
+                input_sentence_size=job.input_sentence_size,
                 shuffle_input_sentence=True,
                 seed_sentencepiece_size=1_000_000,
                 normalization_rule_name="identity",
@@ -88,11 +106,11 @@ def train_tokenizer(args) -> str:
             )
         except RuntimeError as error:
             if count == 0:
-                raise DataError(f"no text found in {' '.join(args.input)}; check --input "
+                raise DataError(f"no text found in {' '.join(job.input)}; check --input "
                                 "and --json-keys") from None
             message = str(error).strip().splitlines()[-1]
             raise DataError(f"SentencePiece training failed: {message}") from None
-        _record_final_prefix(scratch_prefix + ".model", args.model_prefix)
+        _record_final_prefix(scratch_prefix + ".model", job.model_prefix)
         for suffix in (".vocab", ".model"):  # .model last: it is what users load
-            os.replace(scratch_prefix + suffix, args.model_prefix + suffix)
-    return args.model_prefix + ".model"
+            os.replace(scratch_prefix + suffix, job.model_prefix + suffix)
+    return job.model_prefix + ".model"

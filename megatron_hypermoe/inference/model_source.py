@@ -4,10 +4,9 @@ directory. Both give the tokenizer they were trained with."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -24,18 +23,15 @@ class LoadedModel:
     source: str = ""  # the directory it was loaded from
 
 
-def add_model_source_args(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--load", help="our checkpoint directory (the --save of a run)")
-    source.add_argument("--hf", help="a Hugging Face model directory")
-    add_checkpoint_choice_args(parser)
-
-
-def add_checkpoint_choice_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--iteration", type=int, default=None,
-                        help="with --load: this iteration instead of the latest")
-    parser.add_argument("--tokenizer-model", default=None,
-                        help="with --load: the training tokenizer, if it moved")
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Which model a tool reads (cli/model_source_flags.py): a checkpoint directory ``load``
+    (its newest iteration, or ``iteration``; ``tokenizer_model`` where the tokenizer file has
+    moved), or a Hugging Face directory ``hf``."""
+    load: Optional[str] = None
+    iteration: Optional[int] = None
+    tokenizer_model: Optional[str] = None
+    hf: Optional[str] = None
 
 
 def build_megatron_model(checkpoint):
@@ -43,9 +39,10 @@ def build_megatron_model(checkpoint):
     in eval mode, with its config."""
     from megatron_hypermoe.model.gpt import build_gpt_model
 
-    args = checkpoint.single_process_args()
-    config = checkpoint.model_config()
-    model = build_gpt_model(config, args.padded_vocab_size, args.max_position_embeddings)
+    run = checkpoint.single_process_run()
+    config = run.model
+    model = build_gpt_model(config, run.embedding.padded_vocab_size,
+                            run.embedding.max_position_embeddings)
     missing, unexpected = model.load_state_dict(checkpoint.state, strict=False)
     missing = [name for name in missing if not name.endswith("_extra_state")]
     if missing or unexpected:
@@ -67,27 +64,28 @@ def load_hf_model(directory: str):
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
-def load_model(args) -> LoadedModel:
+def load_model(source: ModelSource) -> LoadedModel:
     """From ``--load`` (with ``--iteration``, ``--tokenizer-model``) or ``--hf``."""
-    if args.load:
+    if source.load:
         from megatron_hypermoe.data.tokenizer_files import checked_training_tokenizer
         from megatron_hypermoe.parallel.distributed import initialize_distributed
         from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
 
-        checkpoint = read_checkpoint(args.load, args.iteration)
+        checkpoint = read_checkpoint(source.load, source.iteration)
+        trained = checkpoint.run
         _, tokenizer = checked_training_tokenizer(
-            checkpoint.args, checkpoint.meta.get("tokenizer"), args.tokenizer_model)
-        initialize_distributed(seed=checkpoint.args.seed)
+            trained.tokenizer, checkpoint.meta.get("tokenizer"), source.tokenizer_model)
+        initialize_distributed(seed=trained.training.seed)
         model, _ = build_megatron_model(checkpoint)
         return LoadedModel("megatron", model, tokenizer,
-                           checkpoint.args.max_position_embeddings, int(tokenizer.vocab_size),
-                           args.load)
+                           trained.embedding.max_position_embeddings, int(tokenizer.vocab_size),
+                           source.load)
     from megatron_hypermoe.data.tokenizer_files import hf_directory_tokenizer
 
-    model = load_hf_model(args.hf)
-    _, tokenizer = hf_directory_tokenizer(args.hf)
+    model = load_hf_model(source.hf)
+    _, tokenizer = hf_directory_tokenizer(source.hf)
     return LoadedModel("hf", model, tokenizer, model.config.max_position_embeddings,
-                       int(tokenizer.vocab_size), args.hf)
+                       int(tokenizer.vocab_size), source.hf)
 
 
 def as_megatron_callable(loaded: LoadedModel):

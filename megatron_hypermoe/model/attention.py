@@ -27,16 +27,6 @@ from megatron_hypermoe.errors import ConfigError
 
 ATTENTION_BACKENDS = tuple(backend.name for backend in AttnBackend)
 # flag (argparse dest) -> config field, for MODEL_CONFIG_FLAGS
-ATTENTION_CONFIG_FLAGS = {"attention_backend": "core_attention_backend"}
-
-
-def add_attention_args(parser) -> None:
-    g = parser.add_argument_group("attention")
-    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
-                   help="auto: torch's scaled_dot_product_attention, its kernel chosen by torch; "
-                        "flash / fused: SDPA restricted to its flash / fused (cuDNN, "
-                        "memory-efficient) kernels; unfused / local: megatron-core's "
-                        "DotProductAttention (the full score matrix)")
 
 
 def attention_backend(value) -> AttnBackend:

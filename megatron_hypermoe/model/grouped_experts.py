@@ -15,8 +15,6 @@ output and every gradient equal SequentialMLP's up to the GEMMs' rounding.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from megatron.core.transformer.moe.experts import SequentialMLP
 
@@ -25,15 +23,6 @@ from megatron_hypermoe.model import grouped_gemm
 from megatron_hypermoe.model.grouped_gemm import GroupBounds, GroupedLinear, colocate
 
 # flag (argparse dest) -> config field, for the MoE config flags
-EXPERTS_CONFIG_FLAGS = {"moe_grouped_gemm": "moe_grouped_gemm"}
-
-
-def add_experts_args(parser) -> None:
-    parser.add_argument("--moe-grouped-gemm", action=argparse.BooleanOptionalAction,
-                        default=True,
-                        help="run each MoE layer's local experts as two grouped GEMMs "
-                             "(torch._grouped_mm) instead of megatron-core's SequentialMLP "
-                             "loop (--no-moe-grouped-gemm); same weights, same checkpoints")
 
 
 def experts_class(config):

@@ -6,7 +6,6 @@ launcher, which all describe the job through RANK / WORLD_SIZE / MASTER_ADDR / M
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 from datetime import timedelta
@@ -24,22 +23,6 @@ DEFAULT_TIMEOUT_MINUTES = 10
 # Seconds, overriding --distributed-timeout-minutes: Megatron's flag takes whole minutes, and the
 # tests need a lost node to be noticed within seconds.
 TIMEOUT_SECONDS_VARIABLE = "HYPERMOE_DISTRIBUTED_TIMEOUT_SECONDS"
-
-
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("distributed")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=DEFAULT_TIMEOUT_MINUTES,
-                   help="how long a collective of the world or megatron-core's groups waits "
-                        "(gloo and NCCL), and how long a rank's heartbeat may be silent before "
-                        "it counts as lost; the environment variable "
-                        f"{TIMEOUT_SECONDS_VARIABLE}, in seconds, overrides it")
-
-
-def check_distributed_args(args) -> None:
-    if args.distributed_timeout_minutes < 1:
-        raise ArgumentError(f"--distributed-timeout-minutes {args.distributed_timeout_minutes} "
-                            "must be at least 1")
-    distributed_timeout(args.distributed_timeout_minutes)  # a bad override fails here
 
 
 def distributed_timeout(minutes: int = DEFAULT_TIMEOUT_MINUTES) -> timedelta:

@@ -32,41 +32,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_hypermoe.errors import ArgumentError
-
-
-# Flags --------------------------------------------------------------------------------------------
-def add_pipeline_args(parser) -> None:
-    g = parser.add_argument_group("pipeline parallelism (megatron-core's 1F1B schedule)")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="pipeline stages; each holds --num-layers / N consecutive layers (and a "
-                        "replica of the shared hypernetwork); needs --zero-stage 1")
-
-
-def check_pipeline_args(args, world_size: int) -> None:
-    """Refuse, in one line, the layouts the schedule cannot run."""
-    pp = args.pipeline_model_parallel_size
-    if pp < 1:
-        raise ArgumentError("--pipeline-model-parallel-size must be at least 1")
-    if pp == 1:
-        return
-    if args.num_layers % pp:
-        raise ArgumentError(f"--num-layers {args.num_layers} is not divisible by "
-                            f"--pipeline-model-parallel-size {pp} (every stage holds the same "
-                            "number of layers): change one of them")
-    if world_size % pp:
-        raise ArgumentError(f"world size {world_size} is not divisible by "
-                            f"--pipeline-model-parallel-size {pp}")
-    if args.zero_stage != 1:
-        raise ArgumentError(f"--zero-stage {args.zero_stage} does not work with pipeline "
-                            "parallelism (ZeRO-2/3 partition gradients inside each backward "
-                            "pass, which the pipeline schedule runs micro-batch by micro-batch "
-                            "outside DeepSpeed's engine): use --zero-stage 1")
-    if args.overlap_grad_reduce:
-        raise ArgumentError("--overlap-grad-reduce overlaps ZeRO's reduction with each backward "
-                            "pass, which the pipeline schedule runs outside DeepSpeed's engine: "
-                            "drop it with --pipeline-model-parallel-size > 1")
-
 
 # The stage ----------------------------------------------------------------------------------------
 def pipeline_size() -> int:

@@ -21,13 +21,14 @@ import multiprocessing
 import os
 import time
 import uuid
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch.distributed as dist
 
 from megatron_hypermoe.data.gpt_data import build_gpt_datasets, gpt_dataset_config, parse_data_path
-from megatron_hypermoe.data.tokenizer import build_tokenizer, tokenizer_fingerprint
+from megatron_hypermoe.data.tokenizer import TokenizerConfig, build_tokenizer, tokenizer_fingerprint
 from megatron_hypermoe.errors import CheckpointError, DataError
+from megatron_hypermoe.training.config import DataConfig, RunConfig, TrainingConfig
 
 # A probe not seen at once is looked for this long (a network filesystem's lookup cache).
 PROBE_SECONDS = 1.0
@@ -59,70 +60,75 @@ def ranks_that_cannot_see(directory: str) -> List[int]:
     return [rank for rank, visible in enumerate(seen) if not visible]
 
 
-def check_save_is_shared(args) -> None:
+def check_save_is_shared(save: Optional[str]) -> None:
     """Refuse a --save that some rank cannot see (collective; several processes only)."""
-    if not args.save or dist.get_world_size() == 1:
+    if not save or dist.get_world_size() == 1:
         return
-    blind = ranks_that_cannot_see(args.save)
+    blind = ranks_that_cannot_see(save)
     if blind:
         raise CheckpointError(
-            f"--save {args.save} is not shared: rank(s) {', '.join(map(str, blind))} cannot see "
+            f"--save {save} is not shared: rank(s) {', '.join(map(str, blind))} cannot see "
             "the files rank 0 writes there (a node-local directory?); every rank writes its "
             "part of a checkpoint into it and rank 0 completes it: put --save (and --load) on "
             "a filesystem every node mounts")
 
 
 # Datasets -----------------------------------------------------------------------------------------
-def dataset_config_and_sizes(args, tokenizer):
-    """megatron-core's GPTDatasetConfig for the flags, and the samples each split needs."""
-    fingerprint = None if args.mock_data else tokenizer_fingerprint(args, tokenizer)
+def dataset_config_and_sizes(data: DataConfig, training: TrainingConfig,
+                             tokenizer_config: TokenizerConfig, tokenizer):
+    """megatron-core's GPTDatasetConfig for the run, and the samples each split needs."""
+    fingerprint = None if data.mock_data else tokenizer_fingerprint(tokenizer_config, tokenizer)
     config = gpt_dataset_config(
-        seed=args.seed, seq_length=args.seq_length, tokenizer=tokenizer,
-        data_path=args.data_path, split=args.split, data_cache_path=args.data_cache_path,
-        mock=args.mock_data, fingerprint=fingerprint)
-    evals = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 1
-    sizes = [args.train_iters * args.global_batch_size,
-             evals * args.eval_iters * args.global_batch_size, 0]
+        seed=training.seed, seq_length=data.seq_length, tokenizer=tokenizer,
+        data_path=data.data_path, split=data.split, data_cache_path=data.data_cache_path,
+        mock=data.mock_data, fingerprint=fingerprint)
+    evals = (training.train_iters // training.eval_interval + 1) if training.eval_interval \
+        else 1
+    sizes = [training.train_iters * training.global_batch_size,
+             evals * training.eval_iters * training.global_batch_size, 0]
     return config, sizes
 
 
-def cache_directories(args) -> Sequence[str]:
+def cache_directories(data: DataConfig) -> Sequence[str]:
     """Where megatron-core caches sample indices: --data-cache-path, else next to each dataset."""
-    if args.mock_data:
+    if data.mock_data:
         return ()
-    if args.data_cache_path:
-        return (args.data_cache_path,)
-    prefixes, _ = parse_data_path(args.data_path)
+    if data.data_cache_path:
+        return (data.data_cache_path,)
+    prefixes, _ = parse_data_path(data.data_path)
     return tuple(sorted({os.path.dirname(os.path.abspath(p)) for p in prefixes}))
 
 
-def _build_alone(args) -> None:
+def _build_alone(data: DataConfig, training: TrainingConfig,
+                 tokenizer_config: TokenizerConfig) -> None:
     """In a fresh process (torch.distributed not initialised): megatron builds and caches."""
-    build_gpt_datasets(*dataset_config_and_sizes(args, build_tokenizer(args)))
+    build_gpt_datasets(*dataset_config_and_sizes(data, training, tokenizer_config,
+                                                 build_tokenizer(tokenizer_config)))
 
 
-def build_node_local_cache(args) -> None:
-    child = multiprocessing.get_context("spawn").Process(target=_build_alone, args=(args,))
+def build_node_local_cache(run: RunConfig) -> None:
+    child = multiprocessing.get_context("spawn").Process(
+        target=_build_alone, args=(run.data, run.training, run.tokenizer))
     child.start()
     child.join()
     if child.exitcode != 0:
-        raise DataError(f"building the sample-index cache in {cache_directories(args)[0]} on "
-                        f"this node failed (exit {child.exitcode}; its output is above)")
+        raise DataError(f"building the sample-index cache in {cache_directories(run.data)[0]} "
+                        f"on this node failed (exit {child.exitcode}; its output is above)")
 
 
-def build_training_datasets(args, tokenizer):
+def build_training_datasets(run: RunConfig, tokenizer):
     """(train, valid, test) on every rank: rank 0 builds megatron's cached sample indices first,
     the others then read them; a node that cannot see rank 0's cache builds its own first."""
-    config, sizes = dataset_config_and_sizes(args, tokenizer)
+    config, sizes = dataset_config_and_sizes(run.data, run.training, run.tokenizer, tokenizer)
     rank = dist.get_rank()
     if dist.get_world_size() > 1:
         blind = set()
-        for directory in cache_directories(args):
+        for directory in cache_directories(run.data):
             blind.update(ranks_that_cannot_see(directory))
         if rank in blind and int(os.environ.get("LOCAL_RANK", "0")) == 0:
             print(f"rank {rank}: the index cache is node-local here; building this node's copy",
                   flush=True)
-            build_node_local_cache(args)
+            build_node_local_cache(run)
     if rank == 0:
         datasets = build_gpt_datasets(config, sizes)
     dist.barrier()

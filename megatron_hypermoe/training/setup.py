@@ -6,7 +6,6 @@ mpu. The loop (``training/trainer.py``) and the Hugging Face importer both start
 
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
@@ -38,9 +37,8 @@ from megatron_hypermoe.parallel.pipeline import (
 from megatron_hypermoe.parallel.sequence_parallel import (
     allreduce_sequence_parallel_grads_in_backward,
 )
-from megatron_hypermoe.training.arguments import hyper_lr_mult
+from megatron_hypermoe.training.config import OptimizerConfig, RunConfig
 from megatron_hypermoe.training.cpu_allocator import keep_freed_memory
-from megatron_hypermoe.training.ds_config import resolve_config
 
 
 def training_device() -> torch.device:
@@ -50,24 +48,19 @@ def training_device() -> torch.device:
     return torch.device("cpu")
 
 
-def initialize_parallel(args) -> None:
-    """torch.distributed and megatron-core's TP/EP groups for the flags' layout."""
-    if args.local_rank is not None:
-        # An older deepspeed launcher passes --local_rank only; a newer one also sets the
-        # variable, which then agrees.
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    initialize_distributed(args.tensor_model_parallel_size, args.expert_model_parallel_size,
-                           args.seed, args.pipeline_model_parallel_size,
-                           distributed_timeout(args.distributed_timeout_minutes))
+def initialize_parallel(run: RunConfig) -> None:
+    """torch.distributed and megatron-core's TP/EP/PP groups for the run's layout."""
+    initialize_distributed(run.parallel.tp, run.parallel.ep, run.training.seed, run.parallel.pp,
+                           distributed_timeout(run.training.distributed_timeout_minutes))
 
 
-def build_model(config, args, initialize: bool = True):
+def build_model(run: RunConfig, initialize: bool = True):
     """This rank's shard of the model; with ``initialize`` every weight drawn from (seed, global
     name), so any layout starts from the same model."""
-    model = build_gpt_model(config, args.padded_vocab_size, args.max_position_embeddings,
-                            **stage_kwargs())
+    model = build_gpt_model(run.model, run.embedding.padded_vocab_size,
+                            run.embedding.max_position_embeddings, **stage_kwargs())
     if initialize:
-        initialize_from_global_names(model, config, args.seed)
+        initialize_from_global_names(model, run.model, run.training.seed)
     return model
 
 
@@ -97,12 +90,13 @@ def optimizer_param_groups(model, weight_decay: float, expert_parallel: bool,
     return split_moe_param_groups(groups) if expert_parallel else groups
 
 
-def build_optimizer(param_groups, args):
+def build_optimizer(param_groups, optimizer: OptimizerConfig):
     """AdamW; with ZeRO-Offload DeepSpeed's CPUAdam (the same AdamW update, run on the CPU
     where the offloaded state lives; DeepSpeed refuses a torch optimizer there). Both read each
     group's lr and weight_decay at every step, so lr_mult groups work the same."""
-    kwargs = dict(lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-    if not args.optimizer_cpu_offload:
+    kwargs = dict(lr=optimizer.lr, betas=(optimizer.adam_beta1, optimizer.adam_beta2),
+                  eps=optimizer.adam_eps)
+    if not optimizer.optimizer_cpu_offload:
         # On the CPU torch's fused kernel: the default one-tensor-at-a-time update allocates two
         # temporaries the size of each tensor it steps, and under ZeRO that tensor is the flat
         # fp32 partition of the whole model (2 x 0.5 GB per step at GPT-2 width, page-faulted in
@@ -116,44 +110,77 @@ def build_optimizer(param_groups, args):
     return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **kwargs)
 
 
-def check_precision_supported(args) -> None:
+def check_precision_supported(fp16: bool) -> None:
     """DeepSpeed refuses fp16 on an accelerator without it with a traceback, after the model is
     built; say it in one line instead (DeepSpeed's CPU accelerator has fp16 only with oneDNN
     fp16 support)."""
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    if args.fp16 and not accelerator.is_fp16_supported():
+    if fp16 and not accelerator.is_fp16_supported():
         raise ArgumentError(f"--fp16: DeepSpeed's {accelerator.device_name()} accelerator does "
                             "not support fp16 on this machine: use --bf16")
 
 
-def build_engine(model, args):
+def build_engine(model, run: RunConfig):
     """Wrap a built model for training: returns (DeepSpeed engine, its optimizer)."""
     import deepspeed
 
     skip_unused_shm_comm_op()
     quiet_bf16_optimizer_memory_report()
-    check_precision_supported(args)
+    check_precision_supported(run.model.fp16)
     # Norms, router and the HyperMoE path see one sequence slice per TP rank: sum their
     # gradients over the TP group (DeepSpeed only reduces over data-parallel ranks).
     allreduce_sequence_parallel_grads_in_backward(model)
-    expert_parallel = args.expert_model_parallel_size > 1
+    expert_parallel = run.parallel.ep > 1
     if expert_parallel:
-        register_expert_parallel(model, args.num_experts, args.expert_model_parallel_size)
+        register_expert_parallel(model, run.model.num_moe_experts, run.parallel.ep)
     optimizer = build_optimizer(
-        optimizer_param_groups(model, args.weight_decay, expert_parallel, hyper_lr_mult(args)),
-        args)
+        optimizer_param_groups(model, run.optimizer.weight_decay, expert_parallel,
+                               run.optimizer.hyper_lr_mult), run.optimizer)
     if pipeline_size() > 1:
         mark_shared_replicas(model)
     with deepspeed_recognises_megatron_moe() if expert_parallel else nullcontext():
         engine, optimizer, _, _ = deepspeed.initialize(
-            model=model.to(training_device()), optimizer=optimizer, config=resolve_config(args),
-            mpu=MegatronMPU())
+            model=model.to(training_device()), optimizer=optimizer,
+            config=run.deepspeed.engine_config(), mpu=MegatronMPU())
     if pipeline_size() > 1:
         # megatron's schedule runs every micro-batch of a step; each engine.step() is then an
         # accumulation boundary. fp16: the last stage's loss carries DeepSpeed's loss scale.
         engine.set_gradient_accumulation_boundary(True)
         configure_schedule(model.config, grad_scale=(lambda loss: loss * optimizer.cur_scale)
-                           if args.fp16 else None)
+                           if run.model.fp16 else None)
     return engine, optimizer
+
+
+def describe_precision(engine) -> str:
+    """One line: what the engine really does with weights and gradients."""
+    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+    model_dtype, accum_dtype = (names[str(d)] for d in engine.get_data_types())
+    reduce_dtype = names[str(engine.communication_data_type)]
+    optimizer = type(engine.optimizer).__name__
+    if model_dtype == "fp32":
+        return f"precision: fp32 weights, activations and gradients ({optimizer})"
+    return (f"precision: {model_dtype} weights/activations, fp32 master weights, {accum_dtype} "
+            f"gradient accumulation, {reduce_dtype} reduction ({optimizer})")
+
+
+def engine_summary_lines(run: RunConfig, engine) -> list:
+    """What the engine does with precision, ZeRO and Megatron's ZeRO flags (for the log)."""
+    stage = engine.zero_optimization_stage()
+    lines = [describe_precision(engine)]
+    if run.model.bf16 and run.parallel.pp > 1:
+        lines.append("pipeline parallelism with --bf16: a step's micro-batch gradients "
+                     "accumulate in bf16 on each stage, then fold into the fp32 ones once")
+    zero = f"ZeRO stage {stage}: optimizer state sharded over the data-parallel ranks"
+    if run.deepspeed.use_distributed_optimizer:
+        zero += " (--use-distributed-optimizer: this is Megatron's distributed optimizer)"
+    zero += (f"; gradient reduction {'overlapped with' if engine.zero_overlap_comm() else 'after'}"
+             " backward")
+    if engine.zero_cpu_offload():
+        zero += "; optimizer state and step on the CPU (ZeRO-Offload)"
+    lines.append(zero)
+    if run.deepspeed.overlap_param_gather and stage < 3:
+        lines.append("--overlap-param-gather: ZeRO 1/2 all-gathers the updated parameters right "
+                     "after the optimizer step; DeepSpeed has nothing to overlap it with")
+    return lines

@@ -34,14 +34,13 @@ from megatron_hypermoe.parallel.pipeline import (
     pipeline_size,
     run_schedule,
 )
-from megatron_hypermoe.training.arguments import model_config, padded_vocab_size
 from megatron_hypermoe.training.checkpoint.files import latest_iteration
 from megatron_hypermoe.training.checkpoint.save_load import (
     TrainState,
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_hypermoe.training.ds_config import engine_summary_lines
+from megatron_hypermoe.training.config import RunConfig
 from megatron_hypermoe.training.flops import parameter_counts, training_flops_per_iteration
 from megatron_hypermoe.training.lr_schedule import LRSchedule
 from megatron_hypermoe.training.metrics.probes import (
@@ -58,6 +57,7 @@ from megatron_hypermoe.training.node_storage import build_training_datasets, che
 from megatron_hypermoe.training.setup import (
     build_engine,
     build_model,
+    engine_summary_lines,
     initialize_parallel,
     training_device,
 )
@@ -123,8 +123,8 @@ class StopVote:
 
 
 class Trainer:
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, run: RunConfig):
+        self.run = run  # with the padded vocabulary once setup() has built the tokenizer
         self.stop_requested = False
         self.last_eval_iteration = None
         self.last_saved_iteration = None
@@ -136,76 +136,77 @@ class Trainer:
 
     # Setup ----------------------------------------------------------------------------------------
     def setup(self):
-        args = self.args
-        initialize_parallel(args)
+        run = self.run
+        initialize_parallel(run)
         self.rank = dist.get_rank()
         if dist.get_world_size() > 1:
-            self.peers = PeerWatch(distributed_timeout(args.distributed_timeout_minutes))
-        check_save_is_shared(args)
+            self.peers = PeerWatch(distributed_timeout(run.training.distributed_timeout_minutes))
+        check_save_is_shared(run.checkpoint.save)
         if accelerator_summary() is not None:
             print_rank0(accelerator_summary())
         # Tensor-parallel peers read the same batches; data-parallel ranks read different ones.
         self.data_parallel_rank = parallel_state.get_data_parallel_rank()
-        self.tokenizer = build_tokenizer(args)
-        args.padded_vocab_size = padded_vocab_size(self.tokenizer.vocab_size, args)
-        self.config = model_config(args)
-        self.engine, self.optimizer = build_engine(build_model(self.config, args), args)
+        self.tokenizer = build_tokenizer(run.tokenizer)
+        self.run = run = run.with_vocab(self.tokenizer.vocab_size)
+        self.engine, self.optimizer = build_engine(build_model(run), run)
         self.model = self.engine.module
         # megatron-core's scheduler sets every group's lr and weight decay (no schedule to run
         # for --eval-only)
-        self.schedule = LRSchedule(self.optimizer, args) if args.train_iters else None
+        self.schedule = LRSchedule(self.optimizer, run) if run.training.train_iters else None
         self.state = TrainState()
-        if args.load and args.load == args.save and args.ckpt_step is None and \
-                latest_iteration(args.load) is None:
+        checkpoint = run.checkpoint
+        if checkpoint.load and checkpoint.load == checkpoint.save and \
+                checkpoint.ckpt_step is None and latest_iteration(checkpoint.load) is None:
             # The usual cluster setup (--save D --load D): the first launch finds nothing yet.
-            print_rank0(f"no checkpoint in {args.load} yet: starting from iteration 0")
-        elif args.load:
-            self.state = load_checkpoint(self.engine, args, self.schedule)
-            print_rank0(f"loaded {args.load} at iteration {self.state.iteration}")
+            print_rank0(f"no checkpoint in {checkpoint.load} yet: starting from iteration 0")
+        elif checkpoint.load:
+            self.state = load_checkpoint(self.engine, run, self.schedule)
+            print_rank0(f"loaded {checkpoint.load} at iteration {self.state.iteration}")
         self.build_data()
-        self.metrics = MetricsWriter(args, is_writer_rank=self.rank == 0)
+        self.metrics = MetricsWriter(run, is_writer_rank=self.rank == 0)
         self.expert_load = ExpertLoadCounter(self.model)
-        self.flops_per_iteration = training_flops_per_iteration(args)
-        total, active = parameter_counts(self.model, args)
+        self.flops_per_iteration = training_flops_per_iteration(run)
+        total, active = parameter_counts(self.model, run)
         self.metrics.record({"parameters": total, "active_parameters": active})
-        pp = args.pipeline_model_parallel_size
-        pipeline_line = f"PP {pp} ({args.num_layers // pp} layers per stage), " if pp > 1 else ""
-        print_rank0(f"model: {args.moe_type}, {total / 1e6:.2f}M parameters "
+        pp = run.parallel.pp
+        pipeline_line = f"PP {pp} ({run.model.num_layers // pp} layers per stage), " \
+            if pp > 1 else ""
+        print_rank0(f"model: {run.model.moe_type}, {total / 1e6:.2f}M parameters "
                     f"({active / 1e6:.2f}M active per token), "
-                    f"{args.world_size} rank(s), TP {args.tensor_model_parallel_size}"
-                    f"{' (sequence parallel)' if args.sequence_parallel else ''}, "
-                    f"EP {args.expert_model_parallel_size}, "
-                    f"{pipeline_line}DP {args.data_parallel_size}, "
-                    f"global batch {args.global_batch_size} "
-                    f"({args.gradient_accumulation_steps} micro-batch(es) of "
-                    f"{args.micro_batch_size} per rank), ZeRO stage {args.zero_stage}")
-        print_rank0(kernels_line(self.config))
-        for line in engine_summary_lines(args, self.engine):
+                    f"{run.parallel.world_size} rank(s), TP {run.parallel.tp}"
+                    f"{' (sequence parallel)' if run.parallel.sequence_parallel else ''}, "
+                    f"EP {run.parallel.ep}, "
+                    f"{pipeline_line}DP {run.parallel.dp}, "
+                    f"global batch {run.training.global_batch_size} "
+                    f"({run.training.gradient_accumulation_steps} micro-batch(es) of "
+                    f"{run.training.micro_batch_size} per rank), ZeRO stage {run.parallel.zero}")
+        print_rank0(kernels_line(run.model))
+        for line in engine_summary_lines(run, self.engine):
             print_rank0(line)
 
     def build_data(self):
-        self.train_dataset, self.valid_dataset, _ = build_training_datasets(self.args,
+        self.train_dataset, self.valid_dataset, _ = build_training_datasets(self.run,
                                                                             self.tokenizer)
 
     def train_loader(self):
-        args = self.args
+        run = self.run
         return build_data_loader(self.train_dataset, self.state.consumed_train_samples,
-                                 args.micro_batch_size, self.data_parallel_rank,
-                                 args.data_parallel_size, args.num_workers)
+                                 run.training.micro_batch_size, self.data_parallel_rank,
+                                 run.parallel.dp, run.data.num_workers)
 
     # Evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self):
         """Token-weighted validation loss over --eval-iters global batches (same ones each time)."""
-        args = self.args
+        run = self.run
         if self.valid_dataset is None:
             return None
-        loader = build_data_loader(self.valid_dataset, 0, args.micro_batch_size,
-                                   self.data_parallel_rank, args.data_parallel_size)
+        loader = build_data_loader(self.valid_dataset, 0, run.training.micro_batch_size,
+                                   self.data_parallel_rank, run.parallel.dp)
         self.engine.eval()
         self.expert_load.paused = True
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        count = min(args.eval_iters * args.gradient_accumulation_steps, len(loader))
+        count = min(run.training.eval_iters * run.training.gradient_accumulation_steps, len(loader))
         with AuxLossesPaused():
             if pipeline_size() > 1:
                 for store in self.run_pipeline(iter(loader), count, forward_only=True):
@@ -233,14 +234,14 @@ class Trainer:
 
     # Training -------------------------------------------------------------------------------------
     def inject_fault(self, loss):
-        if self.state.iteration + 1 in (self.args.inject_nan_loss_at or ()):
+        if self.state.iteration + 1 in (self.run.training.inject_nan_loss_at or ()):
             return loss * float("nan")  # fault injection (tests the skip path)
         return loss
 
     def run_pipeline(self, batches, num_microbatches: int, forward_only: bool) -> list:
         """megatron-core's schedule over this stage (parallel/pipeline.py); per micro-batch
         {"lm_loss", "tokens"} on the last stage, [] on the others."""
-        args = self.args
+        run = self.run
 
         def forward_step(iterator, stage):
             output, loss_mask = model_output(stage, next(iterator), self.device)
@@ -253,27 +254,27 @@ class Trainer:
             return output, loss_func
 
         return run_schedule(self.model, forward_step, batches, num_microbatches,
-                            args.seq_length, args.micro_batch_size, forward_only)
+                            run.data.seq_length, run.training.micro_batch_size, forward_only)
 
     def accumulate_micro_batches(self, batches) -> list:
         """Forward and backward of one step's micro-batches; their losses (this rank's)."""
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        args = self.args
+        run = self.run
         if pipeline_size() > 1:
-            stores = self.run_pipeline(batches, args.gradient_accumulation_steps,
+            stores = self.run_pipeline(batches, run.training.gradient_accumulation_steps,
                                        forward_only=False)
             allreduce_shared_grads(self.model)  # the hypernetwork's replicas, summed
             reduce_gradients_after_external_backward(self.engine)
             self.engine.step()
             return [store["lm_loss"] for store in stores] or [torch.zeros((), device=self.device)]
         losses = []
-        for micro in range(args.gradient_accumulation_steps):
+        for micro in range(run.training.gradient_accumulation_steps):
             loss = self.inject_fault(masked_lm_loss(self.engine, next(batches), self.device))
             # DeepSpeed divides the main loss by the accumulation steps (and multiplies by the
             # fp16 loss scale); the aux losses enter backward separately and need the same.
-            scale = 1.0 / args.gradient_accumulation_steps
-            if args.fp16:
+            scale = 1.0 / run.training.gradient_accumulation_steps
+            if run.model.fp16:
                 scale *= float(self.optimizer.cur_scale)
             self.set_aux_loss_scale(MoEAuxLossAutoScaler, scale)
             self.engine.backward(loss)
@@ -293,14 +294,14 @@ class Trainer:
         scaler.set_loss_scale(self.aux_loss_scale[0])
 
     def train_step(self, batches):
-        args = self.args
+        run = self.run
         lr = self.schedule.lr  # what this step uses
         skipped_before = self.engine.skipped_steps
         losses = self.accumulate_micro_batches(batches)
-        finish_router_step(self.model, self.config)  # expert bias, global aux-loss counts
+        finish_router_step(self.model, self.run.model)  # expert bias, global aux-loss counts
         skipped = self.engine.skipped_steps > skipped_before
         if not skipped:  # as Megatron: a skipped step does not advance the schedule
-            self.schedule.step(args.global_batch_size)
+            self.schedule.step(run.training.global_batch_size)
         # this rank's mean loss, on the device: averaged over ranks and read when logged
         return torch.stack(losses).mean(), lr, skipped
 
@@ -314,28 +315,29 @@ class Trainer:
         return float(from_last_stage(mean_loss)) / dist.get_world_size(data_parallel)
 
     def timing_values(self, elapsed, iterations):
-        args = self.args
+        run = self.run
         return {
             "ms_per_iter": 1000.0 * elapsed / iterations,
-            "tokens_per_s": args.global_batch_size * args.seq_length * iterations / elapsed,
+            "tokens_per_s": (run.training.global_batch_size * run.data.seq_length * iterations
+                             / elapsed),
             "tflops_per_device": (self.flops_per_iteration * iterations / elapsed
-                                  / args.world_size / 1e12),
+                                  / run.parallel.world_size / 1e12),
         }
 
     def training_values(self, loss, lr, elapsed, iterations):
         """The values of the iterations since the last logging event, and which of them are
         aux losses. Collective (aux losses and expert loads are reduced over ranks)."""
-        args = self.args
+        run = self.run
         grad_norm = self.engine.get_global_grad_norm()
         values = {
             "lm_loss": self.reduce_loss(loss), "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             **self.timing_values(elapsed, iterations),
-            "batch_size": args.global_batch_size,
+            "batch_size": run.training.global_batch_size,
             "skipped_iterations": self.state.skipped_iterations,
         }
-        aux = take_aux_losses(iterations * args.gradient_accumulation_steps,
-                              per_layer=args.moe_per_layer_logging)
+        aux = take_aux_losses(iterations * run.training.gradient_accumulation_steps,
+                              per_layer=run.logging.moe_per_layer_logging)
         aux = {AUX_LOSS_KEYS.get(name, name): value for name, value in aux.items()}
         values.update(aux)
         load = self.expert_load.take()
@@ -358,48 +360,49 @@ class Trainer:
             elapsed, iterations, mean_aux = log.take_console(now)
             console_values = {**values, **self.timing_values(elapsed, iterations), **mean_aux}
         iteration = self.state.iteration
-        prefix = f" iteration {iteration:8d}/{self.args.train_iters:8d}"
+        prefix = f" iteration {iteration:8d}/{self.run.training.train_iters:8d}"
         self.metrics.log(iteration, values, prefix, console_values=console_values,
                          console=console, scalars=scalars)
 
     def save(self):
-        directory = save_checkpoint(self.engine, self.args, self.state,
-                                    tokenizer=tokenizer_fingerprint(self.args, self.tokenizer),
+        directory = save_checkpoint(self.engine, self.run, self.state,
+                                    tokenizer=tokenizer_fingerprint(self.run.tokenizer,
+                                                                    self.tokenizer),
                                     schedule=self.schedule)
         self.last_saved_iteration = self.state.iteration
         print_rank0(f"saved checkpoint {directory}")
 
     def save_unless_just_saved(self):
-        if self.args.save and self.last_saved_iteration != self.state.iteration:
+        if self.run.checkpoint.save and self.last_saved_iteration != self.state.iteration:
             self.save()
 
     def train(self):
         """Train to --train-iters; False if it stopped early (SIGTERM or --exit-interval)."""
-        args = self.args
+        run = self.run
         batches = iter(self.train_loader())
         consecutive_skips = 0
-        log = LogWindows(args.log_interval, args.tensorboard_log_interval,
-                         MetricsWriter.writes_scalars(args))
-        progress = ProgressBar(args.train_iters, self.state.iteration, self.rank == 0)
-        if args.manual_gc:
+        log = LogWindows(run.logging.log_interval, run.logging.tensorboard_log_interval,
+                         run.logging.writes_scalars)
+        progress = ProgressBar(run.training.train_iters, self.state.iteration, self.rank == 0)
+        if run.training.manual_gc:
             # Python's collector pauses each rank at a different moment, and the others wait
             # for it at the next collective; collect at the same iteration everywhere instead.
             gc.disable()
-        while self.state.iteration < args.train_iters:
+        while self.state.iteration < run.training.train_iters:
             record_side_path_statistics(self.model, any(log.due(self.state.iteration + 1)))
             loss, lr, skipped = self.train_step(batches)
             self.state.iteration += 1
-            if args.manual_gc and args.manual_gc_interval and \
-                    self.state.iteration % args.manual_gc_interval == 0:
+            if run.training.manual_gc and run.training.manual_gc_interval and \
+                    self.state.iteration % run.training.manual_gc_interval == 0:
                 gc.collect()
-            self.state.consumed_train_samples += args.global_batch_size
+            self.state.consumed_train_samples += run.training.global_batch_size
             log.count_iteration()
             if skipped:
                 self.state.skipped_iterations += 1
                 consecutive_skips += 1
                 print_rank0(f" iteration {self.state.iteration}: non-finite loss or gradient, "
                             "optimizer step skipped")
-                if consecutive_skips >= args.max_consecutive_skipped_iters:
+                if consecutive_skips >= run.training.max_consecutive_skipped_iters:
                     raise TrainingStopped(
                         f"{consecutive_skips} iterations in a row had a non-finite loss or "
                         f"gradient (last at iteration {self.state.iteration}); lower --lr or "
@@ -410,10 +413,11 @@ class Trainer:
             console, scalars = log.due(self.state.iteration)
             if console or scalars:
                 self.log_training(log, loss, lr, console, scalars)
-            if args.eval_interval and self.state.iteration % args.eval_interval == 0:
+            eval_interval = run.training.eval_interval
+            if eval_interval and self.state.iteration % eval_interval == 0:
                 self.log_evaluation(self.evaluate())
-            if args.save and args.save_interval and \
-                    self.state.iteration % args.save_interval == 0:
+            if run.checkpoint.save and run.checkpoint.save_interval and \
+                    self.state.iteration % run.checkpoint.save_interval == 0:
                 self.save()
             reason = self._exit_reason()
             if reason:
@@ -437,9 +441,10 @@ class Trainer:
     def _exit_reason(self):
         """Why to stop now (SIGTERM, --exit-duration-in-mins, --exit-interval), or None; every
         rank gets the same answer."""
-        args = self.args
+        run = self.run
         minutes = (time.time() - START_TIME) / 60.0
-        over_time = bool(args.exit_duration_in_mins) and minutes > args.exit_duration_in_mins
+        limit = run.training.exit_duration_in_mins
+        over_time = bool(limit) and minutes > limit
         # any rank's signal or clock stops all at the same iteration (StopVote: one later)
         agreed = self.stop_vote.cast(self.stop_requested, over_time)
         if agreed is not None:
@@ -447,8 +452,8 @@ class Trainer:
             if signalled:
                 return "SIGTERM"
             if over_time:
-                return f"--exit-duration-in-mins {args.exit_duration_in_mins}"
-        interval = args.exit_interval
+                return f"--exit-duration-in-mins {run.training.exit_duration_in_mins}"
+        interval = run.training.exit_interval
         if interval and self.state.iteration % interval == 0:
             return "--exit-interval"
         return None
@@ -456,13 +461,14 @@ class Trainer:
     def sample_text(self):
         """Every rank generates in lock-step (tensor and expert parallel forwards are
         collective, and the same seed gives every rank the same samples); rank 0 returns it."""
-        args = self.args
-        if args.generate_tokens <= 0 or args.mock_data:
+        run = self.run
+        if run.training.generate_tokens <= 0 or run.data.mock_data:
             return None
-        prompt = self.tokenizer.tokenize(args.generate_prompt) or [self.tokenizer.eod]
-        new_ids = generate_ids(self.model, prompt, args.generate_tokens, args.seq_length,
+        prompt = self.tokenizer.tokenize(run.training.generate_prompt) or [self.tokenizer.eod]
+        new_ids = generate_ids(self.model, prompt, run.training.generate_tokens,
+                               run.data.seq_length,
                                greedy=False, top_p=0.9,
-                               generator=torch.Generator().manual_seed(args.seed),
+                               generator=torch.Generator().manual_seed(run.training.seed),
                                eod=self.tokenizer.eod, vocab_size=self.tokenizer.vocab_size)
         return self.tokenizer.detokenize(prompt + new_ids) if self.rank == 0 else None
 

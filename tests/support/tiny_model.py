@@ -4,7 +4,7 @@ import torch
 
 from megatron_hypermoe.model.config import VARIANT_HYPER_FIELDS, make_config
 from megatron_hypermoe.model.gpt import build_gpt_model, causal_attention_mask
-from megatron_hypermoe.training.arguments import MODEL_CONFIG_FLAGS, MOE_CONFIG_FLAGS
+from megatron_hypermoe.training.config import MODEL_FLAGS, MOE_FLAGS
 
 # Every hyper size differs from the others, so a transposed or mixed-up weight cannot pass a
 # shape check by accident.
@@ -73,11 +73,11 @@ def hf_logits(model, ids):
 def tiny_flags(moe_type="hypermoe", **overrides):
     """The tiny model as pretrain_gpt_hypermoe.py flags (config field names as in TINY), with
     only the --hyper-* flags that ``moe_type`` reads (the others are refused)."""
-    flag_of = {field: flag for flag, field in {**MODEL_CONFIG_FLAGS, **MOE_CONFIG_FLAGS}.items()}
+    flag_of = {field: flag for flag, field in {**MODEL_FLAGS, **MOE_FLAGS}.items()}
     flag_of.update({field: field for field in VARIANT_HYPER_FIELDS["hypermoe"]})
     unread = set(VARIANT_HYPER_FIELDS["hypermoe"]) - set(VARIANT_HYPER_FIELDS[moe_type])
     if moe_type == "dense":  # (no MoE flag either)
-        unread |= set(MOE_CONFIG_FLAGS.values())
+        unread |= set(MOE_FLAGS.values())
     flags = []
     for field, value in {**TINY, **overrides}.items():
         if field not in unread:

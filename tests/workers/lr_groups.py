@@ -11,15 +11,15 @@ import argparse
 import math
 import os
 
+from megatron_hypermoe.cli.arguments import parse_run_config
 from megatron_hypermoe.parallel.distributed import destroy_distributed
-from megatron_hypermoe.training.arguments import parse_args
 from megatron_hypermoe.training.trainer import Trainer
 from tests.support.tiny_model import TINY_MODEL
 
 STEPS_BEFORE_SAVE, STEPS = 3, 5
 
 
-def megatron_lr(args, num_steps):
+def megatron_lr(run, num_steps):
     """megatron-core's scheduler alone, on a stand-in optimizer, at the same step."""
     from types import SimpleNamespace
 
@@ -29,29 +29,29 @@ def megatron_lr(args, num_steps):
 
     stand_in = SimpleNamespace(param_groups=[{}])
     scheduler = OptimizerParamScheduler(
-        stand_in, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
-        lr_decay_style=args.lr_decay_style, start_wd=args.start_weight_decay,
-        end_wd=args.end_weight_decay, wd_incr_style=args.weight_decay_incr_style,
-        **scheduler_steps(args))
+        stand_in, init_lr=run.schedule.lr_warmup_init, max_lr=run.optimizer.lr,
+        min_lr=run.schedule.min_lr, lr_decay_style=run.schedule.lr_decay_style,
+        start_wd=run.schedule.start_weight_decay, end_wd=run.schedule.end_weight_decay,
+        wd_incr_style=run.schedule.weight_decay_incr_style, **scheduler_steps(run))
     scheduler.step(num_steps)
     return stand_in.param_groups[0]["lr"]
 
 
 def check_group_lrs(trainer):
     """Every group's lr is the schedule's at the next step, times its multiplier."""
-    args = trainer.args
-    expected = megatron_lr(args, (trainer.state.iteration + 1) * args.global_batch_size)
+    run = trainer.run
+    expected = megatron_lr(run, (trainer.state.iteration + 1) * run.training.global_batch_size)
     groups = trainer.optimizer.param_groups
     assert groups is trainer.optimizer.optimizer.param_groups  # the groups DeepSpeed steps
     assert any(g.get("lr_mult") == 1 / 16 for g in groups), [g.get("name") for g in groups]
-    assert expected > 0 or trainer.state.iteration + 1 == args.train_iters  # then min-lr 0
+    assert expected > 0 or trainer.state.iteration + 1 == run.training.train_iters  # then min-lr 0
     for group in groups:
         assert math.isclose(group["lr"], expected * group.get("lr_mult", 1.0), rel_tol=1e-12), \
             (group.get("name"), group["lr"], expected)
 
 
 def train(flags, steps_from, steps_to):
-    trainer = Trainer(parse_args(flags, int(os.environ["WORLD_SIZE"])))
+    trainer = Trainer(parse_run_config(flags, int(os.environ["WORLD_SIZE"])))
     trainer.setup()
     assert trainer.state.iteration == steps_from
     batches = iter(trainer.train_loader())
@@ -59,7 +59,7 @@ def train(flags, steps_from, steps_to):
         trainer.train_step(batches)
         check_group_lrs(trainer)
         trainer.state.iteration += 1
-        trainer.state.consumed_train_samples += trainer.args.global_batch_size
+        trainer.state.consumed_train_samples += trainer.run.training.global_batch_size
     return trainer
 
 

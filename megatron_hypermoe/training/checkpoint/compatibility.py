@@ -9,8 +9,8 @@ from megatron_hypermoe.model.config import (
     SIDE_PATH_VARIANTS,
     VARIANT_HYPER_FIELDS,
 )
-from megatron_hypermoe.training.arguments import hyper_lr_mult, recorded_args
 from megatron_hypermoe.training.checkpoint.layout_free import vocab_padding_message
+from megatron_hypermoe.training.config import RunConfig, hyper_lr_mult_of
 
 # Fields a checkpoint must match; --finetune may not change them either. The parallel layout is
 # not one: layout_free.py loads any layout's checkpoint into any other.
@@ -24,14 +24,15 @@ SHAPE_FIELDS = (
 )
 
 
-def checkpoint_shape(args) -> dict:
-    """The values of SHAPE_FIELDS, which a checkpoint records and a load must match."""
-    unread = set(HYPER_SIZE_NAMES) - set(VARIANT_HYPER_FIELDS[args.moe_type])
-    return {field: getattr(args, field, None) for field in SHAPE_FIELDS if field not in unread}
+def checkpoint_shape(flags: dict) -> dict:
+    """The values of SHAPE_FIELDS (by flag, RunConfig.to_flags), which a checkpoint records and
+    a load must match."""
+    unread = set(HYPER_SIZE_NAMES) - set(VARIANT_HYPER_FIELDS[flags["moe_type"]])
+    return {field: flags.get(field) for field in SHAPE_FIELDS if field not in unread}
 
 
-def check_model_shape(meta: dict, args, adding_side_path: bool = False) -> None:
-    saved, current = meta.get("model", {}), checkpoint_shape(args)
+def check_model_shape(meta: dict, run: RunConfig, adding_side_path: bool = False) -> None:
+    saved, current = meta.get("model", {}), checkpoint_shape(run.to_flags())
     for field in SHAPE_FIELDS:
         if field == "moe_type" and adding_side_path:
             continue
@@ -44,7 +45,7 @@ def check_model_shape(meta: dict, args, adding_side_path: bool = False) -> None:
                                       "from it (its side path is added with a zero output), or "
                                       "pass --moe-type moe")
             if field == "padded_vocab_size":  # TP is part of Megatron's vocabulary padding
-                raise CheckpointError(vocab_padding_message(meta, args))
+                raise CheckpointError(vocab_padding_message(meta, run))
             flag = "--" + field.replace("_", "-")
             fix = (("add " if saved[field] else "drop ") + flag) \
                 if isinstance(saved[field], bool) else f"pass {flag} {saved[field]}"
@@ -52,24 +53,24 @@ def check_model_shape(meta: dict, args, adding_side_path: bool = False) -> None:
                                   f"{current[field]!r}: {fix} or load another checkpoint")
 
 
-def check_optimizer_groups(meta: dict, args) -> None:
+def check_optimizer_groups(meta: dict, run: RunConfig) -> None:
     """DeepSpeed's optimizer files hold one flat partition per parameter group: a run whose
     groups differ (--hyper-lr-mult 1 has no group of its own, any other value has) cannot take
     them."""
-    recorded = recorded_args(meta.get("args", {}))
-    saved = hyper_lr_mult(recorded)
-    as_passed = recorded.hyper_lr_mult  # a number, or the rule it was given as
+    recorded = meta.get("args", {})
+    saved = hyper_lr_mult_of(recorded)
+    as_passed = recorded.get("hyper_lr_mult", saved)  # a number, or the rule it was given as
     as_passed = as_passed if isinstance(as_passed, str) else f"{as_passed:g}"
-    if (saved != 1.0) != (hyper_lr_mult(args) != 1.0):
+    if (saved != 1.0) != (run.optimizer.hyper_lr_mult != 1.0):
         raise CheckpointError(f"checkpoint was trained with --hyper-lr-mult {saved:g}, this run "
-                              f"has {hyper_lr_mult(args):g}: the optimizer's parameter groups "
-                              f"differ; pass --hyper-lr-mult {as_passed} to keep "
+                              f"has {run.optimizer.hyper_lr_mult:g}: the optimizer's parameter "
+                              f"groups differ; pass --hyper-lr-mult {as_passed} to keep "
                               "the checkpoint's, or add --no-load-optim to start the optimizer "
                               "and the learning-rate schedule afresh")
 
 
-def side_path_added(meta: dict, args) -> bool:
+def side_path_added(meta: dict, run: RunConfig) -> bool:
     """Whether this load upcycles an MoE checkpoint into HyperMoE or the static-adapter variant
     (``--finetune --moe-type hypermoe`` on a ``moe`` checkpoint): the paper's setting."""
-    return (args.finetune and meta.get("model", {}).get("moe_type") == "moe"
-            and args.moe_type in SIDE_PATH_VARIANTS)
+    return (run.checkpoint.finetune and meta.get("model", {}).get("moe_type") == "moe"
+            and run.model.moe_type in SIDE_PATH_VARIANTS)

@@ -17,14 +17,13 @@ names are the writer's:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
 from typing import List, Optional, Tuple
 
-from megatron_hypermoe.errors import ArgumentError, CheckpointError
+from megatron_hypermoe.errors import CheckpointError
 
 META_FILE = "hypermoe_checkpoint.json"
 CHECKPOINT_FORMAT = "megatron-hypermoe-checkpoint"
@@ -38,33 +37,6 @@ _COMPLETE_NAME = re.compile(r"iter_(\d{7})")
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def add_checkpoint_file_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("checkpoint selection and retention")
-    g.add_argument("--ckpt-step", type=int, default=None,
-                   help="load this iteration's checkpoint from --load instead of the one "
-                        "'latest' names (Megatron-LM's flag), e.g. the previous one when the "
-                        "newest is damaged")
-    g.add_argument("--save-retain", type=int, default=None,
-                   help="after each complete save keep only the newest N checkpoints under "
-                        "--save (and always the one 'latest' names); None: keep all")
-
-
-def check_checkpoint_file_args(args) -> None:
-    if args.ckpt_step is not None:
-        if args.ckpt_step < 0:
-            raise ArgumentError(f"--ckpt-step {args.ckpt_step} must be an iteration >= 0")
-        if not args.load:
-            raise ArgumentError("--ckpt-step needs --load DIR (the checkpoint directory to "
-                                "load that iteration from)")
-    if args.save_retain is not None:
-        if args.save_retain < 1:
-            raise ArgumentError(f"--save-retain {args.save_retain} must be at least 1 (the "
-                                "newest checkpoint is always kept): pass N >= 1 or leave it out "
-                                "to keep every checkpoint")
-        if not args.save:
-            raise ArgumentError("--save-retain needs --save DIR")
 
 
 # Reading -----------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ Not carried across layouts: RNG states (they are per rank; :func:`rng_carries_ov
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import re
@@ -58,8 +57,10 @@ from megatron_hypermoe.parallel.experts import (
     is_expert_parameter,
     tensor_parallel_size_and_rank,
 )
+from megatron_hypermoe.parallel.layout import ParallelLayout
 from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim, shard
 from megatron_hypermoe.training.checkpoint.experts import this_rank_expert_file_name
+from megatron_hypermoe.training.config import RunConfig
 
 DIRECTORY = "layout_free"
 INDEX_FILE = "index.json"
@@ -67,27 +68,14 @@ FORMAT = "megatron-hypermoe-layout-free"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
-# pp last, defaulting to 1: indexes written before pipeline parallelism have no pp
-Layout = collections.namedtuple("Layout", "tp ep dp zero pp", defaults=(1,))
-
-
-def describe(layout: Layout) -> str:
-    stages = f" PP {layout.pp}" if layout.pp > 1 else ""
-    return f"TP {layout.tp} EP {layout.ep}{stages} DP {layout.dp} ZeRO {layout.zero}"
-
-
-def run_layout(args) -> Layout:
-    return Layout(args.tensor_model_parallel_size, args.expert_model_parallel_size,
-                  args.data_parallel_size, args.zero_stage, args.pipeline_model_parallel_size)
-
-
-def checkpoint_layout(meta: dict) -> Layout:
+def checkpoint_layout(meta: dict) -> ParallelLayout:
     """The layout a checkpoint was written with (from hypermoe_checkpoint.json)."""
     recorded = meta.get("args", {})
-    return Layout(int(recorded.get("tensor_model_parallel_size", 1)),
-                  int(recorded.get("expert_model_parallel_size", 1)),
-                  int(meta.get("data_parallel_size", 1)), int(recorded.get("zero_stage", 1)),
-                  int(recorded.get("pipeline_model_parallel_size", 1)))
+    return ParallelLayout(tp=int(recorded.get("tensor_model_parallel_size", 1)),
+                          ep=int(recorded.get("expert_model_parallel_size", 1)),
+                          dp=int(meta.get("data_parallel_size", 1)),
+                          zero=int(recorded.get("zero_stage", 1)),
+                          pp=int(recorded.get("pipeline_model_parallel_size", 1)))
 
 
 def dense_file_name(tp_rank: int) -> str:
@@ -103,53 +91,56 @@ def has_layout_free_files(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, DIRECTORY, INDEX_FILE))
 
 
-def rng_carries_over(meta: dict, args) -> bool:
+def rng_carries_over(meta: dict, current: ParallelLayout) -> bool:
     """Per-rank RNG states fit a run whose ranks have the same roles: same TP, EP and DP (a
     ZeRO stage change keeps them)."""
-    saved, current = checkpoint_layout(meta), run_layout(args)
+    saved = checkpoint_layout(meta)
     return (saved.tp, saved.ep, saved.dp, saved.pp) == (current.tp, current.ep, current.dp,
                                                         current.pp)
 
 
 # Which path a load takes --------------------------------------------------------------------------
-def needs_reshard(meta: dict, args, directory: str, load_optimizer: bool) -> bool:
+def needs_reshard(meta: dict, current: ParallelLayout, directory: str,
+                  load_optimizer: bool) -> bool:
     """False: DeepSpeed's own files fit this run (same layout; or, without the optimizer, same TP
     and EP). True: the layout-free files must be used. Refuses what neither can load, in one
     line; says which path on rank 0."""
-    saved, current = checkpoint_layout(meta), run_layout(args)
+    saved = checkpoint_layout(meta)
     if saved == current:
-        print_rank0(f"resuming with the same layout ({describe(current)})")
+        print_rank0(f"resuming with the same layout ({current.describe()})")
         return False
     if not has_layout_free_files(directory):
         if not load_optimizer and (saved.tp, saved.ep, saved.pp) == (current.tp, current.ep,
                                                                       current.pp):
             # DeepSpeed loads module weights into any DP size / ZeRO stage (today's path).
-            print_rank0(f"loading weights only from {describe(saved)} into {describe(current)}")
+            print_rank0(f"loading weights only from {saved.describe()} into "
+                        f"{current.describe()}")
             return False
         if os.path.isdir(os.path.join(directory, DIRECTORY)):  # copied without its index
             raise CheckpointError.missing_file(os.path.join(directory, DIRECTORY, INDEX_FILE))
         raise CheckpointError(
             f"checkpoint {directory} predates layout-free files, so it loads only in the layout "
-            f"that wrote it ({describe(saved)}; this run: {describe(current)}): resume it "
+            f"that wrote it ({saved.describe()}; this run: {current.describe()}): resume it "
             "there and save again")
     if current.zero not in (1, 2):
         raise CheckpointError(f"--zero-stage {current.zero}: a checkpoint of another layout "
-                              f"({describe(saved)}) resumes under ZeRO stage 1 or 2 only")
-    print_rank0(f"resharding from {describe(saved)} to {describe(current)}")
-    if not rng_carries_over(meta, args):
+                              f"({saved.describe()}) resumes under ZeRO stage 1 or 2 only")
+    print_rank0(f"resharding from {saved.describe()} to {current.describe()}")
+    if not rng_carries_over(meta, current):
         print_rank0("RNG states are per rank and do not carry over to another layout: dropout "
-                     "and sampling continue from fresh streams of --seed")
+                    "and sampling continue from fresh streams of --seed")
     return True
 
 
-def vocab_padding_message(meta: dict, args) -> str:
+def vocab_padding_message(meta: dict, run: RunConfig) -> str:
     """Megatron pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP, so a
     TP change can change the model's shape: name the divisor that gives the saved size."""
     saved = meta["model"]["padded_vocab_size"]
-    tp = args.tensor_model_parallel_size
+    tp = run.parallel.tp
+    divisor = run.embedding.make_vocab_size_divisible_by
     problem = (f"checkpoint has padded_vocab_size={saved} but the flags give "
-               f"{args.padded_vocab_size} (the vocabulary is padded to a multiple of "
-               f"--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} x TP {tp})")
+               f"{run.embedding.padded_vocab_size} (the vocabulary is padded to a multiple of "
+               f"--make-vocab-size-divisible-by {divisor} x TP {tp})")
     recorded = meta.get("args", {})
     saved_multiple = int(recorded.get("make_vocab_size_divisible_by", 128)) * \
         int(recorded.get("tensor_model_parallel_size", 1))
@@ -181,7 +172,7 @@ def _global_names(model):
             yield name, to_global(name), param
 
 
-def gather_layout_free(engine, args) -> Optional[Callable[[str], None]]:
+def gather_layout_free(engine, layout: ParallelLayout) -> Optional[Callable[[str], None]]:
     """Assemble this rank's share of the layout-free state (collective: every rank takes part in
     assembling every one of its parameters over its data-parallel group) and return the write
     of it into ``directory/layout_free`` (local I/O only, so a rank whose disk fails cannot
@@ -189,7 +180,7 @@ def gather_layout_free(engine, args) -> Optional[Callable[[str], None]]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from safetensors.torch import save_file
 
-    if args.zero_stage not in (1, 2):
+    if layout.zero not in (1, 2):
         return None
     step = optimizer_step_count(engine.optimizer)
     if step > 0:
@@ -226,7 +217,7 @@ def gather_layout_free(engine, args) -> Optional[Callable[[str], None]]:
     index = None
     if dist.get_rank() == 0:
         index = {"format": FORMAT, "version": 1,
-                 "layout": run_layout(args)._asdict(), "step": step,
+                 "layout": layout.index_record(), "step": step,
                  "engine": {key: int(getattr(engine, key)) for key in ENGINE_COUNTERS},
                  "loss_scaler": _loss_scaler_state(engine.optimizer),
                  "files": sorted(set().union(*files))}
@@ -258,9 +249,9 @@ def _drop_earlier_stages_keys(tensors: Dict[str, torch.Tensor]) -> None:
         del tensors[key]
 
 
-def save_layout_free(engine, args, directory: str) -> None:
+def save_layout_free(engine, layout: ParallelLayout, directory: str) -> None:
     """Gather and write in one call (collective)."""
-    write = gather_layout_free(engine, args)
+    write = gather_layout_free(engine, layout)
     if write is not None:
         write(directory)
 
@@ -292,7 +283,7 @@ def _read_index(path: str) -> dict:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} index")
     try:
-        layout = Layout(**index["layout"])
+        layout = ParallelLayout.from_index_record(index["layout"])
         int(index["step"])
         for value in [*index["engine"].values(), *index.get("loss_scaler", {}).values()]:
             float(value)
@@ -314,7 +305,7 @@ class _Tensors:
 
         self.directory = os.path.join(directory, DIRECTORY)
         self.index = _read_index(os.path.join(self.directory, INDEX_FILE))
-        self.layout = Layout(**self.index["layout"])
+        self.layout = ParallelLayout.from_index_record(self.index["layout"])
         self.by_tp_rank = [dict() for _ in range(self.layout.tp)]  # key -> (handle, path)
         self.handles = []
         file_names = self.index.get("files")

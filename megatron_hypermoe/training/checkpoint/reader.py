@@ -11,7 +11,6 @@ tensors and DeepSpeed's plain records.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,9 +22,9 @@ from megatron_hypermoe.compat.deepspeed import load_deepspeed_file
 from megatron_hypermoe.errors import CheckpointError
 from megatron_hypermoe.parallel.experts import global_parameter_name, is_expert_parameter
 from megatron_hypermoe.parallel.tensor_sharding import merge, partition_dim
-from megatron_hypermoe.training.arguments import model_config, recorded_args
 from megatron_hypermoe.training.checkpoint.experts import expert_file_name
 from megatron_hypermoe.training.checkpoint.files import META_FILE, read_latest, tag_for
+from megatron_hypermoe.training.config import RunConfig
 
 
 @dataclasses.dataclass
@@ -35,23 +34,18 @@ class Checkpoint:
     state: Dict[str, torch.Tensor]  # full tensors, megatron names, global expert ids
 
     @property
-    def args(self) -> argparse.Namespace:
-        """The training run's flags, as recorded (flags added since: their defaults)."""
-        return recorded_args(self.meta["args"])
+    def run(self) -> RunConfig:
+        """The training run's config, from the flags it recorded (flags added since: the
+        values before them, else their defaults)."""
+        return RunConfig.from_flags(self.meta["args"])
 
-    def single_process_args(self) -> argparse.Namespace:
-        """The run's flags for one fp32 process (TP=1, EP=1): the whole model in one place."""
-        args = self.args
-        args.tensor_model_parallel_size = 1
-        args.expert_model_parallel_size = 1
-        args.pipeline_model_parallel_size = 1
-        args.sequence_parallel = False
-        args.bf16 = args.fp16 = False
-        return args
+    def single_process_run(self) -> RunConfig:
+        """The run's config for one fp32 process (TP=1, EP=1): the whole model in one place."""
+        return self.run.single_process()
 
     def model_config(self):
         """The config of the model this checkpoint holds, for one fp32 process."""
-        return model_config(self.single_process_args())
+        return self.single_process_run().model
 
 
 def _checkpoint_directory(load_dir: str, iteration: Optional[int]):
@@ -122,13 +116,13 @@ def read_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Checkpoin
     pipeline parallelism the stages' states are joined; what several stages hold (the shared
     hypernetwork's replicas) is taken from the first."""
     directory, meta = _checkpoint_directory(load_dir, iteration)
-    args = meta["args"]
-    sizes = {"tp": int(args.get("tensor_model_parallel_size", 1)),
-             "ep": int(args.get("expert_model_parallel_size", 1)),
-             "pp": int(args.get("pipeline_model_parallel_size", 1))}
+    flags = meta["args"]
+    sizes = {"tp": int(flags.get("tensor_model_parallel_size", 1)),
+             "ep": int(flags.get("expert_model_parallel_size", 1)),
+             "pp": int(flags.get("pipeline_model_parallel_size", 1))}
     state = {}
     for stage in range(sizes["pp"]):
         for name, tensor in _read_stage(directory, stage, sizes,
-                                        int(args["num_layers"])).items():
+                                        int(flags["num_layers"])).items():
             state.setdefault(name, tensor)
     return Checkpoint(directory=directory, meta=meta, state=state)

@@ -56,8 +56,8 @@ from megatron_hypermoe.training.checkpoint.layout_free import (
     rng_carries_over,
 )
 from megatron_hypermoe.training.checkpoint.rng import load_rng_state, rng_path, save_rng_state
+from megatron_hypermoe.training.config import RunConfig
 from megatron_hypermoe.training.lr_schedule import SCHEDULER_STATE_KEY
-from megatron_hypermoe.training.metrics.writers import jsonable_args
 
 
 @dataclasses.dataclass
@@ -73,35 +73,36 @@ def _barrier() -> None:
 
 
 # Save ---------------------------------------------------------------------------------------------
-def save_checkpoint(engine, args, state: TrainState, tokenizer: Optional[dict] = None,
+def save_checkpoint(engine, run: RunConfig, state: TrainState, tokenizer: Optional[dict] = None,
                     schedule=None) -> str:
     """Save on every rank (collective). Returns the final checkpoint directory. ``tokenizer``
     (its fingerprint: type, vocab size, file hashes) lets converters refuse a mismatched one;
     ``schedule`` (training/lr_schedule.py) is saved as Megatron saves its scheduler. A write
     that fails on any rank is a CheckpointError on every rank; nothing is published."""
     tag = tag_for(state.iteration)
-    partial_dir = os.path.join(args.save, tag + PARTIAL)
+    partial_dir = os.path.join(run.checkpoint.save, tag + PARTIAL)
     if global_rank() == 0:
-        os.makedirs(args.save, exist_ok=True)
-        remove_leftovers(args.save)  # left by a crash (kill -9, full disk) during earlier saves
+        os.makedirs(run.checkpoint.save, exist_ok=True)
+        # left by a crash (kill -9, full disk) during earlier saves
+        remove_leftovers(run.checkpoint.save)
     _barrier()
-    failure = _agree(_write_partial(engine, args, state, partial_dir, tokenizer, schedule))
+    failure = _agree(_write_partial(engine, run, state, partial_dir, tokenizer, schedule))
     if failure is None and global_rank() == 0:
         try:
-            publish(args.save, tag, state.iteration)
-            if args.save_retain:
-                retain_newest(args.save, args.save_retain)
+            publish(run.checkpoint.save, tag, state.iteration)
+            if run.checkpoint.save_retain:
+                retain_newest(run.checkpoint.save, run.checkpoint.save_retain)
         except OSError as error:
-            failure = _failure_text(args.save, error)
+            failure = _failure_text(run.checkpoint.save, error)
     failure = _agree(failure)
     if failure is not None:
         if global_rank() == 0:
             shutil.rmtree(partial_dir, ignore_errors=True)  # give the space back
-        latest = read_latest_tag(args.save)
+        latest = read_latest_tag(run.checkpoint.save)
         kept = f"'{LATEST_FILE}' still names {latest}" if latest else "no checkpoint is saved yet"
         raise CheckpointError(f"saving checkpoint {tag} failed: {failure}; {kept}: free space "
                               "(or raise the file-size limit) and resume")
-    return os.path.join(args.save, tag)
+    return os.path.join(run.checkpoint.save, tag)
 
 
 # What a failed write can raise: OSError from Python, RuntimeError from torch's zip writer,
@@ -121,32 +122,33 @@ def _failure_text(path: str, error: Exception) -> str:
     return f"rank {global_rank()} could not write {path} ({type(error).__name__}: {detail}{free})"
 
 
-def _write_partial(engine, args, state, partial_dir, tokenizer, schedule) -> Optional[str]:
+def _write_partial(engine, run, state, partial_dir, tokenizer, schedule) -> Optional[str]:
     """This rank's files into ``partial_dir``; the first failed write, described, or None."""
     with deferring_write_errors(engine) as failures:  # all ranks still pass DeepSpeed's barriers
-        engine.save_checkpoint(args.save, tag=os.path.basename(partial_dir), client_state={},
-                               save_latest=False)
+        engine.save_checkpoint(run.checkpoint.save, tag=os.path.basename(partial_dir),
+                               client_state={}, save_latest=False)
     # Collective, so before any return: a rank whose write failed still takes part.
-    write_layout_free = gather_layout_free(engine, args)
+    write_layout_free = gather_layout_free(engine, run.parallel)
     if failures:
         return _failure_text(*failures[0])
     writes = [(rng_path(partial_dir, global_rank()), lambda: save_rng_state(partial_dir))]
     if write_layout_free is not None:
         writes.append((os.path.join(partial_dir, LAYOUT_FREE_DIRECTORY),
                        lambda: write_layout_free(partial_dir)))
-    if args.expert_model_parallel_size > 1:
+    if run.parallel.ep > 1:
         writes.append((partial_dir, lambda: save_local_experts(engine.module, partial_dir,
-                                                               args.num_experts)))
+                                                               run.model.num_moe_experts)))
     if global_rank() == 0:
+        flags = run.to_flags()
         meta = {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
             "tag": tag_for(state.iteration),
             "train_state": dataclasses.asdict(state),
-            "model": checkpoint_shape(args),
-            "world_size": args.world_size,
-            "data_parallel_size": args.data_parallel_size,
-            "args": jsonable_args(args),
+            "model": checkpoint_shape(flags),
+            "world_size": run.parallel.world_size,
+            "data_parallel_size": run.parallel.dp,
+            "args": flags,
             "tokenizer": tokenizer,
         }
         if schedule is not None:
@@ -171,30 +173,31 @@ def _agree(failure: Optional[str]) -> Optional[str]:
 
 
 # Load ---------------------------------------------------------------------------------------------
-def load_checkpoint(engine, args, schedule=None) -> TrainState:
+def load_checkpoint(engine, run: RunConfig, schedule=None) -> TrainState:
     """Restore weights, optimizer, RNG, the train state and, with the optimizer, the
     learning-rate schedule (collective). As in Megatron, --finetune and --no-load-optim start
     the schedule afresh."""
-    tag, meta = read_latest(args.load, getattr(args, "ckpt_step", None))
-    adding_side_path = side_path_added(meta, args)
-    check_model_shape(meta, args, adding_side_path)
-    load_optimizer = not (args.finetune or args.no_load_optim)
+    tag, meta = read_latest(run.checkpoint.load, run.checkpoint.ckpt_step)
+    adding_side_path = side_path_added(meta, run)
+    check_model_shape(meta, run, adding_side_path)
+    load_optimizer = not (run.checkpoint.finetune or run.checkpoint.no_load_optim)
     if load_optimizer:
-        check_optimizer_groups(meta, args)
-    directory = os.path.join(args.load, tag)
+        check_optimizer_groups(meta, run)
+    directory = os.path.join(run.checkpoint.load, tag)
     try:
         if adding_side_path:
-            _load_adding_side_path(engine, args, meta, directory)
-        elif needs_reshard(meta, args, directory, load_optimizer):  # another layout
+            _load_adding_side_path(engine, run, meta, directory)
+        elif needs_reshard(meta, run.parallel, directory, load_optimizer):  # another layout
             restore_layout_free(engine, directory, load_optimizer)
         else:
-            _load_same_layout(engine, args, tag, load_optimizer)
-        if not args.finetune and not args.no_load_rng and rng_carries_over(meta, args):
+            _load_same_layout(engine, run, tag, load_optimizer)
+        if not (run.checkpoint.finetune or run.checkpoint.no_load_rng) and \
+                rng_carries_over(meta, run.parallel):
             load_rng_state(directory)
     except CheckpointError as error:  # a damaged, missing or refused file: say what else loads
-        raise CheckpointError(f"{error}; "
-                              f"{other_checkpoint_hint(args.load, iteration_of(tag))}") from None
-    if args.finetune:
+        hint = other_checkpoint_hint(run.checkpoint.load, iteration_of(tag))
+        raise CheckpointError(f"{error}; {hint}") from None
+    if run.checkpoint.finetune:
         return TrainState()
     state = TrainState(**meta["train_state"])
     if load_optimizer and schedule is not None:
@@ -205,28 +208,30 @@ def load_checkpoint(engine, args, schedule=None) -> TrainState:
     return state
 
 
-def _load_adding_side_path(engine, args, meta: dict, directory: str) -> None:
+def _load_adding_side_path(engine, run, meta: dict, directory: str) -> None:
     """The MoE's weights by global name (any layout), and a new side path whose output starts
     at zero (model/initialization.py ``zero_side_path_output_``): at step 0 the model computes
     what the MoE computed."""
     if not has_layout_free_files(directory):
         raise CheckpointError(f"checkpoint {directory} predates layout-free files, which adding "
                               "a side path reads: resume it as --moe-type moe and save again")
-    print_rank0(f"adding a {args.moe_type} side path to the moe checkpoint (its output starts "
-                 "at zero: the model computes what the MoE computed)")
+    print_rank0(f"adding a {run.model.moe_type} side path to the moe checkpoint (its output "
+                "starts at zero: the model computes what the MoE computed)")
     zero_side_path_output_(engine.module)
     restore_layout_free(engine, directory, load_optimizer=False, kept=is_side_path_parameter)
 
 
-def _load_same_layout(engine, args, tag: str, load_optimizer: bool) -> None:
+def _load_same_layout(engine, run, tag: str, load_optimizer: bool) -> None:
     """DeepSpeed's own files (and our expert files), in the layout that wrote them."""
     install_weights_only_checkpoint_engine(engine)
-    path, _ = engine.load_checkpoint(args.load, tag=tag, load_optimizer_states=load_optimizer,
+    path, _ = engine.load_checkpoint(run.checkpoint.load, tag=tag,
+                                     load_optimizer_states=load_optimizer,
                                      load_lr_scheduler_states=False,
                                      load_module_only=not load_optimizer)
     if path is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {args.load}")
-    if args.expert_model_parallel_size > 1:
-        restore_local_experts(engine, os.path.join(args.load, tag), args.num_experts)
+        raise CheckpointError(f"DeepSpeed found no checkpoint {tag} under {run.checkpoint.load}")
+    if run.parallel.ep > 1:
+        restore_local_experts(engine, os.path.join(run.checkpoint.load, tag),
+                              run.model.num_moe_experts)
 
 

@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Dict, Optional
 
+from megatron_hypermoe.training.config import LoggingConfig, RunConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class Logged:
@@ -58,13 +60,13 @@ LOGGED = (
            tensorboard_flags=("log_validation_ppl_to_tensorboard",)),
 )
 LOGGED_BY_KEY = {entry.key: entry for entry in LOGGED}
-def tensorboard_scalars(values: dict, args=None) -> Dict[str, float]:
+def tensorboard_scalars(values: dict, logging: Optional[LoggingConfig] = None) -> Dict[str, float]:
     """TensorBoard tag -> value for a dict keyed by LOGGED keys (lists become one tag each);
-    with ``args``, only the values their --log-* flags let through."""
+    with ``logging``, only the values its --log-* flags let through."""
     scalars = {}
     for key, value in values.items():
         entry = LOGGED_BY_KEY.get(key, Logged(key, key))
-        if args is not None and not _enabled(args, entry.tensorboard_flags):
+        if logging is not None and not _enabled(logging, entry.tensorboard_flags):
             continue
         if isinstance(value, (list, tuple)):
             for layer, row in enumerate(value):
@@ -80,128 +82,57 @@ def tensorboard_scalars(values: dict, args=None) -> Dict[str, float]:
     return scalars
 
 
-def _enabled(args, flags) -> bool:
-    return all(getattr(args, flag, False) for flag in flags)
+def _enabled(logging: LoggingConfig, flags) -> bool:
+    return all(getattr(logging, flag) for flag in flags)
 
 
-def console_line(prefix: str, values: dict, args=None) -> str:
+def console_line(prefix: str, values: dict, logging: Optional[LoggingConfig] = None) -> str:
     """``prefix | lm loss 1.2345 | ...`` in LOGGED order, for the values that have a format
-    (and, with ``args``, whose --log-* flags are set)."""
+    (and, with ``logging``, whose --log-* flags are set)."""
     parts = [entry.console.format(values[entry.key]) for entry in LOGGED
              if entry.console and values.get(entry.key) is not None
-             and (args is None or _enabled(args, entry.console_flags))]
+             and (logging is None or _enabled(logging, entry.console_flags))]
     return " | ".join([prefix] + parts)
-
-
-def add_logging_args(parser) -> None:
-    """Megatron-LM's (and Megatron-DeepSpeed's) logging flags beyond --log-interval."""
-    g = parser.add_argument_group("TensorBoard and Weights & Biases (Megatron's flags)")
-    g.add_argument("--log-throughput", action="store_true",
-                   help="show TFLOP/s per device on the log line (--metrics-file always has it)")
-    g.add_argument("--tensorboard-log-interval", type=int, default=1,
-                   help="write training scalars to TensorBoard / W&B every this many "
-                        "iterations (validation: at every evaluation)")
-    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
-                   help="events TensorBoard buffers before writing to disk")
-    g.add_argument("--log-timers-to-tensorboard", action="store_true",
-                   help="also write iteration-time and tokens-per-second (and TFLOPs-per-device "
-                        "with --log-throughput)")
-    g.add_argument("--log-batch-size-to-tensorboard", action="store_true",
-                   help="also write batch-size")
-    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
-                   help="also write 'lm loss validation ppl'")
-    g.add_argument("--wandb-project", default=None,
-                   help="log the TensorBoard scalars to this Weights & Biases project "
-                        "(needs the wandb package; WANDB_MODE=offline works without network)")
-    g.add_argument("--wandb-exp-name", default=None, help="the W&B run name (required with it)")
-    g.add_argument("--wandb-save-dir", default=None,
-                   help="where W&B writes its files; default --save/wandb")
 
 
 TENSORBOARD_ONLY_FLAGS = ("log_timers_to_tensorboard", "log_batch_size_to_tensorboard",
                           "log_validation_ppl_to_tensorboard")
 
 
-def finalize_logging_args(args) -> None:
-    """One-line refusals of logging flags that could not take effect."""
-    from megatron_hypermoe.errors import ArgumentError
-
-    for name in ("tensorboard_log_interval", "tensorboard_queue_size"):
-        if getattr(args, name) < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1")
-    if not args.wandb_project:
-        for name in ("wandb_exp_name", "wandb_save_dir"):
-            if getattr(args, name):
-                raise ArgumentError(f"--{name.replace('_', '-')} needs --wandb-project")
-    else:
-        if not args.wandb_exp_name:
-            raise ArgumentError("--wandb-project needs --wandb-exp-name NAME (as in Megatron)")
-        if not args.wandb_save_dir and not args.save:
-            raise ArgumentError("--wandb-project needs --wandb-save-dir DIR (or --save, whose "
-                                "wandb/ it then uses)")
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ArgumentError("--wandb-project needs the wandb package: pip install "
-                                "wandb==0.31.0 (requirements.txt)")
-    if not (args.tensorboard_dir or args.wandb_project):
-        passed = [name for name in TENSORBOARD_ONLY_FLAGS if getattr(args, name)]
-        passed += ["tensorboard_log_interval"] if args.tensorboard_log_interval != 1 else []
-        if passed:
-            raise ArgumentError(f"--{passed[0].replace('_', '-')} needs --tensorboard-dir or "
-                                "--wandb-project (there is nothing to write to)")
-
-
-def jsonable_args(args) -> dict:
-    """The flags as JSON values: what a checkpoint records and a W&B run shows as its config."""
-    out = {}
-    for key, value in vars(args).items():
-        if isinstance(value, (str, int, float, bool, type(None))):
-            out[key] = value
-        elif isinstance(value, (list, tuple)) and all(
-                isinstance(v, (str, int, float, bool)) for v in value):
-            out[key] = list(value)
-    return out
-
-
-def start_wandb(args):
+def start_wandb(run: RunConfig):
     """A Weights & Biases run as Megatron starts it (project, name, dir, the flags as config)."""
     import wandb
 
-    directory = args.wandb_save_dir or os.path.join(args.save or ".", "wandb")
+    logging = run.logging
+    directory = logging.wandb_save_dir or os.path.join(run.checkpoint.save or ".", "wandb")
     os.makedirs(directory, exist_ok=True)
-    return wandb.init(project=args.wandb_project, name=args.wandb_exp_name, dir=directory,
-                      config=jsonable_args(args))
+    return wandb.init(project=logging.wandb_project, name=logging.wandb_exp_name, dir=directory,
+                      config=run.to_flags())
 
 
 class MetricsWriter:
     """Rank 0 writes: the console line, TensorBoard and W&B scalars (one tag set, gated by the
     --log-* flags), every value to --metrics-file."""
 
-    def __init__(self, args, is_writer_rank: bool):
-        self.args = args
+    def __init__(self, run: RunConfig, is_writer_rank: bool):
+        self.logging = logging = run.logging
         self.is_writer_rank = is_writer_rank
         self.tensorboard = None
         self.wandb = None
         self.file = None
         if not is_writer_rank:
             return
-        if args.tensorboard_dir:
+        if logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir,
-                                             max_queue=args.tensorboard_queue_size)
-        if args.wandb_project:
-            self.wandb = start_wandb(args)
-        if args.metrics_file:
-            directory = os.path.dirname(os.path.abspath(args.metrics_file))
+            self.tensorboard = SummaryWriter(log_dir=logging.tensorboard_dir,
+                                             max_queue=logging.tensorboard_queue_size)
+        if logging.wandb_project:
+            self.wandb = start_wandb(run)
+        if logging.metrics_file:
+            directory = os.path.dirname(os.path.abspath(logging.metrics_file))
             os.makedirs(directory, exist_ok=True)
-            self.file = open(args.metrics_file, "a")
-
-    @staticmethod
-    def writes_scalars(args) -> bool:
-        """Whether the run has a scalar writer (the same answer on every rank)."""
-        return bool(args.tensorboard_dir or args.wandb_project)
+            self.file = open(logging.metrics_file, "a")
 
     def log(self, iteration: int, values: dict, prefix: str, console_values: dict = None,
             console: bool = True, scalars: bool = True) -> None:
@@ -210,9 +141,9 @@ class MetricsWriter:
         if not self.is_writer_rank:
             return
         if console:
-            print(console_line(prefix, console_values or values, self.args), flush=True)
+            print(console_line(prefix, console_values or values, self.logging), flush=True)
         if scalars and (self.tensorboard is not None or self.wandb is not None):
-            finite = {tag: value for tag, value in tensorboard_scalars(values, self.args).items()
+            finite = {tag: value for tag, value in tensorboard_scalars(values, self.logging).items()
                       if math.isfinite(value)}
             if self.tensorboard is not None:
                 for tag, value in finite.items():

@@ -22,16 +22,9 @@ AUX_LOSS_COEFF_DEFAULT = 1e-2  # ours (Megatron-LM's is 0.0)
 DEEPSPEED_EVAL_CAPACITY_FACTOR = 1.0
 DEEPSPEED_MIN_CAPACITY = 4
 
-ROUTER_CONFIG_FLAGS = {name: name for name in (
-    "moe_router_load_balancing_type", "moe_expert_capacity_factor",
-    "moe_pad_expert_input_to_capacity", "moe_token_drop_policy", "moe_router_score_function",
-    "moe_router_topk_scaling_factor", "moe_router_dtype", "moe_input_jitter_eps",
-    "moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
-    "moe_router_bias_update_rate", "moe_router_force_load_balancing",
-    "moe_eval_capacity_factor", "moe_min_capacity")}
 
 # Router flags that need Transformer Engine (--moe-router-fusion, --moe-router-padding-for-fp8)
-# are refused with the other such flags in training/megatron_flags.py.
+# are refused with the other such flags in cli/megatron_flags.py.
 
 
 def load_balancing_types(args):

@@ -1,24 +1,46 @@
-"""Command-line arguments of pretrain_gpt_hypermoe.py, named as in Megatron-LM.
+"""The flags of pretrain_gpt_hypermoe.py, named as in Megatron-LM, and the config they give.
 
 ``parse_args`` also derives what Megatron derives (gradient accumulation from the batch sizes,
 the data-parallel size) and rejects inconsistent combinations with one-line errors.
-``model_config`` turns the flags into the model's config; :data:`MODEL_CONFIG_FLAGS` says which
-flag is which config field, in one place, for both directions (``args_for_model`` records a
-model built from a config object, e.g. by the Hugging Face importer, as the flags a run of it
-would have).
+``run_config`` turns the finalized flags into the run's frozen config (training/config.py holds
+the one flag <-> field map); ``args_for_model`` gives the flags of a run of a model built from a
+config object (the Hugging Face importer), validated like parsed ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import math
 
-import torch
-
-from megatron_hypermoe.data.tokenizer import add_tokenizer_args
+from megatron_hypermoe.cli.data_flags import add_tokenizer_args
+from megatron_hypermoe.cli.deepspeed_config import (
+    add_deepspeed_args,
+    check_deepspeed_args,
+    resolve_config,
+)
+from megatron_hypermoe.cli.megatron_flags import add_megatron_flags, check_megatron_flags
+from megatron_hypermoe.cli.model_flags import (
+    add_attention_args,
+    add_experts_args,
+    add_recompute_args,
+    check_recompute_args,
+)
+from megatron_hypermoe.cli.parallel_flags import (
+    add_distributed_args,
+    add_pipeline_args,
+    check_distributed_args,
+    check_pipeline_args,
+)
+from megatron_hypermoe.cli.router_flags import add_router_args, check_router_args
+from megatron_hypermoe.cli.training_flags import (
+    add_checkpoint_file_args,
+    add_logging_args,
+    add_lr_schedule_args,
+    check_checkpoint_file_args,
+    finalize_logging_args,
+    finalize_lr_schedule_args,
+)
 from megatron_hypermoe.errors import ArgumentError
-from megatron_hypermoe.model.attention import ATTENTION_CONFIG_FLAGS, add_attention_args
 from megatron_hypermoe.model.config import (
     HYPER_EXPERT_IMPLS,
     HYPER_INITS,
@@ -27,65 +49,15 @@ from megatron_hypermoe.model.config import (
     MOE_TYPES,
     VARIANT_HYPER_FIELDS,
     HyperMoEConfig,
-    make_config,
     moe_layer_pattern,
 )
-from megatron_hypermoe.model.grouped_experts import EXPERTS_CONFIG_FLAGS, add_experts_args
-from megatron_hypermoe.model.recompute import (
-    RECOMPUTE_CONFIG_FLAGS,
-    add_recompute_args,
-    check_recompute_args,
-    recompute_modules_flag,
+from megatron_hypermoe.training.config import (
+    HYPER_LR_MULT_RULES,
+    MOE_FLAGS,
+    RunConfig,
+    model_flags,
 )
-from megatron_hypermoe.parallel.distributed import add_distributed_args, check_distributed_args
-from megatron_hypermoe.parallel.pipeline import add_pipeline_args, check_pipeline_args
-from megatron_hypermoe.training.checkpoint.files import (
-    add_checkpoint_file_args,
-    check_checkpoint_file_args,
-)
-from megatron_hypermoe.training.ds_config import add_deepspeed_args, check_deepspeed_args
-from megatron_hypermoe.training.lr_schedule import (
-    LR_DECAY_STYLES,
-    add_lr_schedule_args,
-    finalize_lr_schedule_args,
-)
-from megatron_hypermoe.training.megatron_flags import add_megatron_flags, check_megatron_flags
-from megatron_hypermoe.training.metrics.writers import add_logging_args, finalize_logging_args
-from megatron_hypermoe.training.router_arguments import (
-    ROUTER_CONFIG_FLAGS,
-    add_router_args,
-    check_router_args,
-)
-
-# flag (argparse dest) -> HyperMoEConfig field, for every flag that is a model config field.
-MODEL_CONFIG_FLAGS = {
-    "num_layers": "num_layers", "hidden_size": "hidden_size",
-    "ffn_hidden_size": "ffn_hidden_size", "num_attention_heads": "num_attention_heads",
-    "num_query_groups": "num_query_groups", "hidden_dropout": "hidden_dropout",
-    "attention_dropout": "attention_dropout", "init_method_std": "init_method_std",
-    "rotary_base": "rotary_base", "norm_epsilon": "layernorm_epsilon",
-    "bf16": "bf16", "fp16": "fp16",
-    "tensor_model_parallel_size": "tensor_model_parallel_size",
-    "pipeline_model_parallel_size": "pipeline_model_parallel_size",
-    "sequence_parallel": "sequence_parallel", "kv_channels": "kv_channels",
-    "qk_layernorm": "qk_layernorm", "add_qkv_bias": "add_qkv_bias",
-    **RECOMPUTE_CONFIG_FLAGS,
-    **ATTENTION_CONFIG_FLAGS,
-}
-# ... and those that only MoE variants have (a dense config has no experts).
-MOE_CONFIG_FLAGS = {
-    "num_experts": "num_moe_experts", "moe_router_topk": "moe_router_topk",
-    "moe_aux_loss_coeff": "moe_aux_loss_coeff", "moe_z_loss_coeff": "moe_z_loss_coeff",
-    "moe_token_dispatcher_type": "moe_token_dispatcher_type",
-    "expert_model_parallel_size": "expert_model_parallel_size",
-    "moe_router_pre_softmax": "moe_router_pre_softmax",
-    "moe_router_renormalize": "moe_router_renormalize",
-    "moe_ffn_hidden_size": "moe_ffn_hidden_size", "moe_layer_freq": "moe_layer_freq",
-    "moe_shared_expert_intermediate_size": "moe_shared_expert_intermediate_size",
-    "moe_shared_expert_gate": "moe_shared_expert_gate",
-    **ROUTER_CONFIG_FLAGS,
-    **EXPERTS_CONFIG_FLAGS,
-}
+from megatron_hypermoe.training.lr_schedule import LR_DECAY_STYLES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     add_tokenizer_args(parser)
     add_megatron_flags(parser)
-    show_every_default(parser)
     add_recompute_args(parser)
     add_attention_args(parser)
 
@@ -271,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--manual-gc-interval", type=int, default=0,
                    help="with --manual-gc: iterations between collections (0: never)")
     add_logging_args(parser)
+    show_every_default(parser)
     return parser
 
 
@@ -282,13 +254,9 @@ def show_every_default(parser: argparse.ArgumentParser) -> None:
 
 
 DEFAULT_SPLIT = "969,30,1"
-HYPER_LR_MULT_RULES = ("1/d_g",)
 # Chosen by the issue-13 study (docs/HYPERMOE_VS_MOE.md): with it HyperMoE beat the MoE at every
 # width and corpus tried; with the paper's 1 it lost at hidden 128 on Wikipedia.
 HYPER_LR_MULT_DEFAULT = "1/d_g"
-# What a checkpoint written before a flag existed trained with, where today's default differs.
-VALUES_BEFORE_FLAG = {"hyper_lr_mult": 1.0}
-
 
 def moe_layer_freq_value(text: str):
     """--moe-layer-freq: an int, or Megatron's Python list expression of 0/1 ("[0]+[1]*3",
@@ -336,13 +304,6 @@ def hyper_lr_mult_value(text: str):
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"{text} must be >= 0")
     return value
-
-
-def hyper_lr_mult(args) -> float:
-    """The multiplier --hyper-lr-mult gives (a rule resolved by the model's sizes)."""
-    if args.hyper_lr_mult == "1/d_g":
-        return 1.0 / args.hyper_hidden_size
-    return float(args.hyper_lr_mult)
 
 
 # The --hyper-* flags (argparse dests, the config fields of the same names but --hyper-lr-mult)
@@ -453,7 +414,7 @@ def _refuse_moe_flags_for_dense(args) -> None:
     if args.moe_type != "dense":
         return
     defaults = default_args()
-    for dest in (*MOE_CONFIG_FLAGS, "moe_ffn_hidden_size"):
+    for dest in (*MOE_FLAGS, "expert_model_parallel_size"):
         if getattr(args, dest) != getattr(defaults, dest):
             raise ArgumentError(f"--{dest.replace('_', '-')} applies to MoE layers (this run is "
                                 "--moe-type dense): drop it")
@@ -549,24 +510,20 @@ def finalize_args(args, world_size: int) -> None:
     finalize_logging_args(args)
 
 
-def padded_vocab_size(vocab_size: int, args) -> int:
-    """Megatron's padding: a multiple of --make-vocab-size-divisible-by x TP."""
-    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
-    return int(math.ceil(vocab_size / multiple) * multiple)
+def run_config(args) -> RunConfig:
+    """The run's frozen config for finalized flags (the DeepSpeed config resolved against a
+    --deepspeed_config file here, once)."""
+    return RunConfig.from_flags(vars(args), deepspeed_config=resolve_config(args))
+
+
+def parse_run_config(argv=None, world_size: int = 1) -> RunConfig:
+    """parse_args, then run_config."""
+    return run_config(parse_args(argv, world_size))
 
 
 def model_config(args) -> HyperMoEConfig:
-    """The model config the flags describe."""
-    fields = {field: getattr(args, flag) for flag, field in MODEL_CONFIG_FLAGS.items()}
-    if args.moe_type != "dense":
-        fields.update({field: getattr(args, flag) for flag, field in MOE_CONFIG_FLAGS.items()})
-        fields.update({field: getattr(args, field)
-                       for field in VARIANT_HYPER_FIELDS[args.moe_type]})
-        if fields["moe_router_pre_softmax"] is None:
-            del fields["moe_router_pre_softmax"]  # make_config's default for the top-k
-    fields["params_dtype"] = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 \
-        else torch.float32
-    return make_config(args.moe_type, **fields)
+    """The model config finalized flags describe."""
+    return RunConfig.from_flags(vars(args)).model
 
 
 def default_args() -> argparse.Namespace:
@@ -574,33 +531,49 @@ def default_args() -> argparse.Namespace:
     return build_parser().parse_args([])
 
 
-def recorded_args(recorded: dict) -> argparse.Namespace:
-    """The flags a checkpoint recorded; a flag added since it was written gets the value the
-    checkpoint trained with (:data:`VALUES_BEFORE_FLAG`, else the flag's default)."""
-    return argparse.Namespace(**{**vars(default_args()), **VALUES_BEFORE_FLAG, **recorded})
-
-
 def args_for_model(config: HyperMoEConfig, world_size: int, **flags) -> argparse.Namespace:
-    """The flags of a run of the model ``config`` describes (the inverse of model_config), plus
-    ``flags`` by dest, validated like parsed ones. Used to record a model built from a config
-    object (the Hugging Face importer) in a checkpoint the trainer can resume."""
+    """The flags of a run of the model ``config`` describes, plus ``flags`` by dest, validated
+    like parsed ones. Used to record a model built from a config object (the Hugging Face
+    importer) in a checkpoint the trainer can resume."""
     args = default_args()
-    args.moe_type = config.moe_type
-    table = dict(MODEL_CONFIG_FLAGS)
-    if config.moe_type != "dense":
-        table.update(MOE_CONFIG_FLAGS)
-    if config.moe_type != "dense":
-        table.update({field: field for field in VARIANT_HYPER_FIELDS[config.moe_type]})
-    for flag, field in table.items():
-        setattr(args, flag, getattr(config, field))
-    args.recompute_modules = recompute_modules_flag(config)
-    if args.num_query_groups == args.num_attention_heads:
-        args.num_query_groups = None  # what the flag's default means, and what a run passes
-    if args.kv_channels == args.hidden_size // args.num_attention_heads:
-        args.kv_channels = None  # likewise
-    for flag, value in flags.items():
+    for flag, value in {**model_flags(config), **flags}.items():
         if not hasattr(args, flag):
             raise ValueError(f"no flag {flag!r}")
         setattr(args, flag, value)
     finalize_args(args, world_size)
     return args
+
+
+def run_config_for_model(config: HyperMoEConfig, world_size: int, **flags) -> RunConfig:
+    """The config of a run of the model ``config`` describes (args_for_model's flags)."""
+    return run_config(args_for_model(config, world_size, **flags))
+
+
+# Flags that set no config field: the boundary turns each into others (an alias, a count in
+# other units, a key of the DeepSpeed config) or checks it against them. (The Megatron-LM flags
+# this architecture fixes or refuses are cli/megatron_flag_tables.py's.)
+CONSUMED_AT_BOUNDARY = {
+    "group_query_attention": "num_query_groups (1 unless given)",
+    "train_tokens": "train_iters",
+    "expert_tensor_parallel_size": "checked: only tensor_model_parallel_size's value",
+    "local_rank": "the LOCAL_RANK variable (pretrain_gpt_hypermoe.py)",
+    "deepspeed_config": "deepspeed.config_json, merged with the flags and checked",
+    "overlap_grad_reduce": "deepspeed.config_json (zero_optimization.overlap_comm)",
+    "grad_reduce_in_bf16": "deepspeed.config_json (communication and accumulation dtype)",
+    "accumulate_allreduce_grads_in_fp32": "deepspeed.config_json (fp32 accumulation)",
+    **{name: "deepspeed.config_json (fp16 loss scaling)" for name in (
+        "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")},
+    **{name: "recompute_granularity/method/num_layers/modules (Megatron-LM's and "
+             "Megatron-DeepSpeed's older names)" for name in (
+        "recompute_activations", "checkpoint_activations", "checkpoint_num_layers",
+        "moe_layer_recompute", "deepspeed_activation_checkpointing")},
+    "moe_train_capacity_factor": "moe_expert_capacity_factor (Megatron-DeepSpeed's name)",
+    "disable_moe_token_dropping": "moe_expert_capacity_factor None (Megatron-DeepSpeed's)",
+}
+# Config fields the boundary derives rather than reads from one flag (Megatron's args has them
+# too, and a checkpoint records them).
+DERIVED_FIELDS = {
+    "data_parallel_size": "world size / (TP x PP)",
+    "gradient_accumulation_steps": "global batch / (micro-batch x data-parallel size)",
+    "padded_vocab_size": "the tokenizer's vocabulary, padded (RunConfig.with_vocab)",
+}

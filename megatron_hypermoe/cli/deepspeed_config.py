@@ -27,13 +27,13 @@ import json
 import math
 import os
 
-from megatron_hypermoe.errors import ArgumentError, DeepSpeedConfigError
-from megatron_hypermoe.training.ds_config_keys import (
+from megatron_hypermoe.cli.deepspeed_config_keys import (
     REFUSED,
     SECTION_KEYS,
     STAGE3,
     TOP_LEVEL_KEYS,
 )
+from megatron_hypermoe.errors import ArgumentError, DeepSpeedConfigError
 
 
 def decision_table():
@@ -181,39 +181,6 @@ def _check_gradient_precision(config, args, source):
         if value is not None and _DTYPE_NAMES.get(str(value)) != gradient_dtype(args):
             raise DeepSpeedConfigError(f"{source} says {name} = {value} but {flag} says "
                                        f"{gradient_dtype(args)}: make them agree")
-
-
-def describe_precision(engine) -> str:
-    """One line: what the engine really does with weights and gradients."""
-    names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
-    model_dtype, accum_dtype = (names[str(d)] for d in engine.get_data_types())
-    reduce_dtype = names[str(engine.communication_data_type)]
-    optimizer = type(engine.optimizer).__name__
-    if model_dtype == "fp32":
-        return f"precision: fp32 weights, activations and gradients ({optimizer})"
-    return (f"precision: {model_dtype} weights/activations, fp32 master weights, {accum_dtype} "
-            f"gradient accumulation, {reduce_dtype} reduction ({optimizer})")
-
-
-def engine_summary_lines(args, engine) -> list:
-    """What the engine does with precision, ZeRO and Megatron's ZeRO flags (for the log)."""
-    stage = engine.zero_optimization_stage()
-    lines = [describe_precision(engine)]
-    if args.bf16 and args.pipeline_model_parallel_size > 1:
-        lines.append("pipeline parallelism with --bf16: a step's micro-batch gradients "
-                     "accumulate in bf16 on each stage, then fold into the fp32 ones once")
-    zero = f"ZeRO stage {stage}: optimizer state sharded over the data-parallel ranks"
-    if args.use_distributed_optimizer:
-        zero += " (--use-distributed-optimizer: this is Megatron's distributed optimizer)"
-    zero += (f"; gradient reduction {'overlapped with' if engine.zero_overlap_comm() else 'after'}"
-             " backward")
-    if engine.zero_cpu_offload():
-        zero += "; optimizer state and step on the CPU (ZeRO-Offload)"
-    lines.append(zero)
-    if args.overlap_param_gather and stage < 3:
-        lines.append("--overlap-param-gather: ZeRO 1/2 all-gathers the updated parameters right "
-                     "after the optimizer step; DeepSpeed has nothing to overlap it with")
-    return lines
 
 
 # The config ---------------------------------------------------------------------------------------

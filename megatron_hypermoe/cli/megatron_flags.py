@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_hypermoe.errors import ArgumentError
-from megatron_hypermoe.training.megatron_flag_tables import (
+from megatron_hypermoe.cli.megatron_flag_tables import (
     FIXED,
     REFUSED,
     SAME_FLAG_REMARKS,
     SOURCES,
     SWITCH,
 )
+from megatron_hypermoe.errors import ArgumentError
 
 
 def _dest(flag: str) -> str:
