@@ -97,6 +97,17 @@ def test_section_defaults_are_the_flags_defaults():
             continue
         default = {f.name: f.default for f in dataclasses.fields(SECTIONS[section])}[field]
         assert default == defaults[flag], flag
+    # ... and a model flag missing from the recorded ones takes the model config's default,
+    # which must be the flag's default too
+    from megatron_hypermoe.cli.arguments import parse_args
+
+    flags = vars(parse_args(["--mock-data", "--train-iters", "1"]))
+    full = RunConfig.from_flags(flags).model
+    first_recorded = ("moe_type", "num_layers", "hidden_size", "num_attention_heads",
+                      "num_experts", "moe_router_topk")  # every checkpoint has these
+    core = RunConfig.from_flags({flag: flags[flag] for flag in first_recorded}).model
+    for flag, field in {**MODEL_FLAGS, **MOE_FLAGS}.items():
+        assert getattr(core, field) == getattr(full, field), flag
 
 
 @pytest.mark.parametrize("flags", [
