@@ -103,6 +103,7 @@ def test_args_for_model_records_the_flags_model_config_reads(moe_type):
     table = {**MODEL_FLAGS, **(MOE_FLAGS if moe_type != "dense" else {})}
     for flag, field in table.items():
         assert getattr(recorded.model, field) == getattr(config, field), flag
+    assert recorded.parallel == run.parallel
     # (a dense model has no expert fields: the recorded flags keep their defaults there)
     shape, recorded_shape = checkpoint_shape(run.to_flags()), checkpoint_shape(recorded.to_flags())
     relevant = [f for f in shape if moe_type != "dense" or

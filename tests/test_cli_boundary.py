@@ -148,3 +148,16 @@ def test_configs_are_frozen():
         run.training.train_iters = 5
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.parallel.tp = 2
+
+
+def test_a_model_config_built_for_a_layout_records_that_layout():
+    """The HF importer builds its model config for the converter's --tensor/--expert-model-
+    parallel-size: the run recorded for it has that layout, not the flags' defaults."""
+    from megatron_hypermoe.cli.arguments import run_config_for_model
+    from tests.support.tiny_model import tiny_config
+
+    config = tiny_config(tensor_model_parallel_size=2, sequence_parallel=True,
+                         expert_model_parallel_size=2)
+    run = run_config_for_model(config, 4, mock_data=True, train_iters=1)
+    assert (run.parallel.tp, run.parallel.ep, run.parallel.dp) == (2, 2, 2)
+    assert run.parallel.sequence_parallel and run.model.tensor_model_parallel_size == 2

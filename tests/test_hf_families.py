@@ -297,6 +297,15 @@ def test_a_dense_model_with_qk_norm_is_refused_as_llama():
 # End to end: the tools on tiny transformers models ------------------------------------------
 LAYOUTS = {"one": (1, []), "tp2": (2, ["--tensor-model-parallel-size", "2"]),
            "ep2": (2, ["--expert-model-parallel-size", "2"])}
+EXPECTED_LAYOUT = {"one": (1, 1, 1), "tp2": (2, 1, 1), "ep2": (1, 2, 2)}  # (TP, EP, DP)
+
+
+def recorded_layout(save):
+    """(TP, EP, DP) of the checkpoint the converter wrote."""
+    from megatron_hypermoe.training.checkpoint.reader import read_checkpoint
+
+    layout = read_checkpoint(str(save)).run.parallel
+    return layout.tp, layout.ep, layout.dp
 
 
 def convert(hf_dir, save, *flags, nproc=1, expect=0):
@@ -339,6 +348,7 @@ def imported(hf_source, tmp_path_factory):
             nproc, flags = LAYOUTS[layout]
             save = root / f"{family}_{layout}"
             convert(hf_source(family), save, *flags, nproc=nproc)
+            assert recorded_layout(save) == EXPECTED_LAYOUT[layout]  # the layout asked for
             made[family, layout] = save
         return made[family, layout]
     return make
@@ -496,6 +506,7 @@ def test_upcycling_in_every_layout_gives_the_same_checkpoint(layout, hf_source, 
             *flags, nproc=nproc)
     assert_same_weights(read_checkpoint(str(tmp_path / "one")).state,
                         read_checkpoint(str(tmp_path / layout)).state)
+    assert recorded_layout(tmp_path / layout) == EXPECTED_LAYOUT[layout]
 
 
 def model_flags(save):

@@ -536,7 +536,13 @@ def args_for_model(config: HyperMoEConfig, world_size: int, **flags) -> argparse
     like parsed ones. Used to record a model built from a config object (the Hugging Face
     importer) in a checkpoint the trainer can resume."""
     args = default_args()
-    for flag, value in {**model_flags(config), **flags}.items():
+    # the layout the config was built for (the model config holds megatron's copy of it)
+    layout = {"tensor_model_parallel_size": config.tensor_model_parallel_size,
+              "pipeline_model_parallel_size": config.pipeline_model_parallel_size,
+              "sequence_parallel": config.sequence_parallel}
+    if config.moe_type != "dense":
+        layout["expert_model_parallel_size"] = config.expert_model_parallel_size
+    for flag, value in {**model_flags(config), **layout, **flags}.items():
         if not hasattr(args, flag):
             raise ValueError(f"no flag {flag!r}")
         setattr(args, flag, value)
