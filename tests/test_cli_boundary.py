@@ -161,3 +161,35 @@ def test_a_model_config_built_for_a_layout_records_that_layout():
     run = run_config_for_model(config, 4, mock_data=True, train_iters=1)
     assert (run.parallel.tp, run.parallel.ep, run.parallel.dp) == (2, 2, 2)
     assert run.parallel.sequence_parallel and run.model.tensor_model_parallel_size == 2
+
+
+def test_a_config_read_back_from_recorded_flags_builds_no_engine():
+    """A checkpoint's recorded flags carry no DeepSpeed config (it is resolved against a file at
+    the boundary): an engine from it would silently take DeepSpeed's defaults, so it refuses."""
+    run = parse_run_config([*tiny_run("moe"), "--mock-data", "--train-iters", "1"])
+    assert run.deepspeed.engine_config()["train_micro_batch_size_per_gpu"] == 2
+    with pytest.raises(ValueError, match="never resolved"):
+        RunConfig.from_flags(run.to_flags()).deepspeed.engine_config()
+
+
+def test_checkpoints_recorded_before_the_config_still_pass_the_shape_check():
+    """Before the run config, a checkpoint recorded every parser value: a dense run's MoE
+    defaults (num_experts 8, ...), and --num-query-groups / --kv-channels as given (4 heads and
+    64 / 4 channels, or None). Both mean the same model as today's record."""
+    from megatron_hypermoe.errors import CheckpointError
+    from megatron_hypermoe.training.checkpoint.compatibility import (
+        check_model_shape,
+        checkpoint_shape,
+    )
+
+    dense = parse_run_config([*tiny_run("dense"), "--mock-data", "--train-iters", "1"])
+    dense = dense.with_vocab(100)
+    old = {**checkpoint_shape(dense.to_flags()), "num_experts": 8, "moe_router_topk": 1,
+           "moe_layer_freq": 1, "moe_shared_expert_gate": False}
+    check_model_shape({"model": old}, dense)
+    hyper = parse_run_config([*tiny_run("hypermoe"), "--mock-data", "--train-iters", "1"])
+    hyper = hyper.with_vocab(100)
+    explicit = {**checkpoint_shape(hyper.to_flags()), "num_query_groups": 4, "kv_channels": 16}
+    check_model_shape({"model": explicit}, hyper)
+    with pytest.raises(CheckpointError, match="num_query_groups=2"):
+        check_model_shape({"model": {**explicit, "num_query_groups": 2}}, hyper)

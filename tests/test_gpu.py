@@ -217,7 +217,7 @@ def test_recompute_trains_as_without_on_cuda(dataset, tmp_path):
     """Full-layer and selective (moe) recomputation give the losses of a run without."""
     from tests.support.run_outputs import read_metrics
 
-    # (ZeRO-1: ZeRO-2 refuses recomputed HyperMoE layers, see model/recompute.py)
+    # (ZeRO-1: ZeRO-2 refuses recomputed HyperMoE layers, see cli/model_flags.py)
     run = bf16_run(dataset, "--train-iters", "3", "--zero-stage", "1")
     gpu_pretrain(*run, "--metrics-file", str(tmp_path / "plain.jsonl"))
     plain, _ = read_metrics(tmp_path / "plain.jsonl")

@@ -80,7 +80,7 @@ SOURCES = {
         "--num-layers-teacher", "--hidden-size-teacher", "--num-attention-heads-teacher",
         "--num-experts-teacher", "--load-teacher", "--tokenizer-type"),
     # What Qwen2-MoE / Qwen3-MoE recipes for Megatron-LM add to the Mixtral one (the flags
-    # that describe those architectures in megatron/cli/arguments.py)
+    # that describe those architectures in megatron/training/arguments.py)
     "Megatron-LM arguments.py, Qwen2-MoE / Qwen3-MoE architecture flags": (
         "--kv-channels", "--qk-layernorm", "--add-qkv-bias", "--moe-layer-freq",
         "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size",

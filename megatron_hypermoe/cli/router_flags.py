@@ -3,9 +3,9 @@ Megatron-DeepSpeed's aliases for the same concepts.
 
 Each flag is a model config field that megatron-core's TopKRouter (or our subclass,
 ``model/router.py``) honours, a Megatron-DeepSpeed alias mapped onto one, or refused in one
-line. :data:`ROUTER_CONFIG_FLAGS` is the flag -> config field table (part of
-``arguments.MOE_CONFIG_FLAGS``); :func:`check_router_args` is the cross-flag check (megatron's
-own config rules, said as flags, plus the alias mapping).
+line. Which flag sets which config field is ``training/config.py``'s ``MOE_FLAGS``;
+:func:`check_router_args` is the cross-flag check (megatron's own config rules, said as flags,
+plus the alias mapping).
 """
 
 from __future__ import annotations

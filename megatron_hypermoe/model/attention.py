@@ -26,7 +26,6 @@ from megatron.core.transformer.enums import AttnBackend, AttnMaskType
 from megatron_hypermoe.errors import ConfigError
 
 ATTENTION_BACKENDS = tuple(backend.name for backend in AttnBackend)
-# flag (argparse dest) -> config field, for MODEL_CONFIG_FLAGS
 
 
 def attention_backend(value) -> AttnBackend:

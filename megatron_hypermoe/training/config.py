@@ -142,11 +142,14 @@ class LoggingConfig:
 class DeepSpeedConfig:
     """The engine's config: the flags' keys merged with a --deepspeed_config file (resolved and
     checked at the boundary, cli/deepspeed_config.py), as JSON text so that it stays frozen."""
-    config_json: str = "{}"
+    config_json: Optional[str] = None  # None: not resolved (a config read from recorded flags)
     use_distributed_optimizer: bool = False
     overlap_param_gather: bool = False
 
     def engine_config(self) -> dict:
+        if self.config_json is None:  # an engine built from "{}" would take DeepSpeed's defaults
+            raise ValueError("this run's DeepSpeed config was never resolved: build the "
+                             "RunConfig with megatron_hypermoe.cli.arguments.run_config")
         return json.loads(self.config_json)
 
 

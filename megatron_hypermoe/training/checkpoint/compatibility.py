@@ -24,15 +24,36 @@ SHAPE_FIELDS = (
 )
 
 
+# The shape fields only MoE layers have: a dense model's are not compared (checkpoints written
+# before the config recorded the parser's defaults there).
+MOE_SHAPE_FIELDS = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_layer_freq",
+                    "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
+
+
 def checkpoint_shape(flags: dict) -> dict:
     """The values of SHAPE_FIELDS (by flag, RunConfig.to_flags), which a checkpoint records and
     a load must match."""
     unread = set(HYPER_SIZE_NAMES) - set(VARIANT_HYPER_FIELDS[flags["moe_type"]])
+    if flags["moe_type"] == "dense":
+        unread |= set(MOE_SHAPE_FIELDS)
     return {field: flags.get(field) for field in SHAPE_FIELDS if field not in unread}
 
 
+def _as_built(shape: dict) -> dict:
+    """The fields whose flag default stands for a value (None: one key/value group per head,
+    heads of hidden / heads channels) as that value, whichever way a checkpoint recorded them."""
+    shape = dict(shape)
+    heads = shape.get("num_attention_heads")
+    if heads:
+        if shape.get("num_query_groups") is None:
+            shape["num_query_groups"] = heads
+        if shape.get("kv_channels") is None and shape.get("hidden_size"):
+            shape["kv_channels"] = shape["hidden_size"] // heads
+    return shape
+
+
 def check_model_shape(meta: dict, run: RunConfig, adding_side_path: bool = False) -> None:
-    saved, current = meta.get("model", {}), checkpoint_shape(run.to_flags())
+    saved, current = _as_built(meta.get("model", {})), _as_built(checkpoint_shape(run.to_flags()))
     for field in SHAPE_FIELDS:
         if field == "moe_type" and adding_side_path:
             continue
