@@ -15,8 +15,10 @@ Activation memory is the bytes autograd saves for backward (parameters excluded)
 saved-tensor hooks, so it is exact and the same on CPU and GPU; on CUDA the peak allocated memory
 is reported as well. Variants run interleaved, in an order rotated every repetition; a variant's
 "x moe" is the median over repetitions of its time over the MoE's in the same repetition (both
-share the machine's state), its "ms" the median time. Ratios from one run are what to compare:
-these machines are noisy.
+share the machine's state), its "ms" the median time, and "median CI" the sign-test interval
+for that median ratio (:func:`median_interval`, no assumption on the noise's shape): on a busy
+machine one repetition's ratio can swing by 10%, and the interval says how far a run's median can
+be trusted. Ratios from one run are what to compare: these machines are noisy.
 """
 
 from __future__ import annotations
@@ -157,8 +159,10 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
     for variant in variants:
         # the median of per-repetition ratios: both runs of a pair share the machine's state
         paired = [t / m for t, m in zip(times[variant], times["moe"])]
+        low, high, coverage = median_interval(paired)
         rows.append(dict(shape=shape_name, topk=topk, variant=variant, layers=num_layers,
-                         x_moe=statistics.median(paired),
+                         x_moe=statistics.median(paired), x_moe_interval=[low, high],
+                         interval_coverage=coverage,
                          impl=None if variant == "moe" else choose_impl(
                              impl_of[variant], x.shape[0], shape["num_moe_experts"], topk,
                              device, shape["hidden_size"],
@@ -168,6 +172,24 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
                          peak_mb=None if memory[variant][1] is None
                          else memory[variant][1] / 2**20))
     return rows
+
+
+def median_interval(values, coverage: float = 0.95):
+    """A distribution-free interval for the median of the distribution ``values`` were drawn
+    from (the sign test's): order statistics x_(j) <= x_(n+1-j) with the largest j whose
+    coverage P(j <= Binomial(n, 1/2) <= n - j) is at least ``coverage``; with too few values
+    for that, (min, max). Returns (low, high, its coverage): 10 values give x_(2), x_(9), 97.9%;
+    5 give min and max, 93.8%."""
+    ordered = sorted(values)
+    n = len(ordered)
+
+    def covered(j):
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) / 2**n
+
+    j = 1
+    while j + 1 <= n // 2 and covered(j + 1) >= coverage:
+        j += 1
+    return ordered[j - 1], ordered[n - j], covered(j)
 
 
 def x_moe(row, moe_row) -> float:
@@ -187,14 +209,18 @@ def summarize(rows):
         cases = sorted({(r["shape"], r["topk"]) for r in rows if r["shape"] in shapes})
         if not cases:
             continue
-        over_moe, naive_over_fast, extra_mem = [], [], []
+        over_moe, naive_over_fast, extra_mem, intervals = [], [], [], []
         for case in cases:
             moe, fast, naive = row(case, "moe"), row(case, "hypermoe"), row(case, "hypermoe-naive")
             over_moe.append(x_moe(fast, moe))
+            intervals.append(fast.get("x_moe_interval"))
             extra_mem.append(fast["saved_mb"] / moe["saved_mb"] - 1.0)
             if naive is not None:
                 naive_over_fast.append(x_moe(naive, moe) / x_moe(fast, moe))
         summary[f"hypermoe_over_moe_time{suffix}"] = max(over_moe)
+        if intervals[over_moe.index(max(over_moe))] is not None:  # (the worst case's)
+            summary[f"hypermoe_over_moe_time{suffix}_interval"] = \
+                intervals[over_moe.index(max(over_moe))]
         summary[f"hypermoe_extra_memory_fraction{suffix}"] = max(extra_mem)
         if naive_over_fast:
             summary[f"naive_over_fast_time{suffix}"] = min(naive_over_fast)
@@ -231,7 +257,7 @@ def main():
     print(f"device: {device} ({device_name}, {torch.get_num_threads()} threads), {str(dtype)[6:]}, "
           f"torch {torch.__version__}; per-layer figures")
     print(f"{'shape':6} {'L':>2} {'top':>3} {'variant':18} {'form':8} {'fwd+bwd ms':>11} "
-          f"{'x moe':>6} "
+          f"{'x moe':>6} {'median CI':>14} "
           f"{'saved MB':>9} {'x moe':>6}" + (" peak MB" if device.type == "cuda" else ""))
     for r in rows:
         moe = next(m for m in rows if (m["shape"], m["topk"], m["variant"])
@@ -239,11 +265,16 @@ def main():
         line = (f"{r['shape']:6} {r['layers']:>2} {r['topk']:>3} {r['variant']:18} "
                 f"{r['impl'] or '':8} "
                 f"{r['ms']:11.1f} "
-                f"{x_moe(r, moe):6.2f} {r['saved_mb']:9.1f} "
+                f"{x_moe(r, moe):6.2f} "
+                f"{'{:.2f}-{:.2f}'.format(*r['x_moe_interval']):>14} {r['saved_mb']:9.1f} "
                 f"{r['saved_mb'] / moe['saved_mb']:6.2f}")
         if r["peak_mb"] is not None:
             line += f" {r['peak_mb']:8.1f}"
         print(line)
+    coverage = next((r["interval_coverage"] for r in rows if r["variant"] != "moe"), None)
+    if coverage is not None:
+        print(f"median CI: the sign-test interval of each median ratio, {coverage:.1%} coverage "
+              f"with {args.repeats} repetitions")
     destroy_distributed()
     if args.json and any(r["shape"] != "tiny" for r in rows):
         summary = summarize(rows)

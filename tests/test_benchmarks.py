@@ -102,6 +102,27 @@ def test_bench_layer_summary_has_a_key_set_per_width():
     assert "naive_over_fast_time" not in without_naive
 
 
+def test_bench_layer_median_interval_is_the_sign_test_one():
+    bench = load_script("bench_layer")
+    ten = [1.10, 0.94, 1.03, 1.00, 1.13, 1.07, 0.98, 1.05, 1.04, 0.99]
+    low, high, coverage = bench.median_interval(ten)
+    assert (low, high) == (0.98, 1.10)  # x_(2) and x_(9)
+    assert coverage == pytest.approx(1 - 2 * 11 / 1024)
+    assert bench.median_interval(ten[:5])[:2] == (0.94, 1.13)  # too few for 95%: min, max
+    assert bench.median_interval(ten[:5])[2] == pytest.approx(1 - 2 / 32)
+    many = bench.median_interval(list(range(100)))
+    assert many[2] >= 0.95 and (many[0], many[1]) == (39, 60)
+    rows = [dict(shape="gpt2", topk=k, variant=v, x_moe=x, x_moe_interval=interval, ms=1.0,
+                 saved_mb=1.0, peak_mb=None)
+            for k, x, interval in ((1, 1.04, [0.99, 1.08]), (2, 1.06, [1.01, 1.12]))
+            for v in ("moe", "hypermoe")]
+    for row in rows[::2]:
+        row.update(x_moe=1.0, x_moe_interval=[1.0, 1.0])
+    summary = bench.summarize(rows)
+    assert summary["hypermoe_over_moe_time"] == 1.06
+    assert summary["hypermoe_over_moe_time_interval"] == [1.01, 1.12]  # the worst case's
+
+
 def test_gpu_check_page_reports_every_step_and_the_targets():
     check = load_script("gpu_check")
     assert check.device_slug("NVIDIA H200") == "h200"
