@@ -119,8 +119,29 @@ def runnable_variants(shape_name: str, topk: int, variants=VARIANTS) -> list:
     return [v for v in variants if not (v == "hypermoe-allsets" and sets > MAX_ALLSETS)]
 
 
+# The HyperExpert's autograd functions, as torch's profiler names them: the hypernetwork's heads
+# (model/few_row_gemm.py) and the grouped application (model/hyper_expert.py).
+SIDE_PATH_PARTS = {"heads forward": "HeadProduct", "heads backward": "HeadProductBackward",
+                   "application forward": "GroupedHyperExpert",
+                   "application backward": "GroupedHyperExpertBackward"}
+
+
+def side_path_times(run, steps: int, num_layers: int) -> dict:
+    """ms per layer of each SIDE_PATH_PARTS function inside ``steps`` HyperMoE steps (CPU time
+    of the calling thread, torch's profiler): what the side path costs where it runs, after
+    the experts' GEMMs, rather than alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for _ in range(steps):
+            run()
+    totals = {event.key: event.cpu_time_total for event in profiled.key_averages()}
+    return {part: totals.get(name, 0.0) / 1000 / steps / num_layers
+            for part, name in SIDE_PATH_PARTS.items()}
+
+
 def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=None,
-               variants=VARIANTS, num_layers=None):
+               variants=VARIANTS, num_layers=None, side_path_steps=0):
     shape = SHAPES[shape_name]
     num_layers = num_layers or shape["layers"]
     moe_layers, hyper_layers, hyper_model = build_layers(shape, topk, device, dtype, num_layers)
@@ -155,6 +176,13 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
                 elapsed, saved, peak = run(variant)
                 times[variant].append(elapsed)
                 memory[variant] = (saved, peak)
+    side_path = None
+    if side_path_steps and device.type == "cpu":
+        # after the timed repetitions: the profiler slows the steps it records
+        hyper_layers[0].config.hyper_expert_impl = "auto"
+        side_path = side_path_times(
+            lambda: run_once(hyper_layers, x, grad_out, hyper_params, hyper_model.hypernetwork),
+            side_path_steps, num_layers)
     rows = []
     for variant in variants:
         # the median of per-repetition ratios: both runs of a pair share the machine's state
@@ -169,6 +197,7 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
                              hyper_model.hypernetwork.fc.out_features),
                          ms=1000 * statistics.median(times[variant]),
                          saved_mb=memory[variant][0] / 2**20,
+                         side_path_ms=side_path if variant == "hypermoe" else None,
                          peak_mb=None if memory[variant][1] is None
                          else memory[variant][1] / 2**20))
     return rows
@@ -240,6 +269,10 @@ def main():
                         help="layers per step, sharing the hypernetwork as in a model "
                              "(default: the shape's, 4 at GPT-2 width, 1 at hidden 2048)")
     parser.add_argument("--bf16", action="store_true", help="weights and activations in bf16")
+    parser.add_argument("--side-path", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile this many HyperMoE steps (auto's form) and "
+                             "report what its HyperExpert functions cost per layer inside the "
+                             "step (CPU only; default: 0, off)")
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per batch (default: the shape's; GPUs want more)")
     args = parser.parse_args()
@@ -252,7 +285,7 @@ def main():
         for topk in (int(k) for k in args.topk.split(",")):
             print(f"# {shape_name} top-{topk} ...", file=sys.stderr, flush=True)
             rows.extend(bench_case(shape_name, topk, args.repeats, device, dtype, args.tokens,
-                                   variants, args.layers))
+                                   variants, args.layers, args.side_path))
 
     print(f"device: {device} ({device_name}, {torch.get_num_threads()} threads), {str(dtype)[6:]}, "
           f"torch {torch.__version__}; per-layer figures")
@@ -271,6 +304,15 @@ def main():
         if r["peak_mb"] is not None:
             line += f" {r['peak_mb']:8.1f}"
         print(line)
+    for r in rows:
+        if r.get("side_path_ms"):
+            moe = next(m for m in rows if (m["shape"], m["topk"], m["variant"])
+                       == (r["shape"], r["topk"], "moe"))
+            total = sum(r["side_path_ms"].values())
+            print(f"side path inside the step, {r['shape']} top-{r['topk']} ({r['impl']}, "
+                  f"{args.side_path} profiled steps): {total:.1f} ms per layer, "
+                  f"{100 * total / moe['ms']:.1f}% of the MoE layer: " + ", ".join(
+                      f"{part} {ms:.1f}" for part, ms in r["side_path_ms"].items()))
     coverage = next((r["interval_coverage"] for r in rows if r["variant"] != "moe"), None)
     if coverage is not None:
         print(f"median CI: the sign-test interval of each median ratio, {coverage:.1%} coverage "

@@ -123,6 +123,22 @@ def test_bench_layer_median_interval_is_the_sign_test_one():
     assert summary["hypermoe_over_moe_time_interval"] == [1.01, 1.12]  # the worst case's
 
 
+def test_bench_layer_times_the_side_path_inside_the_step(megatron_single_process):
+    """--side-path: the profiler finds each of the HyperExpert's functions by name (a renamed
+    autograd Function would read 0 ms)."""
+    import torch
+
+    bench = load_script("bench_layer")
+    rows = bench.bench_case("tiny", 1, 2, torch.device("cpu"), variants=("moe", "hypermoe"),
+                            side_path_steps=1)
+    moe, hyper = rows
+    assert moe["side_path_ms"] is None and hyper["impl"] == "allsets"
+    assert set(hyper["side_path_ms"]) == set(bench.SIDE_PATH_PARTS)
+    assert all(ms > 0 for ms in hyper["side_path_ms"].values()), hyper["side_path_ms"]
+    low, high = hyper["x_moe_interval"]
+    assert low <= hyper["x_moe"] <= high
+
+
 def test_gpu_check_page_reports_every_step_and_the_targets():
     check = load_script("gpu_check")
     assert check.device_slug("NVIDIA H200") == "h200"
