@@ -3,6 +3,7 @@ against megatron-core's own MoE layer, measured in one run with the same router 
 
     python benchmarks/bench_layer.py            # table
     python benchmarks/bench_layer.py --json     # table, then one JSON line (last line)
+    python benchmarks/bench_layer.py --side-path 5   # + the HyperExpert's own time in the step
 
 Each step runs ``--layers`` layers on the same tokens (by default 4 at GPT-2 width, 1 at hidden
 2048, where four would hold 2-18 GB of expert weights), as one model step runs its layers:
