@@ -178,7 +178,7 @@ def bench_case(shape_name, topk, repeats, device, dtype=torch.float32, tokens=No
                 times[variant].append(elapsed)
                 memory[variant] = (saved, peak)
     side_path = None
-    if side_path_steps and device.type == "cpu":
+    if side_path_steps:
         # after the timed repetitions: the profiler slows the steps it records
         hyper_layers[0].config.hyper_expert_impl = "auto"
         side_path = side_path_times(
@@ -278,8 +278,14 @@ def main():
                         help="tokens per batch (default: the shape's; GPUs want more)")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.side_path < 0:
+        parser.error(f"--side-path {args.side_path}: give a number of steps (0: off)")
 
     device, device_name = benchmark_device()
+    if args.side_path and device.type != "cpu":
+        parser.error("--side-path times the HyperExpert's functions on the host: on a GPU "
+                     "that is kernel launches, not their cost; run with CUDA_VISIBLE_DEVICES= "
+                     "or drop it")
     variants = [v for v in VARIANTS if v in {"moe", "hypermoe", *args.variants.split(",")}]
     rows = []
     for shape_name in args.shapes.split(","):
@@ -313,7 +319,10 @@ def main():
             print(f"side path inside the step, {r['shape']} top-{r['topk']} ({r['impl']}, "
                   f"{args.side_path} profiled steps): {total:.1f} ms per layer, "
                   f"{100 * total / moe['ms']:.1f}% of the MoE layer: " + ", ".join(
-                      f"{part} {ms:.1f}" for part, ms in r["side_path_ms"].items()))
+                      f"{part} {ms:.1f}" for part, ms in r["side_path_ms"].items())
+                  + ("" if r["side_path_ms"]["application forward"] else
+                     " (the application ran as plain operators, not the grouped function: "
+                     "not counted)"))
     coverage = next((r["interval_coverage"] for r in rows if r["variant"] != "moe"), None)
     if coverage is not None:
         print(f"median CI: the sign-test interval of each median ratio, {coverage:.1%} coverage "
